@@ -1,0 +1,27 @@
+"""shardlens: trace transformer models too large for one GPU, with TransformerLens' hook API.
+
+The public names of the package are the ones listed here.
+"""
+
+from shardlens.errors import HookNameError
+from shardlens.hooks import (
+    HookedRootModule,
+    HookIntrospectionMixin,
+    HookPoint,
+    LensHandle,
+    Slice,
+)
+from shardlens.tables import ActivationCache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActivationCache",
+    "HookedRootModule",
+    "HookIntrospectionMixin",
+    "HookNameError",
+    "HookPoint",
+    "LensHandle",
+    "Slice",
+    "__version__",
+]

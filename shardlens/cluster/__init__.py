@@ -1,0 +1,1 @@
+"""Cluster: stage workers on Ray actors, the coordinator, and the in-process backend."""

@@ -1,0 +1,32 @@
+"""Named exceptions, one per broken rule; every subsystem raises these (this module imports nothing of shardlens)."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+def closest_names(name: str, known: Iterable[str], n: int = 5) -> list[str]:
+    """The known names most similar to `name`, best first (at most n)."""
+    known = list(known)
+    close = difflib.get_close_matches(name, known, n=n, cutoff=0.5)
+    return close or difflib.get_close_matches(name, known, n=n, cutoff=0.0)
+
+
+class HookNameError(KeyError):
+    """A hook name (or glob) that matches no hook point of the model.
+
+    A KeyError, so code that catches a missing key from a dict of hook points still works.
+    `.name` is the offending name; `.closest` the most similar existing names.
+    """
+
+    def __init__(self, name: str, known: Iterable[str], *, what: str = "hook point named"):
+        self.name = name
+        self.closest = closest_names(name, known)
+        hint = ", ".join(repr(c) for c in self.closest) if self.closest else "(the model has none)"
+        self.message = f"no {what} {name!r}; closest existing names: {hint}"
+        super().__init__(self.message)
+
+    def __str__(self) -> str:
+        # KeyError.__str__ would repr() the message and wrap it in quotes.
+        return self.message

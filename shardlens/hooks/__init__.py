@@ -1,0 +1,23 @@
+"""Hooks: TransformerLens-compatible hook points for one process (no Ray here)."""
+
+from shardlens.errors import HookNameError
+from shardlens.hooks.hook_points import (
+    CachingHook,
+    HookedRootModule,
+    HookIntrospectionMixin,
+    HookPoint,
+    LensHandle,
+)
+from shardlens.hooks.names import NamesFilter
+from shardlens.hooks.slice import Slice
+
+__all__ = [
+    "CachingHook",
+    "HookedRootModule",
+    "HookIntrospectionMixin",
+    "HookNameError",
+    "HookPoint",
+    "LensHandle",
+    "NamesFilter",
+    "Slice",
+]

@@ -1,0 +1,1 @@
+"""Tracer: the user-facing layer (Tracer, sweeps, attribution, campaigns, the CLI)."""
