@@ -5,6 +5,7 @@ The public names of the package are the ones listed here.
 
 from shardlens.errors import HookNameError
 from shardlens.hooks import (
+    HookedModel,
     HookedRootModule,
     HookIntrospectionMixin,
     HookPoint,
@@ -17,6 +18,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ActivationCache",
+    "HookedModel",
     "HookedRootModule",
     "HookIntrospectionMixin",
     "HookNameError",

@@ -8,11 +8,13 @@ from shardlens.hooks.hook_points import (
     HookPoint,
     LensHandle,
 )
+from shardlens.hooks.model import HookedModel
 from shardlens.hooks.names import NamesFilter
 from shardlens.hooks.slice import Slice
 
 __all__ = [
     "CachingHook",
+    "HookedModel",
     "HookedRootModule",
     "HookIntrospectionMixin",
     "HookNameError",

@@ -161,16 +161,26 @@ class HookPoint(nn.Module):
 
         return apply
 
+    @property
+    def active(self) -> bool:
+        """Whether any hook, forward or backward, is attached."""
+        return bool(self.fwd_hooks or self.bwd_hooks)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = super().__call__(*args, **kwargs)
         if self._grad_hooks and isinstance(out, Tensor) and out.requires_grad:
             # A fresh autograd node: the backward hooks see only the gradient that flows back
             # through this hook point, not that of other users of the same input tensor.
             out = out.view_as(out)
-            out.register_hook(self._run_grad_hooks)
+            out.register_hook(self.run_bwd_hooks)
         return out
 
-    def _run_grad_hooks(self, grad: Tensor) -> Tensor:
+    def run_fwd_hooks(self, x: Tensor) -> Tensor:
+        """The forward hooks' result for `x`, without the backward-hook wiring of a call."""
+        return super().__call__(x)
+
+    def run_bwd_hooks(self, grad: Tensor) -> Tensor:
+        """The backward hooks' result for the gradient `grad`, each seeing the last result."""
         for apply in list(self._grad_hooks.values()):
             result = apply(grad)
             if result is not None:

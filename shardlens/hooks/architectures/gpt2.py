@@ -1,0 +1,17 @@
+"""GPT-2: learned absolute positions, LayerNorm, Conv1D projections."""
+
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+
+
+def gpt2_layout(config) -> ModelLayout:
+    return ModelLayout(
+        embed="transformer.wte",
+        pos_embed="transformer.wpe",
+        blocks="transformer.h",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        block=BlockLayout(
+            ln1="ln_1", attn="attn", o_proj="attn.c_proj", ln2="ln_2", mlp="mlp",
+            mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", norm="layernorm", o_proj_kind="conv1d",
+        ),
+    )

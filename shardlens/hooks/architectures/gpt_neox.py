@@ -1,0 +1,19 @@
+"""GPT-NeoX (Pythia): rotary on part of each head, LayerNorm, parallel residual by default."""
+
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+
+
+def gpt_neox_layout(config) -> ModelLayout:
+    return ModelLayout(
+        embed="gpt_neox.embed_in",
+        blocks="gpt_neox.layers",
+        final_norm="gpt_neox.final_layer_norm",
+        unembed="lm_head",
+        rotary="gpt_neox.rotary_emb",
+        block=BlockLayout(
+            ln1="input_layernorm", attn="attention", o_proj="attention.dense",
+            ln2="post_attention_layernorm", mlp="mlp",
+            mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h", norm="layernorm",
+            parallel=bool(getattr(config, "use_parallel_residual", True)),
+        ),
+    )

@@ -1,0 +1,18 @@
+"""Llama and its family (Mistral, Qwen2, Qwen3): rotary, RMSNorm, gated MLP, grouped-query attention."""
+
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+
+
+def llama_layout(config) -> ModelLayout:
+    return ModelLayout(
+        embed="model.embed_tokens",
+        blocks="model.layers",
+        final_norm="model.norm",
+        unembed="lm_head",
+        rotary="model.rotary_emb",
+        block=BlockLayout(
+            ln1="input_layernorm", attn="self_attn", o_proj="self_attn.o_proj",
+            ln2="post_attention_layernorm", mlp="mlp",
+            mlp_in="mlp.gate_proj", mlp_in_linear="mlp.up_proj", mlp_out="mlp.down_proj", norm="rmsnorm",
+        ),
+    )

@@ -1,0 +1,113 @@
+"""Attention internals as hook points, through transformers' AttentionInterface.
+
+`shardlens_attention` is registered under the name "shardlens" with both AttentionInterface
+and AttentionMaskInterface (the latter with transformers' own SDPA mask builder, so the model
+hands it the same causal / padding / sliding-window mask it would hand SDPA). Any model that
+dispatches attention through that interface gets hook_q/k/v/attn_scores/pattern/z.
+
+A layer none of whose score, pattern or z points has hooks takes transformers' SDPA path
+(after the q/k/v hooks, if any); otherwise the layer computes what eager attention computes,
+with the hook points in between.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from shardlens.hooks.hook_points import HookPoint
+
+IMPLEMENTATION = "shardlens"
+_POINTS_ATTR = "_shardlens_attention_points"
+
+
+class AttentionPoints(nn.Module):
+    """The attention hook points of one layer: q, k, v [batch, pos, head, d_head] (after
+    rotary; k and v have n_kv_heads), scores and pattern [batch, head, q_pos, k_pos], z."""
+
+    def __init__(self):
+        super().__init__()
+        self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
+        self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
+
+    def needs_eager(self) -> bool:
+        return self.hook_attn_scores.active or self.hook_pattern.active or self.hook_z.active
+
+    def attach_to(self, attention_module: nn.Module) -> None:
+        """Make `attention_module`'s calls to shardlens_attention run through these points."""
+        # object.__setattr__: a plain reference, not a submodule of the Hugging Face model.
+        object.__setattr__(attention_module, _POINTS_ATTR, self)
+
+
+def _through(point: HookPoint, states: Tensor) -> Tensor:
+    """Run [batch, head, pos, d_head] states through a [batch, pos, head, d_head] hook point."""
+    return point(states.transpose(1, 2)).transpose(1, 2)
+
+
+def _bool_mask(attention_mask: Optional[Tensor], q_len: int, k_len: int, device: torch.device) -> Optional[Tensor]:
+    """A boolean mask (True: attend) for the scores, or None when nothing is masked."""
+    if attention_mask is not None:
+        return attention_mask[..., :k_len] if attention_mask.dtype == torch.bool else attention_mask
+    if q_len == 1:
+        return None
+    # SDPA's mask builder leaves the mask out only when kv and query lengths agree: causal.
+    return torch.ones(q_len, k_len, dtype=torch.bool, device=device).tril(k_len - q_len)
+
+
+def shardlens_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Optional[Tensor],
+    dropout: float = 0.0,
+    scaling: Optional[float] = None,
+    **kwargs,
+) -> tuple[Tensor, Optional[Tensor]]:
+    """Attention for [batch, head, pos, d_head] query and [batch, kv_head, pos, d_head] key/value.
+
+    Returns the output as [batch, pos, head, d_head] and the pattern (None on the SDPA path),
+    as every transformers attention function does.
+    """
+    points: Optional[AttentionPoints] = module.__dict__.get(_POINTS_ATTR)
+    if points is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if points.hook_q.active:
+        query = _through(points.hook_q, query)
+    if points.hook_k.active:
+        key = _through(points.hook_k, key)
+    if points.hook_v.active:
+        value = _through(points.hook_v, value)
+    if not points.needs_eager():
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if kwargs.get("s_aux") is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by shardlens' attention hook points")
+
+    # Grouped-query attention: query head h reads kv head h // groups (transformers' repeat_kv).
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, head, q_pos, k_pos]
+    softcap = kwargs.get("softcap")
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    mask = _bool_mask(attention_mask, query.shape[2], key.shape[2], query.device)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    elif mask is not None:
+        scores = scores + mask  # an additive float mask
+    scores = points.hook_attn_scores(scores)
+    pattern = points.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
+    pattern_used = F.dropout(pattern, p=dropout, training=module.training) if dropout else pattern
+    z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()  # [batch, pos, head, d_head]
+    return points.hook_z(z), pattern
+
+
+AttentionInterface.register(IMPLEMENTATION, shardlens_attention)
+AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)

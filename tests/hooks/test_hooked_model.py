@@ -1,0 +1,335 @@
+"""HookedModel on tiny random GPT-2, Llama (GQA), Qwen2 and GPT-NeoX checkpoints.
+
+References are the same checkpoints loaded as plain transformers models, their
+output_hidden_states, torch autograd, and explicit recomputation from weights.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import shardlens as sl
+from shardlens.hooks import HookNameError
+from tests.tiny_models import load_reference
+
+FAMILIES = ["gpt2", "llama_gqa", "qwen2", "gpt_neox", "gpt_neox_sequential"]
+ATOL = 1e-5
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param
+
+
+@pytest.fixture
+def checkpoint(tiny_checkpoints, family):
+    return tiny_checkpoints[family]
+
+
+@pytest.fixture
+def model(checkpoint):
+    return sl.HookedModel.from_pretrained(checkpoint)
+
+
+@pytest.fixture
+def reference(checkpoint):
+    return load_reference(checkpoint)
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(3, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+
+
+def heads(model):
+    config = model.config
+    n_heads = config.num_attention_heads
+    return n_heads, getattr(config, "num_key_value_heads", n_heads), config.hidden_size // n_heads
+
+
+# ---------------------------------------------------------------- whole-model equality
+
+
+def test_logits_caching_every_point_equal_the_unwrapped_model(model, reference, tokens):
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    logits, cache = model.run_with_cache(tokens)
+    assert len(cache) == len(model.hook_names()) > 30
+    assert torch.allclose(logits, expected, atol=ATOL)
+    assert torch.allclose(cache["hook_logits"], expected, atol=ATOL)
+
+
+def test_without_hooks_the_forward_is_the_plain_one(model, reference, tokens):
+    with torch.no_grad():
+        expected = reference(tokens).logits
+        assert torch.equal(model(tokens), expected)  # bitwise: SDPA path, no recomputation
+        _, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
+        assert torch.equal(model(tokens), expected)  # and the taps are unwired again
+
+
+def test_residual_stream_equals_hidden_states(model, reference, tokens):
+    with torch.no_grad():
+        hidden = reference(tokens, output_hidden_states=True).hidden_states
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.*.hook_resid_pre", "blocks.*.hook_resid_post"])
+    n_layers = model.config.num_hidden_layers
+    for layer in range(n_layers):
+        assert torch.allclose(cache[f"blocks.{layer}.hook_resid_pre"], hidden[layer], atol=ATOL), layer
+    for layer in range(n_layers - 1):
+        assert torch.allclose(cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1], atol=ATOL), layer
+    # transformers' last hidden state is after the final norm
+    final_norm = reference.get_submodule(model.layout.final_norm)
+    with torch.no_grad():
+        assert torch.allclose(final_norm(cache[f"blocks.{n_layers - 1}.hook_resid_post"]), hidden[n_layers], atol=ATOL)
+
+
+def test_loss_equals_transformers_loss(model, reference, tokens):
+    with torch.no_grad():
+        expected = reference(tokens, labels=tokens).loss
+    assert torch.allclose(model(tokens, return_type="loss"), expected, atol=ATOL)
+    logits, loss = model(tokens, return_type="both")
+    assert torch.allclose(loss, expected, atol=ATOL) and logits.shape == (2, 9, 97)
+    assert model(tokens, return_type=None) is None
+
+
+# ---------------------------------------------------------------- attention internals
+
+
+def test_attention_shapes_and_gqa(model, tokens):
+    n_heads, n_kv_heads, d_head = heads(model)
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.*")
+    assert cache["blocks.0.attn.hook_q"].shape == (2, 9, n_heads, d_head)
+    assert cache["blocks.0.attn.hook_k"].shape == (2, 9, n_kv_heads, d_head)
+    assert cache["blocks.0.attn.hook_v"].shape == (2, 9, n_kv_heads, d_head)
+    assert cache["blocks.0.attn.hook_attn_scores"].shape == (2, n_heads, 9, 9)
+    assert cache["blocks.0.attn.hook_z"].shape == (2, 9, n_heads, d_head)
+
+
+def test_pattern_rows_sum_to_one_and_are_causal(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.*.attn.hook_pattern")
+    for pattern in cache.values():
+        assert torch.allclose(pattern.sum(-1), torch.ones(pattern.shape[:-1]), atol=1e-6)
+        future = torch.triu(torch.ones(9, 9, dtype=torch.bool), diagonal=1)
+        assert torch.count_nonzero(pattern[..., future]) == 0
+        assert (pattern[..., ~future] > 0).all()
+
+
+def test_z_recomputed_from_pattern_and_v(model, tokens):
+    n_heads, n_kv_heads, _ = heads(model)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.1.attn."))
+    pattern, v = cache["blocks.1.attn.hook_pattern"], cache["blocks.1.attn.hook_v"]
+    for head in range(n_heads):
+        kv_head = head // (n_heads // n_kv_heads)
+        z = pattern[:, head] @ v[:, :, kv_head]  # [batch, q_pos, d_head]
+        assert torch.allclose(cache["blocks.1.attn.hook_z"][:, :, head], z, atol=1e-6), head
+
+
+def test_scores_are_scaled_dot_products_of_q_and_k(model, tokens):
+    n_heads, n_kv_heads, d_head = heads(model)
+    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0.attn."))
+    q, k = cache["blocks.0.attn.hook_q"], cache["blocks.0.attn.hook_k"]
+    scores = cache["blocks.0.attn.hook_attn_scores"]
+    causal = torch.tril(torch.ones(9, 9, dtype=torch.bool))
+    for head in range(n_heads):
+        expected = q[:, :, head] @ k[:, :, head // (n_heads // n_kv_heads)].transpose(1, 2) / d_head**0.5
+        assert torch.allclose(scores[:, head][:, causal], expected[:, causal], atol=1e-5), head
+
+
+def test_q_and_k_are_after_rotary(tiny_checkpoints, tokens):
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
+    hf = load_reference(tiny_checkpoints["llama_gqa"])
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.hook_resid_pre", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k"])
+    with torch.no_grad():
+        layer = hf.model.layers[0]
+        x = layer.input_layernorm(cache["blocks.0.hook_resid_pre"])
+        q = layer.self_attn.q_proj(x).view(2, 9, -1, 8).transpose(1, 2)
+        k = layer.self_attn.k_proj(x).view(2, 9, -1, 8).transpose(1, 2)
+        cos, sin = hf.model.rotary_emb(x, torch.arange(9)[None])
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.allclose(cache["blocks.0.attn.hook_q"], q.transpose(1, 2), atol=1e-6)
+    assert torch.allclose(cache["blocks.0.attn.hook_k"], k.transpose(1, 2), atol=1e-6)
+
+
+def test_zeroing_a_head_in_z_equals_zeroing_its_slice_of_the_output_projection_input(model, reference, tokens):
+    _, _, d_head = heads(model)
+    head = 2
+
+    def zero_head(z, hook):
+        z[:, :, head] = 0
+        return z
+
+    logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
+    o_proj = reference.get_submodule(model.layout.blocks)[1].get_submodule(model.layout.block.o_proj)
+
+    def zero_slice(module, args):
+        x = args[0].clone()
+        x[..., head * d_head:(head + 1) * d_head] = 0
+        return (x,)
+
+    handle = o_proj.register_forward_pre_hook(zero_slice)
+    with torch.no_grad():
+        expected = reference(tokens).logits
+    handle.remove()
+    assert torch.allclose(logits, expected, atol=ATOL)
+    assert not torch.allclose(logits, model(tokens), atol=1e-3)
+
+
+def test_hook_result_is_each_heads_output_through_w_o(model, tokens):
+    n_heads, _, d_head = heads(model)
+    model.set_use_attn_result(True)
+    assert "blocks.0.attn.hook_result" in model.hook_names()
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith("blocks.0."))
+    o_proj = model.model.get_submodule(model.layout.blocks)[0].get_submodule(model.layout.block.o_proj)
+    weight = o_proj.weight.T if isinstance(o_proj, torch.nn.Linear) else o_proj.weight  # [head * d_head, d_model]
+    z, result = cache["blocks.0.attn.hook_z"], cache["blocks.0.attn.hook_result"]
+    for head in range(n_heads):
+        expected = z[:, :, head] @ weight[head * d_head:(head + 1) * d_head]
+        assert torch.allclose(result[:, :, head], expected, atol=1e-5), head
+    bias = 0 if o_proj.bias is None else o_proj.bias
+    assert torch.allclose(result.sum(2) + bias, cache["blocks.0.hook_attn_out"], atol=1e-5)
+    model.set_use_attn_result(False)
+    assert "blocks.0.attn.hook_result" not in model.hook_names()
+
+
+# ---------------------------------------------------------------- norms, MLP, residual
+
+
+def test_norm_scale_and_normalized(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pre", "blocks.1.ln1.*"])
+    x = cache["blocks.1.hook_resid_pre"]
+    if model.layout.block.norm == "rmsnorm":
+        scale = (x.pow(2).mean(-1, keepdim=True) + model.config.rms_norm_eps).sqrt()
+        normalized = x / scale
+    else:
+        eps = model.model.get_submodule(model.layout.blocks)[1].get_submodule(model.layout.block.ln1).eps
+        centered = x - x.mean(-1, keepdim=True)
+        scale = (centered.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        normalized = centered / scale
+    assert torch.allclose(cache["blocks.1.ln1.hook_scale"], scale, atol=1e-6)
+    assert torch.allclose(cache["blocks.1.ln1.hook_normalized"], normalized, atol=1e-5)
+
+
+def test_mlp_post_is_what_the_output_projection_reads(model, tokens):
+    _, cache = model.run_with_cache(tokens, names_filter=["blocks.0.mlp.*", "blocks.0.hook_mlp_out"])
+    down = model.model.get_submodule(model.layout.blocks)[0].get_submodule(model.layout.block.mlp_out)
+    with torch.no_grad():
+        assert torch.allclose(down(cache["blocks.0.mlp.hook_post"]), cache["blocks.0.hook_mlp_out"], atol=1e-5)
+    act = F.silu if model.layout.block.mlp_in_linear else (lambda x: F.gelu(x, approximate="tanh") if model.config.model_type == "gpt2" else F.gelu(x))
+    expected = act(cache["blocks.0.mlp.hook_pre"])
+    if model.layout.block.mlp_in_linear:
+        expected = expected * cache["blocks.0.mlp.hook_pre_linear"]
+    assert torch.allclose(cache["blocks.0.mlp.hook_post"], expected, atol=1e-5)
+
+
+def test_resid_mid_patch_reaches_both_readers(model, tokens):
+    if model.layout.block.parallel:
+        assert "blocks.0.hook_resid_mid" not in model.hook_names()
+        return
+    patch = torch.randn(2, 9, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_mid", lambda x, hook: patch)]):
+        logits, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_mid", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"])
+    assert torch.equal(cache["blocks.1.hook_resid_mid"], patch)
+    # the residual addition after the MLP read the patched value too
+    assert torch.equal(cache["blocks.1.hook_resid_post"], patch + cache["blocks.1.hook_mlp_out"])
+    block = model.model.get_submodule(model.layout.blocks)[1]
+    with torch.no_grad():
+        mlp_out = block.get_submodule(model.layout.block.mlp)(block.get_submodule(model.layout.block.ln2)(patch))
+    assert torch.allclose(cache["blocks.1.hook_mlp_out"], mlp_out, atol=1e-6)
+
+
+def test_gradients_equal_autograd(model, tokens):
+    names = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.attn.hook_pattern", "blocks.2.hook_resid_post"]
+    if not model.layout.block.parallel:
+        names.append("blocks.1.hook_resid_mid")
+    _, cache = model.run_with_cache(tokens, return_type="loss", names_filter=names, incl_bwd=True)
+    for name in names:
+        leaf = {}
+
+        def make_leaf(x, hook):
+            leaf["x"] = x.detach().clone().requires_grad_(True)
+            return leaf["x"]
+
+        with model.hooks(fwd_hooks=[(name, make_leaf)]):
+            loss = model(tokens, return_type="loss")
+        (expected,) = torch.autograd.grad(loss, leaf["x"])
+        assert torch.allclose(cache[name + "_grad"], expected, atol=1e-6), name
+
+
+# ---------------------------------------------------------------- padding and inputs
+
+
+def test_left_padded_batch_equals_each_example_alone(model):
+    short = torch.randint(3, 97, (5,), generator=torch.Generator().manual_seed(5))
+    full = torch.randint(3, 97, (8,), generator=torch.Generator().manual_seed(6))
+    batch = torch.zeros(2, 8, dtype=torch.long)
+    mask = torch.zeros(2, 8, dtype=torch.long)
+    batch[0, 3:], mask[0, 3:] = short, 1
+    batch[1], mask[1] = full, 1
+    names = ["blocks.*.hook_resid_post", "blocks.*.attn.hook_pattern", "blocks.*.attn.hook_q", "hook_logits"]
+    _, padded = model.run_with_cache(batch, attention_mask=mask, names_filter=names)
+    _, alone_short = model.run_with_cache(short, names_filter=names)
+    _, alone_full = model.run_with_cache(full, names_filter=names)
+    for name in padded:
+        if name.endswith("hook_pattern"):
+            assert torch.allclose(padded[name][0, :, 3:, 3:], alone_short[name][0], atol=ATOL), name
+            assert torch.count_nonzero(padded[name][0, :, 3:, :3]) == 0, name  # padding gets no attention
+        else:
+            assert torch.allclose(padded[name][0, 3:], alone_short[name][0], atol=ATOL), name
+        assert torch.allclose(padded[name][1], alone_full[name][0], atol=ATOL), name
+    assert torch.allclose(model(batch, attention_mask=mask)[0, 3:], model(short)[0], atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox"])
+def test_text_input_with_a_tokenizer(tiny_checkpoints, name):
+    # (Not qwen2: AutoTokenizer maps that model type to Qwen2Tokenizer, which rebuilds a
+    # byte-level BPE around the tiny word-level vocabulary.)
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name])
+    tokens = model.to_tokens(["w1 w2 w3", "w4"])
+    assert tokens.tolist() == [[4, 5, 6], [7, 0, 0]]
+    assert model.to_string(tokens[0]) == "w1 w2 w3"
+    assert model.to_string(torch.tensor([[4, 5]])) == ["w1 w2"]
+    by_text = model("w1 w2 w3")
+    assert torch.equal(by_text, model(torch.tensor([[4, 5, 6]])))
+    loss = model(["w1 w2 w3", "w4 w5"], return_type="loss")
+    expected = (model(torch.tensor([[4, 5, 6]]), return_type="loss") * 2 + model(torch.tensor([[7, 8]]), return_type="loss")) / 3
+    assert torch.allclose(loss, expected, atol=ATOL)  # the mean over real next-token predictions
+
+
+def test_bad_inputs_are_refused(tiny_checkpoints, model, tokens):
+    with pytest.raises(TypeError, match="integer tensor"):
+        model(tokens.float())
+    with pytest.raises(ValueError, match="return_type"):
+        model(tokens, return_type="logit")
+    with pytest.raises(ValueError, match=r"\[batch, pos\]"):
+        model(tokens[None])
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model(tokens, attention_mask=torch.ones(2, 3))
+    bare = sl.HookedModel(load_reference(tiny_checkpoints["gpt2"]))
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        bare("w1 w2")
+
+
+# ---------------------------------------------------------------- module points and fallback
+
+
+def test_module_points_on_request(model, tokens):
+    mlp_path = f"{model.layout.blocks}.0.{model.layout.block.mlp}"
+    _, cache = model.run_with_cache(tokens, names_filter=[f"module:{mlp_path}", "blocks.0.hook_mlp_out"])
+    assert torch.equal(cache[f"module:{mlp_path}"], cache["blocks.0.hook_mlp_out"])
+    assert f"module:{mlp_path}" in model.hook_names()
+    with pytest.raises(HookNameError, match=f"module:{mlp_path}"):
+        model.add_hook(f"module:{mlp_path}x", lambda x, hook: None)
+
+
+def test_generic_fallback_hooks_any_module():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.Linear(8, 2)))
+    hooked = sl.HookedModel(net)
+    assert hooked.hook_names() == ["module:0", "module:1", "module:2", "module:2.0"]
+    x = torch.randn(3, 4)
+    out, cache = hooked.run_with_cache(x)
+    assert torch.equal(out, net(x))
+    assert torch.equal(cache["module:1"], torch.relu(net[0](x)))
+    patched = hooked.run_with_hooks(x, fwd_hooks=[("module:1", lambda h, hook: torch.zeros_like(h))])
+    assert torch.equal(patched, net[2](torch.zeros(3, 8)))
