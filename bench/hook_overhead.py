@@ -1,62 +1,157 @@
-"""Hook overhead: plain forward vs run_with_cache on every hook point, same process.
+"""Hook overhead, each variant as a ratio to the plain forward timed in the same run.
 
-A 12-block ToyTransformer; prints the median time of each and their ratio.
+1. ToyTransformer (12 blocks): plain forward vs run_with_cache on every hook point.
+2. Random GPT-2-shaped Hugging Face models, saved as safetensors and loaded back:
+   - compute-bound: 12 layers, d_model 768, vocab 8192, batch 8 x 128 tokens;
+   - latency-bound: 4 layers, d_model 128, vocab 1024, batch 1 x 16 tokens (per-hook Python
+     overhead dominates, as it does on a GPU).
+   Variants: plain HF forward; HookedModel with no hooks; run_with_cache of every
+   hook_resid_post; run_with_cache of every hook point. With the `bench` extra installed
+   (transformer-lens, nnsight), also TransformerLens' TransformerBridge.run_with_cache and an
+   nnsight trace saving the block outputs, on the same saved model.
 
-    .venv/bin/python bench/hook_overhead.py [--d-model 256] [--batch 8] [--pos 128] [--repeats 20]
+Everything runs under torch.no_grad(); the variants are interleaved round by round so that
+drift in machine speed hits all of them alike, and the median of each is reported.
+
+    .venv/bin/python bench/hook_overhead.py [--only toy|compute|latency] [--repeats N]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
+import transformers
 
-from shardlens.hooks.toy import ToyTransformer
+import shardlens as sl
+from shardlens.hooks.toy import ToyTransformer, word_tokenizer
+
+CONFIGS = {
+    "compute": dict(layers=12, d_model=768, heads=12, vocab=8192, batch=8, pos=128, repeats=5),
+    "latency": dict(layers=4, d_model=128, heads=4, vocab=1024, batch=1, pos=16, repeats=200),
+}
 
 
-def median_seconds(variants: dict, repeats: int) -> dict[str, float]:
+def median_seconds(variants: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
     """Median wall time of each variant; rounds interleave the variants so drift hits all alike."""
-    times = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in variants}
     for fn in variants.values():
         fn()  # warm-up
+    names = list(variants)
     for round_index in range(repeats):
-        order = list(variants.items())
-        order = order[round_index % len(order):] + order[:round_index % len(order)]
-        for name, fn in order:
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
             start = time.perf_counter()
-            fn()
+            variants[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--d-model", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--pos", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=20)
-    args = parser.parse_args()
+def report(title: str, medians: dict[str, float]) -> None:
+    print(f"\n{title}")
+    plain = next(iter(medians.values()))
+    for name, seconds in medians.items():
+        print(f"  {name:<44} {seconds * 1e3:10.2f} ms   {seconds / plain:6.3f}x")
 
+
+def toy_section(repeats: int) -> None:
     torch.manual_seed(0)
-    model = ToyTransformer(n_layers=12, d_model=args.d_model, n_heads=8, d_vocab=1000, n_ctx=args.pos).eval()
-    tokens = torch.randint(0, 1000, (args.batch, args.pos))
+    model = ToyTransformer(n_layers=12, d_model=256, n_heads=8, d_vocab=1000, n_ctx=128).eval()
+    tokens = torch.randint(0, 1000, (8, 128))
     n_points = len(model.hook_names())
-
     variants = {
         "plain forward": lambda: model(tokens),
         "run_with_hooks (no hooks)": lambda: model.run_with_hooks(tokens),
         f"run_with_cache (all {n_points} points)": lambda: model.run_with_cache(tokens),
     }
     with torch.no_grad():
-        medians = median_seconds(variants, args.repeats)
+        report("ToyTransformer: 12 blocks, d_model 256, tokens [8, 128]", median_seconds(variants, repeats))
 
-    print(f"ToyTransformer: 12 blocks, d_model={args.d_model}, {n_points} hook points, "
-          f"tokens [{args.batch}, {args.pos}], torch threads={torch.get_num_threads()}")
-    plain = medians["plain forward"]
-    for name, seconds in medians.items():
-        print(f"{name:<36} {seconds * 1e3:8.2f} ms   ratio {seconds / plain:.3f}")
+
+def save_gpt2_shaped(folder: Path, layers: int, d_model: int, heads: int, vocab: int, pos: int) -> Path:
+    config = transformers.GPT2Config(
+        n_layer=layers, n_embd=d_model, n_head=heads, vocab_size=vocab, n_positions=max(pos, 128), bos_token_id=0, eos_token_id=0
+    )
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(config).save_pretrained(folder)
+    word_tokenizer(vocab).save_pretrained(folder)  # TransformerBridge and nnsight want one
+    return folder
+
+
+def competitor_variants(folder: Path, tokens: torch.Tensor, layers: int) -> dict[str, Callable[[], object]]:
+    """TransformerBridge and nnsight on the same checkpoint, when the bench extra is installed."""
+    variants: dict[str, Callable[[], object]] = {}
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:
+        print("  (transformer-lens not installed: pip install -e '.[bench]' to compare with TransformerBridge)")
+    else:
+        bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")
+        resid_post = [f"blocks.{i}.hook_resid_post" for i in range(layers)]
+        variants["TransformerBridge forward (no hooks)"] = lambda: bridge(tokens)
+        variants["TransformerBridge run_with_cache (resid_post)"] = lambda: bridge.run_with_cache(tokens, names_filter=resid_post)
+        variants["TransformerBridge run_with_cache (every point)"] = lambda: bridge.run_with_cache(tokens)
+    try:
+        from nnsight import LanguageModel
+    except ImportError:
+        print("  (nnsight not installed: pip install -e '.[bench]' to compare with nnsight)")
+    else:
+        hf_model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        lm = LanguageModel(hf_model, tokenizer=transformers.AutoTokenizer.from_pretrained(folder))
+
+        def nnsight_trace():
+            saved = []
+            with lm.trace(tokens):
+                for i in range(layers):
+                    saved.append(lm.transformer.h[i].output.save())
+            return saved
+
+        variants["nnsight trace (save block outputs)"] = nnsight_trace
+    return variants
+
+
+def hf_section(name: str, repeats: int | None) -> None:
+    c = CONFIGS[name]
+    repeats = repeats or c["repeats"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = save_gpt2_shaped(Path(tmp), c["layers"], c["d_model"], c["heads"], c["vocab"], c["pos"])
+        plain = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
+        hooked = sl.HookedModel.from_pretrained(folder)
+        tokens = torch.randint(0, c["vocab"], (c["batch"], c["pos"]), generator=torch.Generator().manual_seed(0))
+        n_points = len(hooked.hook_names())
+        variants = {
+            "plain HF forward": lambda: plain(tokens).logits,
+            "HookedModel (no hooks)": lambda: hooked(tokens),
+            "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
+            f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
+        }
+        variants.update(competitor_variants(folder, tokens, c["layers"]))
+        with torch.no_grad():
+            medians = median_seconds(variants, repeats)
+    report(
+        f"{name}-bound: GPT-2 shape, {c['layers']} layers, d_model {c['d_model']}, vocab {c['vocab']}, "
+        f"tokens [{c['batch']}, {c['pos']}], {repeats} rounds, torch threads {torch.get_num_threads()}",
+        medians,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Hook overhead as ratios to the plain forward.")
+    parser.add_argument("--only", choices=["toy", "compute", "latency"], help="run one section")
+    parser.add_argument("--repeats", type=int, help="rounds per section (default: per section)")
+    args = parser.parse_args()
+    transformers.utils.logging.disable_progress_bar()
+    if args.only in (None, "toy"):
+        toy_section(args.repeats or 20)
+    for name in ("compute", "latency"):
+        if args.only in (None, name):
+            hf_section(name, args.repeats)
+
 
 if __name__ == "__main__":
     main()

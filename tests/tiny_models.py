@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers
+
+from shardlens.hooks.toy import word_tokenizer
 
 VOCAB = 97
-WORDS = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(VOCAB - 3)]
 
 CONFIGS = {
     "gpt2": lambda: transformers.GPT2Config(
@@ -42,15 +42,6 @@ CONFIGS = {
 }
 
 
-def tiny_tokenizer() -> transformers.PreTrainedTokenizerFast:
-    """A whitespace word-level tokenizer over "w0" ... "w93"."""
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-
-
 def save_tiny_model(name: str, folder: Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:
     """Build the named tiny model with random weights and save it (and a tokenizer) to folder."""
     torch.manual_seed(seed)
@@ -61,7 +52,7 @@ def save_tiny_model(name: str, folder: Path, *, seed: int = 0, with_tokenizer: b
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(folder)
     if with_tokenizer:
-        tiny_tokenizer().save_pretrained(folder)
+        word_tokenizer(VOCAB).save_pretrained(folder)
     return folder
 
 

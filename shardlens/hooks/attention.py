@@ -36,13 +36,12 @@ class AttentionPoints(nn.Module):
         self.hook_q, self.hook_k, self.hook_v = HookPoint(), HookPoint(), HookPoint()
         self.hook_attn_scores, self.hook_pattern, self.hook_z = HookPoint(), HookPoint(), HookPoint()
 
-    def needs_eager(self) -> bool:
-        return self.hook_attn_scores.active or self.hook_pattern.active or self.hook_z.active
-
     def attach_to(self, attention_module: nn.Module) -> None:
         """Make `attention_module`'s calls to shardlens_attention run through these points."""
-        # object.__setattr__: a plain reference, not a submodule of the Hugging Face model.
-        object.__setattr__(attention_module, _POINTS_ATTR, self)
+        # A plain tuple (fast to read on every call), set with object.__setattr__ so that it is
+        # not registered as a submodule of the Hugging Face model.
+        points = (self.hook_q, self.hook_k, self.hook_v, self.hook_attn_scores, self.hook_pattern, self.hook_z)
+        object.__setattr__(attention_module, _POINTS_ATTR, points)
 
 
 def _through(point: HookPoint, states: Tensor) -> Tensor:
@@ -75,23 +74,25 @@ def shardlens_attention(
     Returns the output as [batch, pos, head, d_head] and the pattern (None on the SDPA path),
     as every transformers attention function does.
     """
-    points: Optional[AttentionPoints] = module.__dict__.get(_POINTS_ATTR)
+    points = module.__dict__.get(_POINTS_ATTR)
     if points is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if points.hook_q.active:
-        query = _through(points.hook_q, query)
-    if points.hook_k.active:
-        key = _through(points.hook_k, key)
-    if points.hook_v.active:
-        value = _through(points.hook_v, value)
-    if not points.needs_eager():
+    hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = points
+    if hook_q.active:
+        query = _through(hook_q, query)
+    if hook_k.active:
+        key = _through(hook_k, key)
+    if hook_v.active:
+        value = _through(hook_v, value)
+    if not (hook_scores.active or hook_pattern.active or hook_z.active):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if kwargs.get("s_aux") is not None:
         raise NotImplementedError("attention sinks (s_aux) are not supported by shardlens' attention hook points")
 
     # Grouped-query attention: query head h reads kv head h // groups (transformers' repeat_kv).
     groups = query.shape[1] // key.shape[1]
-    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # [batch, head, q_pos, k_pos]
     softcap = kwargs.get("softcap")
@@ -102,11 +103,11 @@ def shardlens_attention(
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
         scores = scores + mask  # an additive float mask
-    scores = points.hook_attn_scores(scores)
-    pattern = points.hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
+    scores = hook_scores(scores)
+    pattern = hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
     pattern_used = F.dropout(pattern, p=dropout, training=module.training) if dropout else pattern
     z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()  # [batch, pos, head, d_head]
-    return points.hook_z(z), pattern
+    return hook_z(z), pattern
 
 
 AttentionInterface.register(IMPLEMENTATION, shardlens_attention)

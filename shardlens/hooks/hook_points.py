@@ -97,8 +97,11 @@ class HookPoint(nn.Module):
         self.ctx: dict = {}
         self.name: Optional[str] = None
         self.hook_conversion: Optional[TensorConversion] = None
-        # Backward hooks, in call order, keyed by their handle's id (so handle.remove() works).
-        self._grad_hooks: OrderedDict[int, Callable[[Tensor], Optional[Tensor]]] = OrderedDict()
+        # The hook functions of each direction, in call order, keyed by their handle's id (so
+        # handle.remove() works). Kept here rather than in torch's module hooks: a hook point is
+        # called hundreds of times per forward, and nn.Module's hook dispatch costs microseconds.
+        self._fwd_fns: OrderedDict[int, Callable[[Tensor], Optional[Tensor]]] = OrderedDict()
+        self._bwd_fns: OrderedDict[int, Callable[[Tensor], Optional[Tensor]]] = OrderedDict()
 
     def add_perma_hook(self, hook: HookFunction, dir: Direction = "fwd") -> None:
         self.add_hook(hook, dir=dir, is_permanent=True)
@@ -125,16 +128,11 @@ class HookPoint(nn.Module):
         _check_dir(dir, ("fwd", "bwd"))
         if not callable(hook):
             raise TypeError(f"a hook must be callable as hook(tensor, hook=...); got {hook!r}")
-        apply = self._bind(hook, alias_names)
-        if dir == "fwd":
-            handle = self.register_forward_hook(lambda module, args, out: apply(out), prepend=prepend)
-            handles = self.fwd_hooks
-        else:
-            handle = RemovableHandle(self._grad_hooks)
-            self._grad_hooks[handle.id] = apply
-            if prepend:
-                self._grad_hooks.move_to_end(handle.id, last=False)
-            handles = self.bwd_hooks
+        fns, handles = (self._fwd_fns, self.fwd_hooks) if dir == "fwd" else (self._bwd_fns, self.bwd_hooks)
+        handle = RemovableHandle(fns)
+        fns[handle.id] = self._bind(hook, alias_names)
+        if prepend:
+            fns.move_to_end(handle.id, last=False)
         lens_handle = LensHandle(handle, is_permanent, level, hook)
         if prepend:
             handles.insert(0, lens_handle)
@@ -166,26 +164,33 @@ class HookPoint(nn.Module):
         """Whether any hook, forward or backward, is attached."""
         return bool(self.fwd_hooks or self.bwd_hooks)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        out = super().__call__(*args, **kwargs)
-        if self._grad_hooks and isinstance(out, Tensor) and out.requires_grad:
+    def __call__(self, x: Tensor) -> Tensor:
+        if self._forward_hooks or self._forward_pre_hooks or self._backward_hooks:
+            x = super().__call__(x)  # hooks registered with torch directly: let nn.Module run them
+        if self._fwd_fns:
+            x = self.run_fwd_hooks(x)
+        if self._bwd_fns and isinstance(x, Tensor) and x.requires_grad:
             # A fresh autograd node: the backward hooks see only the gradient that flows back
             # through this hook point, not that of other users of the same input tensor.
-            out = out.view_as(out)
-            out.register_hook(self.run_bwd_hooks)
-        return out
+            x = x.view_as(x)
+            x.register_hook(self.run_bwd_hooks)
+        return x
 
     def run_fwd_hooks(self, x: Tensor) -> Tensor:
-        """The forward hooks' result for `x`, without the backward-hook wiring of a call."""
-        return super().__call__(x)
+        """The forward hooks' result for `x`, each hook seeing the last one's result."""
+        return self._run(self._fwd_fns, x)
 
     def run_bwd_hooks(self, grad: Tensor) -> Tensor:
         """The backward hooks' result for the gradient `grad`, each seeing the last result."""
-        for apply in list(self._grad_hooks.values()):
-            result = apply(grad)
+        return self._run(self._bwd_fns, grad)
+
+    @staticmethod
+    def _run(fns: OrderedDict, value: Tensor) -> Tensor:
+        for apply in list(fns.values()):
+            result = apply(value)
             if result is not None:
-                grad = result
-        return grad
+                value = result
+        return value
 
     def forward(self, x: Tensor) -> Tensor:
         return x
@@ -207,26 +212,28 @@ class HookPoint(nn.Module):
         """Remove hooks in `dir`: all of them if including_permanent, else the non-permanent
         ones of `level` (every level when None)."""
         _check_dir(dir, ("fwd", "bwd", "both"))
+        if not (self.fwd_hooks or self.bwd_hooks):
+            return
 
         def keep(handle: LensHandle) -> bool:
             if including_permanent:
                 return False
             return handle.is_permanent or (level is not None and handle.context_level != level)
 
-        if dir in ("fwd", "both"):
-            self.fwd_hooks = self._remove_where(self.fwd_hooks, keep)
-        if dir in ("bwd", "both"):
-            self.bwd_hooks = self._remove_where(self.bwd_hooks, keep)
+        if dir in ("fwd", "both") and self.fwd_hooks:
+            self._remove_where(self.fwd_hooks, keep)
+        if dir in ("bwd", "both") and self.bwd_hooks:
+            self._remove_where(self.bwd_hooks, keep)
 
     @staticmethod
-    def _remove_where(handles: list[LensHandle], keep: Callable[[LensHandle], bool]) -> list[LensHandle]:
+    def _remove_where(handles: list[LensHandle], keep: Callable[[LensHandle], bool]) -> None:
         kept = []
         for handle in handles:
             if keep(handle):
                 kept.append(handle)
             else:
                 handle.hook.remove()
-        return kept
+        handles[:] = kept  # in place: assigning a module attribute goes through nn.Module.__setattr__
 
     def has_hooks(
         self,
@@ -242,7 +249,8 @@ class HookPoint(nn.Module):
         )
 
     def clear_context(self) -> None:
-        self.ctx = {}
+        if self.ctx:
+            self.ctx = {}
 
     def layer(self) -> int:
         """The layer index of a hook point named ``blocks.<layer>.…``."""
@@ -315,9 +323,10 @@ class CachingHook:
                     f"batch of {value.shape[0]}"
                 )
             value = value[0]
-        pos_dim = -3 if hook.name.endswith(_PER_HEAD_SUFFIXES) else -2
-        if value.ndim >= -pos_dim:
-            value = self.pos_slice.apply(value, dim=pos_dim)
+        if self.pos_slice.mode != "identity":
+            pos_dim = -3 if hook.name.endswith(_PER_HEAD_SUFFIXES) else -2
+            if value.ndim >= -pos_dim:
+                value = self.pos_slice.apply(value, dim=pos_dim)
         self.cache[hook.name + "_grad" if self.grad else hook.name] = value
 
 
@@ -440,9 +449,10 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
     def _select(self, target: Union[HookTarget, Sequence[str]]) -> list[tuple[str, HookPoint]]:
         """The hook points a name, glob, list of names or predicate selects."""
         if isinstance(target, str) and not is_glob(target):
-            if target not in self.hook_dict:
+            hook_point = self.hook_dict.get(target)
+            if hook_point is None:
                 raise HookNameError(target, self.hook_dict)
-            return [(target, self.hook_dict[target])]
+            return [(target, hook_point)]
         selected = names_predicate(target, self.hook_dict)
         return [(name, hp) for name, hp in self.hook_dict.items() if selected(name)]
 

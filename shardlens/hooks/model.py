@@ -157,7 +157,8 @@ class HookedModel(HookedRootModule):
                     self._add_module_point(name)
 
     def _select(self, target):
-        self._ensure_module_points(target)
+        if not (isinstance(target, str) and target in self.hook_dict):
+            self._ensure_module_points(target)
         return super()._select(target)
 
     def get_caching_hooks(self, names_filter: NamesFilter = None, *args: Any, **kwargs: Any):

@@ -33,7 +33,7 @@ class Tap:
 
     def __init__(self, point: HookPoint, module: nn.Module):
         self.point, self.module = point, module
-        self._handles: list[RemovableHandle] = []
+        self._handles: list[Any] = []  # each has .remove()
 
     def wanted(self) -> bool:
         return self.point.active
@@ -98,7 +98,7 @@ class SharedInputTap(Tap):
             if result.shape != resid.shape:
                 raise ValueError(f"{self.point.name}: a hook returned shape {tuple(result.shape)}, expected {tuple(resid.shape)}")
             resid.copy_(result)
-        if self.point._grad_hooks and resid.requires_grad:
+        if self.point._bwd_fns and resid.requires_grad:
             resid.register_hook(self.point.run_bwd_hooks)
 
 
@@ -110,8 +110,25 @@ class NormPoints(nn.Module):
         self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
 
 
+class _ForwardSwap:
+    """Replaces a module's forward until removed (under accelerate's hook, the forward it wraps)."""
+
+    def __init__(self, module: nn.Module, forward: Any):
+        self.module = module
+        self.attr = "_old_forward" if hasattr(module, "_old_forward") else "forward"
+        self.previous = module.__dict__.get(self.attr)  # None: the class's own forward
+        setattr(module, self.attr, forward)
+
+    def remove(self) -> None:
+        if self.previous is None:
+            delattr(self.module, self.attr)
+        else:
+            setattr(self.module, self.attr, self.previous)
+
+
 class NormTap(Tap):
-    """A norm recomputed in two steps, scale then normalized, while either point has hooks.
+    """A norm computed in two steps, scale then normalized, while either point has hooks
+    (the module's own forward is swapped out meanwhile, so the norm is computed once).
 
     LayerNorm: scale = sqrt(var + eps), normalized = (x - mean) / scale, out = normalized * w + b.
     RMSNorm: scale = sqrt(mean(x^2) + eps) in float32, normalized = x / scale, out = w * normalized.
@@ -119,30 +136,29 @@ class NormTap(Tap):
 
     def __init__(self, points: NormPoints, module: nn.Module, kind: str):
         super().__init__(points.hook_scale, module)
-        self.points, self.kind = points, kind
+        self.hook_scale, self.hook_normalized, self.kind = points.hook_scale, points.hook_normalized, kind
         self.eps = float(getattr(module, "eps", getattr(module, "variance_epsilon", 1e-5)))
 
     def wanted(self) -> bool:
-        return self.points.hook_scale.active or self.points.hook_normalized.active
+        return self.hook_scale.active or self.hook_normalized.active
 
-    def attach(self) -> list[RemovableHandle]:
-        return [self.module.register_forward_hook(self._hook, prepend=True)]
+    def attach(self) -> list[_ForwardSwap]:
+        return [_ForwardSwap(self.module, self._forward)]
 
-    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
-        x = args[0]
+    def _forward(self, x: Tensor) -> Tensor:
+        module = self.module
         if self.kind == "rmsnorm":
             x32 = x.float()
-            scale = self.points.hook_scale((x32.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-            normalized = self.points.hook_normalized((x32 / scale).to(x.dtype))
+            scale = self.hook_scale((x32.square().mean(-1, keepdim=True) + self.eps).sqrt())
+            normalized = self.hook_normalized((x32 / scale).to(x.dtype))
             return module.weight * normalized
-        centered = x - x.mean(-1, keepdim=True)
-        scale = self.points.hook_scale((centered.pow(2).mean(-1, keepdim=True) + self.eps).sqrt())
-        normalized = self.points.hook_normalized(centered / scale)
-        if getattr(module, "weight", None) is not None:
-            normalized = normalized * module.weight
-        if getattr(module, "bias", None) is not None:
-            normalized = normalized + module.bias
-        return normalized
+        var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
+        scale = self.hook_scale((var + self.eps).sqrt())
+        normalized = self.hook_normalized((x - mean) / scale)
+        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
+        if weight is not None and bias is not None:
+            return torch.addcmul(bias, normalized, weight)
+        return normalized if weight is None else normalized * weight
 
 
 class ResultTap(Tap):

@@ -93,3 +93,22 @@ class ToyTransformer(HookedRootModule):
         if return_type == "logits":
             return logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten())
+
+
+def word_tokenizer(vocab_size: int):
+    """A whitespace word-level tokenizer with ids for "<pad>", "<eos>", "<unk>", "w0", "w1", ….
+
+    Tiny random models need a tokenizer too (for text input, and for tools that insist on
+    one); this one is built in memory, no download.
+    """
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    if vocab_size < 4:
+        raise ValueError(f"vocab_size={vocab_size} leaves no room for words after 3 special tokens")
+    words = ["<pad>", "<eos>", "<unk>"] + [f"w{i}" for i in range(vocab_size - 3)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
