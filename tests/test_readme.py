@@ -1,4 +1,5 @@
-"""The Python examples in README.md run as written."""
+"""The Python examples in README.md run as written (blocks fenced ```python; ```python
+illustrative marks one that needs files the test does not have)."""
 
 import re
 from pathlib import Path
