@@ -9,8 +9,12 @@ from shardlens.hooks import (
     HookedRootModule,
     HookIntrospectionMixin,
     HookPoint,
+    HookSpec,
     LensHandle,
+    Points,
     Slice,
+    ops,
+    points,
 )
 from shardlens.tables import ActivationCache
 
@@ -23,7 +27,11 @@ __all__ = [
     "HookIntrospectionMixin",
     "HookNameError",
     "HookPoint",
+    "HookSpec",
     "LensHandle",
+    "Points",
     "Slice",
     "__version__",
+    "ops",
+    "points",
 ]

@@ -10,5 +10,6 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 def test_readme_python_blocks_run():
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README.md has no python examples"
+    namespace: dict = {}  # blocks run in order, like a reader following along
     for block in blocks:
-        exec(compile(block, str(README), "exec"), {})
+        exec(compile(block, str(README), "exec"), namespace)

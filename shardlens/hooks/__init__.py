@@ -10,7 +10,9 @@ from shardlens.hooks.hook_points import (
 )
 from shardlens.hooks.model import HookedModel
 from shardlens.hooks.names import NamesFilter
+from shardlens.hooks import ops
 from shardlens.hooks.slice import Slice
+from shardlens.hooks.specs import HookSpec, Points, points
 
 __all__ = [
     "CachingHook",
@@ -18,8 +20,12 @@ __all__ = [
     "HookedRootModule",
     "HookIntrospectionMixin",
     "HookNameError",
+    "HookSpec",
     "HookPoint",
     "LensHandle",
     "NamesFilter",
+    "Points",
     "Slice",
+    "ops",
+    "points",
 ]

@@ -23,7 +23,9 @@ from torch.utils.hooks import RemovableHandle
 
 from shardlens.errors import HookNameError
 from shardlens.hooks.names import NamesFilter, is_glob, names_predicate
+from shardlens.hooks.ops import RunContext
 from shardlens.hooks.slice import Slice, SliceInput
+from shardlens.hooks.specs import HookSpec, SpecHook
 from shardlens.tables import ActivationCache
 
 Direction = Literal["fwd", "bwd"]
@@ -330,14 +332,13 @@ class CachingHook:
         self.cache[hook.name + "_grad" if self.grad else hook.name] = value
 
 
-HookList = Sequence[tuple[HookTarget, HookFunction]]
+HookList = Sequence[Union[tuple[HookTarget, HookFunction], HookSpec]]  # (name, fn) pairs and specs
 
 
-def _hook_pairs(hooks: HookList, argument: str) -> Iterator[tuple[HookTarget, HookFunction]]:
-    for item in hooks:
-        if not (isinstance(item, (tuple, list)) and len(item) == 2):
-            raise TypeError(f"{argument} takes (name_or_predicate, hook_fn) pairs; got {item!r}")
-        yield item[0], item[1]
+def _hook_pair(item: Any, argument: str) -> tuple[HookTarget, HookFunction]:
+    if not (isinstance(item, (tuple, list)) and len(item) == 2):
+        raise TypeError(f"{argument} takes (name_or_predicate, hook_fn) pairs or sl.HookSpec; got {item!r}")
+    return item[0], item[1]
 
 
 class HookedRootModule(HookIntrospectionMixin, nn.Module):
@@ -361,11 +362,12 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         self.context_level = 0
         self.mod_dict = {}
         self.hook_dict = {}
+        self._extra_points: dict[str, HookPoint] = {}  # hook points made on request, not submodules
 
     def setup(self) -> None:
         """Name every submodule and index the modules and hook points by name."""
         self.mod_dict = {}
-        self.hook_dict = {}
+        self.hook_dict = dict(self._extra_points)
         for name, module in self.named_modules():
             if name == "":
                 continue
@@ -383,6 +385,19 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
     def hook_names(self) -> list[str]:
         """The names of every hook point, in module order."""
         return list(self.hook_dict)
+
+    def add_hook_point(self, name: str) -> HookPoint:
+        """The hook point `name`, made when it does not exist yet (as a Splice's sub points are).
+        It fires when whatever computes that quantity calls it."""
+        hook_point = self.hook_dict.get(name)
+        if hook_point is None:
+            hook_point = HookPoint()
+            hook_point.name = name
+            self._extra_points[name] = self.hook_dict[name] = hook_point
+        return hook_point
+
+    def _prepare_names(self, names: Any) -> None:
+        """Make the hook points that `names` asks for and that are made on request (none here)."""
 
     def remove_all_hook_fns(
         self,
@@ -448,6 +463,8 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
 
     def _select(self, target: Union[HookTarget, Sequence[str]]) -> list[tuple[str, HookPoint]]:
         """The hook points a name, glob, list of names or predicate selects."""
+        if not (isinstance(target, str) and target in self.hook_dict):
+            self._prepare_names(target)
         if isinstance(target, str) and not is_glob(target):
             hook_point = self.hook_dict.get(target)
             if hook_point is None:
@@ -485,26 +502,61 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         bwd_hooks: HookList = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        *,
+        store: Optional[dict] = None,
+        sources: Optional[dict] = None,
     ) -> Iterator["HookedRootModule"]:
         """A block whose hooks are removed when it ends, also when it raised.
 
         Each block is one context level deeper; leaving it removes only the hooks of its level,
         so hooks of enclosing blocks and permanent hooks stay.
 
+        Args:
+            fwd_hooks, bwd_hooks: (name_or_predicate, fn) pairs and sl.HookSpec (a spec's own
+                `dir` decides its direction).
+            store: a dict where reading ops (sl.ops.Cache, ...) put what they read.
+            sources: earlier runs' caches by name, for sl.ops.Patch(from_cache=name).
+
         Example:
             >>> with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", fn)]):
             ...     loss = model(tokens, return_type="loss")
         """
+        ctx = RunContext(self, store, dict(sources or {}))
         self.context_level += 1
         try:
-            for direction, pairs, argument in (("fwd", fwd_hooks, "fwd_hooks"), ("bwd", bwd_hooks, "bwd_hooks")):
-                for name, hook in _hook_pairs(pairs, argument):
-                    self.add_hook(name, hook, dir=direction, level=self.context_level)
+            for direction, items, argument in (("fwd", fwd_hooks, "fwd_hooks"), ("bwd", bwd_hooks, "bwd_hooks")):
+                for item in items:
+                    if isinstance(item, HookSpec):
+                        self._install_spec(item, ctx, level=self.context_level)
+                    else:
+                        name, hook = _hook_pair(item, argument)
+                        self.add_hook(name, hook, dir=direction, level=self.context_level)
             yield self
         finally:
             if reset_hooks_end:
                 self.reset_hooks(clear_contexts, including_permanent=False, level=self.context_level)
             self.context_level -= 1
+
+    def add_spec(self, spec: HookSpec, *, store: Optional[dict] = None, sources: Optional[dict] = None) -> None:
+        """Install `spec` at its own level (or as permanent), outside any hooks() block."""
+        self._install_spec(spec, RunContext(self, store, dict(sources or {})), level=spec.level)
+
+    def _install_spec(self, spec: HookSpec, ctx: RunContext, level: Optional[int]) -> None:
+        self._prepare_names(spec.points if not isinstance(spec.points, tuple) else list(spec.points))
+        names = spec.resolve(list(self.hook_dict))
+        if spec.op.reads and ctx.cache is None:
+            raise ValueError(
+                f"{type(spec.op).__name__} reads activations but this run keeps no results: use "
+                "run_with_cache, or pass store={} to hooks() / run_with_hooks()"
+            )
+        for name in names:
+            spec.op.check(name, self)
+        hook = SpecHook(spec.op, ctx)
+        for name in names:
+            self.add_hook(
+                name, hook, dir=spec.dir, is_permanent=spec.permanent,
+                level=None if spec.permanent else level, prepend=spec.prepend,
+            )
 
     def run_with_hooks(
         self,
@@ -513,9 +565,11 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         bwd_hooks: HookList = (),
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
+        store: Optional[dict] = None,
+        sources: Optional[dict] = None,
         **model_kwargs: Any,
     ) -> Any:
-        """Run the model once with temporary hooks.
+        """Run the model once with temporary hooks and specs (see hooks() for store / sources).
 
         Only the forward pass runs here: backward hooks fire on a later ``.backward()``, so
         they need ``reset_hooks_end=False`` (then call reset_hooks() yourself).
@@ -527,7 +581,7 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
                 "reset_hooks() after your backward pass",
                 stacklevel=2,
             )
-        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, store=store, sources=sources):
             return self(*model_args, **model_kwargs)
 
     def get_caching_hooks(
@@ -546,6 +600,7 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             ``<name>_grad``), and the (name, hook) pairs to pass to hooks().
         """
         cache = {} if cache is None else cache
+        self._prepare_names(names_filter)
         selected = names_predicate(names_filter, self.hook_dict)
         options = dict(device=device, remove_batch_dim=remove_batch_dim, pos_slice=Slice.unwrap(pos_slice))
         self.is_caching = True
@@ -579,6 +634,9 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
         reset_hooks_end: bool = True,
         clear_contexts: bool = False,
         pos_slice: Union[Slice, SliceInput] = None,
+        fwd_hooks: HookList = (),
+        bwd_hooks: HookList = (),
+        sources: Optional[dict] = None,
         **model_kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Run the model and return (output, ActivationCache of the selected hook points).
@@ -590,17 +648,25 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
             incl_bwd: also backpropagate from the output, which must be a scalar (e.g.
                 return_type="loss"), and cache gradients as ``<name>_grad``.
             pos_slice: keep only these positions (TransformerLens Slice; an int keeps the axis).
+            fwd_hooks, bwd_hooks: hooks and specs active during the run, before the caching
+                hooks (so the cache sees their edits); what reading specs read lands in the
+                returned cache too. names_filter=[] caches nothing else.
+            sources: earlier runs' caches by name, for sl.ops.Patch(from_cache=name).
 
         Example:
             >>> logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
         """
-        cache, fwd, bwd = self.get_caching_hooks(
-            names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, pos_slice=pos_slice
-        )
-        with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
-            out = self(*model_args, **model_kwargs)
-            if incl_bwd:
-                _backward_from_scalar(out)
+        cache: dict = {}
+        # The given hooks and specs first (a Splice makes hook points the filter may name),
+        # then the caching hooks, one level deeper, so that they see the edits.
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, store=cache, sources=sources):
+            _, fwd, bwd = self.get_caching_hooks(
+                names_filter, incl_bwd, device, remove_batch_dim=remove_batch_dim, cache=cache, pos_slice=pos_slice
+            )
+            with self.hooks(fwd, bwd, reset_hooks_end, clear_contexts):
+                out = self(*model_args, **model_kwargs)
+                if incl_bwd:
+                    _backward_from_scalar(out)
         return out, ActivationCache(cache)
 
 

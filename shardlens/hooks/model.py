@@ -127,7 +127,7 @@ class HookedModel(HookedRootModule):
 
     def setup(self) -> None:
         """Index the hook points by canonical name, and the wrapped model's modules by path."""
-        self.hook_dict = {}
+        self.hook_dict = dict(self._extra_points)
         if self.layout is not None:
             for name, module in self.points.named_modules():
                 if isinstance(module, HookPoint):
@@ -147,7 +147,7 @@ class HookedModel(HookedRootModule):
         self._module_taps.update(module_taps(self.model, [path]))
         self.setup()
 
-    def _ensure_module_points(self, names: Union[NamesFilter, HookTarget]) -> None:
+    def _prepare_names(self, names: Union[NamesFilter, HookTarget]) -> None:
         """Create the `module:<path>` points an exact name asks for (they are made on request)."""
         if isinstance(names, str):
             names = [names]
@@ -156,20 +156,45 @@ class HookedModel(HookedRootModule):
                 if isinstance(name, str) and name.startswith(_MODULE_PREFIX) and not is_glob(name) and name not in self.hook_dict:
                     self._add_module_point(name)
 
-    def _select(self, target):
-        if not (isinstance(target, str) and target in self.hook_dict):
-            self._ensure_module_points(target)
-        return super()._select(target)
-
-    def get_caching_hooks(self, names_filter: NamesFilter = None, *args: Any, **kwargs: Any):
-        self._ensure_module_points(names_filter)
-        return super().get_caching_hooks(names_filter, *args, **kwargs)
-
     def _sync_taps(self) -> None:
         for tap in self._taps:
             tap.sync()
         for tap in self._module_taps.values():
             tap.sync()
+
+    # ------------------------------------------------------------------ shapes and weights
+
+    def _attention_module(self, layer: int, path: str) -> nn.Module:
+        return self.model.get_submodule(self.layout.blocks)[layer].get_submodule(path)
+
+    def w_o(self, layer: int) -> Tensor:
+        """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
+        o_proj = self._attention_module(layer, self.layout.block.o_proj)
+        weight = o_proj.weight if self.layout.block.o_proj_kind == "conv1d" else o_proj.weight.T
+        return weight.unflatten(0, (self.config.num_attention_heads, -1))
+
+    def b_o(self, layer: int) -> Tensor:
+        """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""
+        o_proj = self._attention_module(layer, self.layout.block.o_proj)
+        return o_proj.bias if o_proj.bias is not None else o_proj.weight.new_zeros(self.config.hidden_size)
+
+    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The shape of a canonical hook point's tensors after [batch, pos], or None where it
+        depends on the input (attention scores and patterns) or is unknown."""
+        if self.layout is None or name.startswith(_MODULE_PREFIX) or name not in self.hook_dict:
+            return None
+        config = self.config
+        d_model, n_heads = config.hidden_size, config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        d_head = getattr(config, "head_dim", None) or d_model // n_heads
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        shapes = {
+            "hook_q": (n_heads, d_head), "hook_k": (n_kv, d_head), "hook_v": (n_kv, d_head), "hook_z": (n_heads, d_head),
+            "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
+            "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
+            "hook_attn_scores": None, "hook_pattern": None,
+        }
+        return shapes.get(name.rsplit(".", 1)[-1], (d_model,))
 
     # ------------------------------------------------------------------ running
 
