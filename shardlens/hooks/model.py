@@ -8,16 +8,13 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
-from shardlens.hooks.hook_points import HookedRootModule, HookPoint, HookTarget
-from shardlens.hooks.names import NamesFilter, is_glob
-from shardlens.hooks.taps import ModelPoints, OutputTap, Tap, model_taps, module_point_name, module_taps
+from shardlens.hooks.taps import ModelParts, module_taps
+from shardlens.hooks.tapped import TappedModel
 
 ReturnType = Optional[str]  # "logits" | "loss" | "both" | None
 _RETURN_TYPES = ("logits", "loss", "both", None)
-_MODULE_PREFIX = "module:"
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -37,7 +34,7 @@ def positions_from_mask(attention_mask: Tensor) -> Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class HookedModel(HookedRootModule):
+class HookedModel(TappedModel):
     """A transformers causal LM whose own forward runs through canonical hook points.
 
     Registered architectures (see `shardlens.hooks.architectures`) get the TransformerLens
@@ -63,10 +60,8 @@ class HookedModel(HookedRootModule):
         super().__init__()
         self.model = hf_model
         self.tokenizer = tokenizer
-        config = getattr(hf_model, "config", None)
-        self.layout: Optional[ModelLayout] = layout_for(config) if config is not None else None
-        self._taps: list[Tap] = []
-        self._module_taps: dict[str, OutputTap] = {}
+        self.config = getattr(hf_model, "config", None)
+        self.layout: Optional[ModelLayout] = layout_for(self.config) if self.config is not None else None
         if self.layout is None:
             paths = [path for path, _ in hf_model.named_modules() if path]
             self._module_taps = module_taps(hf_model, paths)
@@ -108,100 +103,20 @@ class HookedModel(HookedRootModule):
                 "AttentionInterface, so shardlens cannot place its attention hook points in it"
             )
 
-    def _build_points(self, attn_result: bool) -> None:
-        n_layers = len(self.model.get_submodule(self.layout.blocks))
-        self.points = ModelPoints(self.layout, range(n_layers), has_embed=True, has_head=True, attn_result=attn_result)
-        self._taps = model_taps(self.points, self.model, self.layout, self.model.config.num_attention_heads)
-        self._attn_result = attn_result
+    def _parts(self) -> ModelParts:
+        module = self.model.get_submodule
+        return ModelParts(
+            blocks=dict(enumerate(module(self.layout.blocks))),
+            embed=module(self.layout.embed),
+            pos_embed=module(self.layout.pos_embed) if self.layout.pos_embed else None,
+            final_norm=module(self.layout.final_norm),
+            unembed=module(self.layout.unembed),
+        )
 
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Add (or remove) `blocks.{L}.attn.hook_result`. Needs a model with no hooks attached."""
-        if self.layout is None or use_attn_result == self._attn_result:
-            return
-        if self.has_hooks():
-            raise RuntimeError("set_use_attn_result rebuilds the hook points: call reset_hooks(including_permanent=True) first")
-        for tap in self._taps:
-            tap.sync()  # with no hooks: unwire everything before the points are replaced
-        self._build_points(use_attn_result)
-        self.setup()
-
-    def setup(self) -> None:
-        """Index the hook points by canonical name, and the wrapped model's modules by path."""
-        self.hook_dict = dict(self._extra_points)
-        if self.layout is not None:
-            for name, module in self.points.named_modules():
-                if isinstance(module, HookPoint):
-                    module.name = name
-                    self.hook_dict[name] = module
-        self.hook_dict.update({name: tap.point for name, tap in self._module_taps.items()})
-        self.mod_dict = {path: module for path, module in self.model.named_modules() if path}
-        self.mod_dict.update(self.hook_dict)
-
-    def _add_module_point(self, name: str) -> None:
-        path = name[len(_MODULE_PREFIX):]
-        try:
-            self.model.get_submodule(path)
-        except AttributeError:
-            paths = [module_point_name(p) for p, _ in self.model.named_modules() if p]
-            raise HookNameError(name, paths) from None
-        self._module_taps.update(module_taps(self.model, [path]))
-        self.setup()
-
-    def _prepare_names(self, names: Union[NamesFilter, HookTarget]) -> None:
-        """Create the `module:<path>` points an exact name asks for (they are made on request)."""
-        if isinstance(names, str):
-            names = [names]
-        if isinstance(names, (list, tuple)):
-            for name in names:
-                if isinstance(name, str) and name.startswith(_MODULE_PREFIX) and not is_glob(name) and name not in self.hook_dict:
-                    self._add_module_point(name)
-
-    def _sync_taps(self) -> None:
-        for tap in self._taps:
-            tap.sync()
-        for tap in self._module_taps.values():
-            tap.sync()
-
-    # ------------------------------------------------------------------ shapes and weights
-
-    def _attention_module(self, layer: int, path: str) -> nn.Module:
-        return self.model.get_submodule(self.layout.blocks)[layer].get_submodule(path)
-
-    def w_o(self, layer: int) -> Tensor:
-        """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
-        o_proj = self._attention_module(layer, self.layout.block.o_proj)
-        weight = o_proj.weight if self.layout.block.o_proj_kind == "conv1d" else o_proj.weight.T
-        return weight.unflatten(0, (self.config.num_attention_heads, -1))
-
-    def b_o(self, layer: int) -> Tensor:
-        """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""
-        o_proj = self._attention_module(layer, self.layout.block.o_proj)
-        return o_proj.bias if o_proj.bias is not None else o_proj.weight.new_zeros(self.config.hidden_size)
-
-    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
-        """The shape of a canonical hook point's tensors after [batch, pos], or None where it
-        depends on the input (attention scores and patterns) or is unknown."""
-        if self.layout is None or name.startswith(_MODULE_PREFIX) or name not in self.hook_dict:
-            return None
-        config = self.config
-        d_model, n_heads = config.hidden_size, config.num_attention_heads
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        d_head = getattr(config, "head_dim", None) or d_model // n_heads
-        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-        shapes = {
-            "hook_q": (n_heads, d_head), "hook_k": (n_kv, d_head), "hook_v": (n_kv, d_head), "hook_z": (n_heads, d_head),
-            "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
-            "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
-            "hook_attn_scores": None, "hook_pattern": None,
-        }
-        return shapes.get(name.rsplit(".", 1)[-1], (d_model,))
+    def _module_root(self) -> nn.Module:
+        return self.model
 
     # ------------------------------------------------------------------ running
-
-    @property
-    def config(self) -> Any:
-        """The wrapped model's transformers config."""
-        return self.model.config
 
     def forward(
         self,

@@ -8,8 +8,9 @@ its hook point has hooks (`sync()`), so a model with no hooks runs its plain for
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 from torch import Tensor, nn
@@ -250,20 +251,31 @@ class ModelPoints(nn.Module):
             self.hook_logits = HookPoint()
 
 
-def model_taps(points: ModelPoints, model: nn.Module, layout: ModelLayout, n_heads: int) -> list[Tap]:
-    """The taps that connect `points` to a causal LM laid out as `layout`."""
-    module = model.get_submodule
+@dataclass(frozen=True)
+class ModelParts:
+    """The modules a model's canonical hook points are tapped into (None: not held here,
+    as in a stage that lacks the embeddings or the head). `blocks` maps global layer index
+    to decoder block."""
+
+    blocks: Mapping[int, nn.Module]
+    embed: Optional[nn.Module] = None
+    pos_embed: Optional[nn.Module] = None
+    final_norm: Optional[nn.Module] = None
+    unembed: Optional[nn.Module] = None
+
+
+def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int) -> list[Tap]:
+    """The taps that connect `points` to the modules of a model laid out as `layout`."""
     taps: list[Tap] = []
     if hasattr(points, "hook_embed"):
-        taps.append(OutputTap(points.hook_embed, module(layout.embed)))
+        taps.append(OutputTap(points.hook_embed, parts.embed))
     if hasattr(points, "hook_pos_embed"):
-        taps.append(OutputTap(points.hook_pos_embed, module(layout.pos_embed)))
-    blocks = module(layout.blocks)
+        taps.append(OutputTap(points.hook_pos_embed, parts.pos_embed))
     for layer, block_points in points.blocks.items():
-        taps += block_taps(block_points, blocks[int(layer)], layout.block, n_heads)
+        taps += block_taps(block_points, parts.blocks[int(layer)], layout.block, n_heads)
     if hasattr(points, "ln_final"):
-        taps.append(NormTap(points.ln_final, module(layout.final_norm), layout.block.norm))
-        taps.append(OutputTap(points.hook_logits, module(layout.unembed)))
+        taps.append(NormTap(points.ln_final, parts.final_norm, layout.block.norm))
+        taps.append(OutputTap(points.hook_logits, parts.unembed))
     return taps
 
 

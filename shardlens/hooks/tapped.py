@@ -1,0 +1,133 @@
+"""TappedModel: the part of HookedModel that a sharded stage shares.
+
+A TappedModel holds Hugging Face modules (a whole causal LM, or one stage's layers of it) and
+the canonical hook points tapped into them, plus `module:<path>` points made on request.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from shardlens.errors import HookNameError
+from shardlens.hooks.architectures import ModelLayout
+from shardlens.hooks.hook_points import HookedRootModule, HookPoint
+from shardlens.hooks.names import is_glob
+from shardlens.hooks.taps import ModelParts, ModelPoints, OutputTap, Tap, model_taps, module_point_name, module_taps
+
+MODULE_PREFIX = "module:"
+
+
+class TappedModel(HookedRootModule):
+    """Canonical hook points tapped into Hugging Face modules, wired only while hooked.
+
+    Subclasses set `config` and `layout` (None: module points only), say which modules the
+    points tap into (`_parts`) and which module `module:<path>` names are relative to
+    (`_module_root`), call `_build_points`, and call `_sync_taps()` at the top of forward.
+    """
+
+    config: Any
+    layout: Optional[ModelLayout]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._taps: list[Tap] = []
+        self._module_taps: dict[str, OutputTap] = {}
+        self._attn_result = False
+
+    def _parts(self) -> ModelParts:
+        raise NotImplementedError
+
+    def _module_root(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _build_points(self, attn_result: bool) -> None:
+        parts = self._parts()
+        self.points = ModelPoints(
+            self.layout, sorted(parts.blocks), has_embed=parts.embed is not None,
+            has_head=parts.unembed is not None, attn_result=attn_result,
+        )
+        self._taps = model_taps(self.points, parts, self.layout, self.config.num_attention_heads)
+        self._attn_result = attn_result
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Add (or remove) `blocks.{L}.attn.hook_result`. Needs a model with no hooks attached."""
+        if self.layout is None or use_attn_result == self._attn_result:
+            return
+        if self.has_hooks():
+            raise RuntimeError("set_use_attn_result rebuilds the hook points: call reset_hooks(including_permanent=True) first")
+        self._sync_taps()  # with no hooks: unwire everything before the points are replaced
+        self._build_points(use_attn_result)
+        self.setup()
+
+    def setup(self) -> None:
+        """Index the hook points by canonical name, and the held modules by path."""
+        self.hook_dict = dict(self._extra_points)
+        if self.layout is not None:
+            for name, module in self.points.named_modules():
+                if isinstance(module, HookPoint):
+                    module.name = name
+                    self.hook_dict[name] = module
+        self.hook_dict.update({name: tap.point for name, tap in self._module_taps.items()})
+        self.mod_dict = {path: module for path, module in self._module_root().named_modules() if path}
+        self.mod_dict.update(self.hook_dict)
+
+    def _add_module_point(self, name: str) -> None:
+        path = name[len(MODULE_PREFIX):]
+        try:
+            self._module_root().get_submodule(path)
+        except AttributeError:
+            paths = [module_point_name(p) for p, _ in self._module_root().named_modules() if p]
+            raise HookNameError(name, paths) from None
+        self._module_taps.update(module_taps(self._module_root(), [path]))
+        self.setup()
+
+    def _prepare_names(self, names: Any) -> None:
+        """Make the `module:<path>` points that exact names ask for."""
+        if isinstance(names, str):
+            names = [names]
+        if isinstance(names, (list, tuple)):
+            for name in names:
+                if isinstance(name, str) and name.startswith(MODULE_PREFIX) and not is_glob(name) and name not in self.hook_dict:
+                    self._add_module_point(name)
+
+    def _sync_taps(self) -> None:
+        for tap in self._taps:
+            tap.sync()
+        for tap in self._module_taps.values():
+            tap.sync()
+
+    # ------------------------------------------------------------------ shapes and weights
+
+    def _o_proj(self, layer: int) -> nn.Module:
+        return self._parts().blocks[layer].get_submodule(self.layout.block.o_proj)
+
+    def w_o(self, layer: int) -> Tensor:
+        """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
+        o_proj = self._o_proj(layer)
+        weight = o_proj.weight if self.layout.block.o_proj_kind == "conv1d" else o_proj.weight.T
+        return weight.unflatten(0, (self.config.num_attention_heads, -1))
+
+    def b_o(self, layer: int) -> Tensor:
+        """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""
+        o_proj = self._o_proj(layer)
+        return o_proj.bias if o_proj.bias is not None else o_proj.weight.new_zeros(self.config.hidden_size)
+
+    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The shape of a canonical hook point's tensors after [batch, pos], or None where it
+        depends on the input (attention scores and patterns) or is unknown."""
+        if self.layout is None or name.startswith(MODULE_PREFIX) or name not in self.hook_dict:
+            return None
+        config = self.config
+        d_model, n_heads = config.hidden_size, config.num_attention_heads
+        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+        d_head = getattr(config, "head_dim", None) or d_model // n_heads
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
+        shapes = {
+            "hook_q": (n_heads, d_head), "hook_k": (n_kv, d_head), "hook_v": (n_kv, d_head), "hook_z": (n_heads, d_head),
+            "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
+            "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
+            "hook_attn_scores": None, "hook_pattern": None,
+        }
+        return shapes.get(name.rsplit(".", 1)[-1], (d_model,))
