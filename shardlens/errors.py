@@ -30,3 +30,7 @@ class HookNameError(KeyError):
     def __str__(self) -> str:
         # KeyError.__str__ would repr() the message and wrap it in quotes.
         return self.message
+
+
+class ShardPlanError(ValueError):
+    """A shard plan that cannot be made or used: the rule broken and the values that broke it."""

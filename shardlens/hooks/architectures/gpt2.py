@@ -8,6 +8,7 @@ def gpt2_layout(config) -> ModelLayout:
         embed="transformer.wte",
         pos_embed="transformer.wpe",
         blocks="transformer.h",
+        embed_dropout="transformer.drop",
         final_norm="transformer.ln_f",
         unembed="lm_head",
         block=BlockLayout(

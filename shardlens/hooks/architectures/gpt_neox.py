@@ -7,6 +7,7 @@ def gpt_neox_layout(config) -> ModelLayout:
     return ModelLayout(
         embed="gpt_neox.embed_in",
         blocks="gpt_neox.layers",
+        embed_dropout="gpt_neox.emb_dropout",
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",
         rotary="gpt_neox.rotary_emb",

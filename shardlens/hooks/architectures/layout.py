@@ -40,4 +40,5 @@ class ModelLayout:
     unembed: str
     block: BlockLayout
     pos_embed: Optional[str] = None  # absolute-position models
+    embed_dropout: Optional[str] = None  # dropout after the embeddings
     rotary: Optional[str] = None  # rotary-embedding models: the module computing cos/sin

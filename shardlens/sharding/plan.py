@@ -1,0 +1,283 @@
+"""ShardPlan: which layers each stage holds, and on which of its devices each module lives.
+
+Stages are contiguous layer ranges balanced by parameter bytes: stage 0 also holds the
+embeddings, the last stage the final norm and the unembedding (with tied embeddings the last
+stage holds its own copy). Within a stage, accelerate's infer_auto_device_map spreads the
+modules over the stage's devices under `max_memory`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+from shardlens.errors import ShardPlanError
+from shardlens.hooks.architectures import LAYOUTS, ModelLayout, layout_for
+
+Device = Union[int, str]
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One stage of a plan.
+
+    Attributes:
+        index: the stage's place in the pipeline, from 0.
+        layers: the global indices of the layers it holds.
+        devices: the devices of the stage's own host (ints are its GPUs, "cpu" its memory).
+        device_map: stage module path -> device ("embed", "blocks.7", "final_norm", ...).
+        bytes: parameter bytes the stage holds, in the plan's dtype.
+        embed, head: whether it holds the embeddings / the final norm and unembedding.
+    """
+
+    index: int
+    layers: range
+    devices: tuple
+    device_map: dict
+    bytes: int
+    embed: bool
+    head: bool
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index, "layers": [self.layers.start, self.layers.stop], "devices": list(self.devices),
+            "device_map": dict(self.device_map), "bytes": self.bytes, "embed": self.embed, "head": self.head,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "StageSpec":
+        devices = tuple(data["devices"])
+        return cls(
+            index=data["index"], layers=range(*data["layers"]), devices=devices, device_map=dict(data["device_map"]),
+            bytes=data["bytes"], embed=data["embed"], head=data["head"],
+        )
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Stages of one model: see `ShardPlan.for_model`."""
+
+    model_type: str
+    n_layers: int
+    dtype: str
+    stages: tuple
+
+    @classmethod
+    def for_model(
+        cls,
+        config_or_path: Any,
+        *,
+        stages: int,
+        max_memory: Optional[dict] = None,
+        dtype: Union[torch.dtype, str] = torch.float32,
+    ) -> "ShardPlan":
+        """Plan `stages` stages of a model.
+
+        Args:
+            config_or_path: a transformers config, or a checkpoint folder / hub id.
+            stages: how many stages (each a contiguous range of at least one layer).
+            max_memory: the memory of each stage's devices, as accelerate takes it
+                ({0: "40GiB", 1: "40GiB"}: each stage has two GPUs of 40 GiB). None: each
+                stage on one device, "cpu" (build_stage(device=...) can place it elsewhere).
+            dtype: the parameter dtype the stages will hold.
+
+        Raises:
+            ShardPlanError: unknown architecture; more stages than layers; a stage that
+                does not fit max_memory.
+        """
+        config = _config(config_or_path)
+        layout = layout_for(config)
+        if layout is None:
+            raise ShardPlanError(
+                f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(LAYOUTS))}"
+            )
+        dtype = _dtype(dtype)
+        n_layers = config.num_hidden_layers
+        if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+            raise ShardPlanError(f"stages must be a positive int; got {stages!r}")
+        if stages > n_layers:
+            raise ShardPlanError(f"stages={stages} but the model has {n_layers} layers: each stage needs at least one")
+        skeleton = meta_model(config, dtype)
+        sizes = _part_bytes(skeleton, layout, n_layers, dtype)
+        ranges = balance(sizes["blocks"], stages, first_extra=sizes["embed"], last_extra=sizes["head"])
+        specs = []
+        for index, layers in enumerate(ranges):
+            first, last = index == 0, index == stages - 1
+            size = sum(sizes["blocks"][i] for i in layers) + first * sizes["embed"] + last * sizes["head"]
+            modules = stage_modules(skeleton, layout, layers, first=first, last=last)
+            devices, device_map = _device_map(modules, layout, max_memory, size, index, layers)
+            specs.append(StageSpec(index, layers, devices, device_map, size, first, last))
+        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs))
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "model_type": self.model_type, "n_layers": self.n_layers, "dtype": self.dtype,
+            "stages": [s.to_dict() for s in self.stages],
+        })
+
+    @classmethod
+    def from_json(cls, text: str) -> "ShardPlan":
+        data = json.loads(text)
+        return cls(data["model_type"], data["n_layers"], data["dtype"], tuple(StageSpec.from_dict(s) for s in data["stages"]))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+    def describe(self) -> str:
+        """A table of the stages (stage, layers, devices, GB); printed and returned."""
+        rows = [("stage", "layers", "devices", "GB")]
+        for s in self.stages:
+            parts = [f"{s.layers.start}-{s.layers.stop - 1}"] + ["embed"] * s.embed + ["head"] * s.head
+            rows.append((str(s.index), " + ".join(parts), ", ".join(map(str, s.devices)), f"{s.bytes / 1e9:.4g}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        text = f"{self.model_type}, {self.n_layers} layers, {self.dtype}\n" + "\n".join(lines)
+        print(text)
+        return text
+
+
+def _config(config_or_path: Any) -> Any:
+    if isinstance(config_or_path, (str, os.PathLike)):
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(config_or_path)
+    if not hasattr(config_or_path, "model_type"):
+        raise ShardPlanError(f"expected a transformers config or a checkpoint path; got {type(config_or_path).__name__}")
+    return config_or_path
+
+
+def _dtype(dtype: Union[torch.dtype, str]) -> torch.dtype:
+    value = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(value, torch.dtype):
+        raise ShardPlanError(f"dtype must be a torch dtype such as torch.bfloat16; got {dtype!r}")
+    return value
+
+
+def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
+    """The whole causal LM with parameters on the meta device (no memory for weights)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from shardlens.hooks.attention import IMPLEMENTATION
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=IMPLEMENTATION)
+
+
+def stage_modules(model: nn.Module, layout: ModelLayout, layers: range, *, first: bool, last: bool) -> nn.ModuleDict:
+    """The modules of one stage, named as a Stage names them: embed, pos_embed, embed_dropout
+    (stage 0), blocks.{global layer}, rotary, final_norm and unembed (last stage)."""
+    module = model.get_submodule
+    parts: dict[str, nn.Module] = {}
+    if first:
+        parts["embed"] = module(layout.embed)
+        for name in ("pos_embed", "embed_dropout"):
+            if getattr(layout, name):
+                parts[name] = module(getattr(layout, name))
+    blocks = module(layout.blocks)
+    parts["blocks"] = nn.ModuleDict({str(layer): blocks[layer] for layer in layers})
+    if layout.rotary:
+        parts["rotary"] = module(layout.rotary)
+    if last:
+        parts["final_norm"], parts["unembed"] = module(layout.final_norm), module(layout.unembed)
+    return nn.ModuleDict(parts)
+
+
+def hf_path(stage_path: str, layout: ModelLayout) -> str:
+    """The wrapped model's path of a stage module path ("blocks.3.mlp" -> "model.layers.3.mlp")."""
+    head, _, rest = stage_path.partition(".")
+    if head == "blocks":
+        return f"{layout.blocks}.{rest}"
+    base = {"embed": layout.embed, "pos_embed": layout.pos_embed, "embed_dropout": layout.embed_dropout,
+            "rotary": layout.rotary, "final_norm": layout.final_norm, "unembed": layout.unembed}[head]
+    return f"{base}.{rest}" if rest else base
+
+
+def _human(n_bytes: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.3g} {unit}"
+    return f"{n_bytes} B"
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _part_bytes(model: nn.Module, layout: ModelLayout, n_layers: int, dtype: torch.dtype) -> dict:
+    size = torch.empty((), dtype=dtype).element_size()
+    module = model.get_submodule
+    blocks = module(layout.blocks)
+    embed = _numel(module(layout.embed)) + (_numel(module(layout.pos_embed)) if layout.pos_embed else 0)
+    head = _numel(module(layout.final_norm)) + module(layout.unembed).weight.numel()  # its own copy when tied
+    return {"embed": embed * size, "head": head * size, "blocks": [_numel(blocks[i]) * size for i in range(n_layers)]}
+
+
+def balance(sizes: list[int], stages: int, *, first_extra: int = 0, last_extra: int = 0) -> list[range]:
+    """Contiguous ranges of `sizes`, one per stage, minimising the largest stage's total
+    (the first stage also carries first_extra, the last last_extra)."""
+    n = len(sizes)
+    prefix = [0]
+    for s in sizes:
+        prefix.append(prefix[-1] + s)
+
+    def cost(start: int, stop: int, stage: int) -> int:
+        return prefix[stop] - prefix[start] + (stage == 0) * first_extra + (stage == stages - 1) * last_extra
+
+    inf = float("inf")
+    # best[s][i]: the smallest largest-stage total putting layers [0, i) on stages [0, s]
+    best = [[inf] * (n + 1) for _ in range(stages)]
+    cut = [[0] * (n + 1) for _ in range(stages)]
+    for i in range(1, n + 1):
+        best[0][i] = cost(0, i, 0)
+    for s in range(1, stages):
+        for i in range(s + 1, n + 1):
+            for j in range(s, i):
+                value = max(best[s - 1][j], cost(j, i, s))
+                if value < best[s][i]:
+                    best[s][i], cut[s][i] = value, j
+    ranges, stop = [], n
+    for s in range(stages - 1, 0, -1):
+        start = cut[s][stop]
+        ranges.append(range(start, stop))
+        stop = start
+    ranges.append(range(0, stop))
+    return ranges[::-1]
+
+
+def _device_map(
+    modules: nn.ModuleDict, layout: ModelLayout, max_memory: Optional[dict], size: int, index: int, layers: range
+) -> tuple[tuple, dict]:
+    if max_memory is None:
+        return ("cpu",), {"": "cpu"}
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import convert_file_size_to_int
+
+    budget = sum(v if isinstance(v, int) else convert_file_size_to_int(v) for v in max_memory.values())
+    where = f"stage {index} (layers {layers.start}-{layers.stop - 1})"
+    if size > budget:
+        raise ShardPlanError(
+            f"{where} holds {_human(size)} of parameters, but max_memory gives a stage "
+            f"{_human(budget)} over devices {', '.join(map(str, max_memory))}: use more stages or more memory"
+        )
+    block_class = type(next(iter(modules["blocks"].values()))).__name__
+    # The plan is made for the stages' hosts, not this one: accelerate's warning that this
+    # host lacks those GPUs is expected here.
+    quiet = logging.getLogger("accelerate.utils.modeling")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        device_map = infer_auto_device_map(modules, max_memory=dict(max_memory), no_split_module_classes=[block_class])
+    finally:
+        quiet.setLevel(level)
+    outside = sorted({str(d) for d in device_map.values()} - {str(d) for d in max_memory})
+    if outside:
+        raise ShardPlanError(f"{where} does not fit max_memory {max_memory}: accelerate would put modules on {outside}")
+    return tuple(max_memory), dict(device_map)

@@ -1,0 +1,215 @@
+"""Stage: one contiguous range of a model's layers, built without the rest of the model.
+
+A Stage holds only its own modules (stage 0 the embeddings, the last stage the final norm
+and unembedding), loaded tensor by tensor from the checkpoint, and runs them in order: what
+the Hugging Face model's forward does for those layers. Its hook points carry the global
+canonical names (blocks.{global layer}.…). Chaining every stage's forward gives the whole
+model's forward; chaining their backward in reverse gives the whole model's gradients.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, replace
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from shardlens.errors import ShardPlanError
+from shardlens.hooks.architectures import ModelLayout, layout_for
+from shardlens.hooks.model import next_token_loss, positions_from_mask
+from shardlens.hooks.taps import ModelParts
+from shardlens.hooks.tapped import TappedModel
+from shardlens.sharding.checkpoint import Checkpoint
+from shardlens.sharding.plan import ShardPlan, StageSpec, hf_path, meta_model, stage_modules
+
+
+@dataclass(frozen=True)
+class StageIO:
+    """What crosses a stage boundary.
+
+    Stage 0 reads `input_ids` (and `attention_mask`, `position_ids`, `labels` when given);
+    every stage passes on `hidden` [batch, pos, d_model] with the mask, positions and labels,
+    from which the next stage rebuilds its attention mask and rotary embeddings. The last
+    stage returns `logits`, and `loss` when labels were given.
+    """
+
+    hidden: Optional[Tensor] = None
+    input_ids: Optional[Tensor] = None
+    attention_mask: Optional[Tensor] = None
+    position_ids: Optional[Tensor] = None
+    labels: Optional[Tensor] = None
+    logits: Optional[Tensor] = None
+    loss: Optional[Tensor] = None
+
+
+class Stage(TappedModel):
+    """One stage of a model: see `build_stage`."""
+
+    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict):
+        super().__init__()
+        self.config, self.layout, self.spec = config, layout, spec
+        for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
+            setattr(self, name, modules[name] if name in modules else None)
+        self.blocks = modules["blocks"]
+        self.loaded_keys: tuple[str, ...] = ()
+        self._pending: Optional[tuple[Optional[Tensor], Tensor]] = None
+        self._build_points(attn_result=False)
+        self.setup()
+
+    @property
+    def first(self) -> bool:
+        return self.spec.embed
+
+    @property
+    def last(self) -> bool:
+        return self.spec.head
+
+    def _parts(self) -> ModelParts:
+        return ModelParts(
+            blocks={int(layer): block for layer, block in self.blocks.items()},
+            embed=self.embed, pos_embed=self.pos_embed, final_norm=self.final_norm, unembed=self.unembed,
+        )
+
+    def _module_root(self) -> nn.Module:
+        return self
+
+    # ------------------------------------------------------------------ running
+
+    def forward(self, io: StageIO) -> StageIO:
+        """Run this stage's layers on `io` (see StageIO). With gradients enabled, keeps what
+        `backward` needs."""
+        self._sync_taps()
+        hidden, position_ids = self._entry(io)
+        leaf = None
+        if torch.is_grad_enabled() and not self.first:
+            leaf = hidden = hidden.detach().requires_grad_(True)
+        masks = self._masks(hidden, io.attention_mask, position_ids)
+        rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
+        layer_types = getattr(self.config, "layer_types", None)
+        for layer, block in self.blocks.items():
+            kwargs: dict[str, Any] = {"attention_mask": masks[layer_types[int(layer)] if layer_types else "full_attention"]}
+            kwargs["position_ids"] = position_ids
+            if rotary is not None:
+                kwargs["position_embeddings"] = rotary
+            hidden = block(hidden, **kwargs)
+            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
+        if self.last:
+            logits = self.unembed(self.final_norm(hidden))
+            loss = next_token_loss(logits, io.labels, io.attention_mask) if io.labels is not None else None
+            out = replace(out, hidden=None, logits=logits, loss=loss)
+        if torch.is_grad_enabled():
+            self._pending = (leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))
+        return out
+
+    def _entry(self, io: StageIO) -> tuple[Tensor, Tensor]:
+        """The hidden states entering the first block, and the position ids."""
+        if not self.first:
+            if io.hidden is None:
+                raise ValueError(f"stage {self.spec.index} takes hidden states from the stage before; StageIO.hidden is None")
+            return io.hidden, io.position_ids
+        if io.input_ids is None:
+            raise ValueError("stage 0 takes token ids; StageIO.input_ids is None")
+        position_ids = io.position_ids
+        if position_ids is None:
+            mask = io.attention_mask
+            if mask is not None and not bool(mask.all()):
+                position_ids = positions_from_mask(mask)
+            else:
+                position_ids = torch.arange(io.input_ids.shape[1], device=io.input_ids.device)[None]
+        hidden = self.embed(io.input_ids)
+        if self.pos_embed is not None:
+            hidden = hidden + self.pos_embed(position_ids).to(hidden.device)
+        if self.embed_dropout is not None:
+            hidden = self.embed_dropout(hidden)
+        return hidden, position_ids
+
+    def _masks(self, hidden: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor) -> dict[str, Any]:
+        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(hidden.device)
+        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
+        masks = {"full_attention": create_causal_mask(**kwargs)}
+        if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
+            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
+        return masks
+
+    def backward(self, grad: Optional[Tensor] = None) -> Optional[Tensor]:
+        """Backpropagate through the last forward: from its loss (grad None), or from the
+        gradient of its output (hidden states, or logits on a last stage without labels).
+        Returns the gradient of the stage's input hidden states (None on stage 0)."""
+        if self._pending is None:
+            raise RuntimeError(f"stage {self.spec.index}: backward() needs a forward with gradients enabled first")
+        leaf, output = self._pending
+        self._pending = None
+        if grad is None and output.numel() != 1:
+            raise ValueError(f"stage {self.spec.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
+        output.backward(None if grad is None else grad.to(output.device))
+        return None if leaf is None else leaf.grad
+
+
+def build_stage(
+    source: Union[str, os.PathLike], plan: ShardPlan, index: int, *, device: Union[str, torch.device, None] = None
+) -> Stage:
+    """Build stage `index` of `plan` from a checkpoint folder, reading only its own tensors.
+
+    The stage's modules are made on the meta device; then exactly the tensors they hold are
+    read from the safetensors files (single or sharded) and placed by the stage's device
+    map, or all on `device` when given. Other stages' weights are never read.
+    """
+    from transformers import AutoConfig
+
+    if not 0 <= index < len(plan.stages):
+        raise ShardPlanError(f"stage {index} does not exist: the plan has {len(plan.stages)} stages")
+    config = AutoConfig.from_pretrained(source)
+    if config.model_type != plan.model_type:
+        raise ShardPlanError(f"the plan is for {plan.model_type!r}, but {source} holds a {config.model_type!r} model")
+    layout = layout_for(config)
+    spec = plan.stages[index]
+    skeleton = meta_model(config, plan.torch_dtype)
+    stage = Stage(skeleton.config, layout, spec, stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head))
+    checkpoint = Checkpoint(source, model_class=type(skeleton).__name__, base_prefix=skeleton.base_model_prefix)
+    _load(stage, checkpoint, layout, plan.torch_dtype, device)
+    return stage.eval()
+
+
+def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, dtype: torch.dtype, device: Any) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    wanted = {path: hf_path(path, layout) for path, p in _meta_tensors(stage)}
+    tied = getattr(stage.config, "tie_word_embeddings", False)
+    for path, name in wanted.items():
+        if name not in checkpoint and path.startswith("unembed.") and tied:
+            wanted[path] = f"{layout.embed}.weight"  # tied: the last stage gets its own copy
+    missing = sorted(name for name in wanted.values() if name not in checkpoint)
+    if missing:
+        raise ShardPlanError(f"{checkpoint.folder} lacks tensors stage {stage.spec.index} needs: {missing[:5]}")
+    tensors = checkpoint.read(sorted(set(wanted.values())))
+    for path, name in wanted.items():
+        target = device if device is not None else _device_for(path, stage.spec.device_map)
+        set_module_tensor_to_device(stage, path, target, value=tensors[name], dtype=dtype)
+    stage.loaded_keys = tuple(sorted(set(wanted.values())))
+    if device is not None:
+        stage.to(device)  # buffers made at init (rotary inv_freq) follow the weights
+    elif len({str(d) for d in stage.spec.device_map.values()}) > 1:
+        from accelerate import dispatch_model
+
+        dispatch_model(stage, device_map=stage.spec.device_map)
+
+
+def _meta_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:
+    named = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return [(path, t) for path, t in named if t.device.type == "meta"]
+
+
+def _device_for(path: str, device_map: dict) -> Any:
+    """The device of the longest device-map prefix of a tensor path."""
+    best, device = -1, "cpu"
+    for prefix, target in device_map.items():
+        if prefix == "" or path == prefix or path.startswith(prefix + "."):
+            if len(prefix) > best:
+                best, device = len(prefix), target
+    return torch.device(f"cuda:{device}") if isinstance(device, int) else device

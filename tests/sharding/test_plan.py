@@ -1,0 +1,98 @@
+"""ShardPlan: balanced contiguous stages, device maps, JSON, errors."""
+
+import itertools
+import random
+
+import pytest
+import torch
+import transformers
+
+from shardlens.errors import ShardPlanError
+from shardlens.sharding import ShardPlan
+from shardlens.sharding.plan import balance
+from tests.tiny_models import CONFIGS
+
+
+def brute_force_best(sizes, stages, first, last):
+    """The smallest largest-stage total over every way to cut `sizes` into `stages` ranges."""
+    n = len(sizes)
+    best = None
+    for cuts in itertools.combinations(range(1, n), stages - 1):
+        bounds = (0, *cuts, n)
+        totals = [sum(sizes[a:b]) for a, b in zip(bounds, bounds[1:])]
+        totals[0] += first
+        totals[-1] += last
+        best = max(totals) if best is None else min(best, max(totals))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_balance_is_optimal_and_contiguous(seed):
+    rng = random.Random(seed)
+    sizes = [rng.randint(1, 100) for _ in range(rng.randint(2, 9))]
+    stages = rng.randint(1, len(sizes))
+    first, last = rng.randint(0, 150), rng.randint(0, 150)
+    ranges = balance(sizes, stages, first_extra=first, last_extra=last)
+    assert [i for r in ranges for i in r] == list(range(len(sizes)))
+    assert all(len(r) >= 1 for r in ranges) and len(ranges) == stages
+    totals = [sum(sizes[i] for i in r) for r in ranges]
+    totals[0] += first
+    totals[-1] += last
+    assert max(totals) == brute_force_best(sizes, stages, first, last)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox"])
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_plan_covers_the_layers_with_embeddings_first_and_head_last(name, stages):
+    config = CONFIGS[name]()
+    plan = ShardPlan.for_model(config, stages=stages)
+    assert [layer for s in plan.stages for layer in s.layers] == list(range(config.num_hidden_layers))
+    assert [s.embed for s in plan.stages] == [True] + [False] * (stages - 1)
+    assert [s.head for s in plan.stages] == [False] * (stages - 1) + [True]
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    n_params = sum(p.numel() for p in model.parameters())
+    untied_head = model.get_output_embeddings().weight.numel() if config.tie_word_embeddings else 0
+    assert sum(s.bytes for s in plan.stages) == 4 * (n_params + untied_head)  # float32, the head's own copy
+    assert ShardPlan.from_json(plan.to_json()) == plan
+
+
+def test_dtype_sets_the_bytes():
+    config = CONFIGS["llama_gqa"]()
+    fp32 = ShardPlan.for_model(config, stages=2)
+    bf16 = ShardPlan.for_model(config, stages=2, dtype=torch.bfloat16)
+    assert [s.bytes for s in bf16.stages] == [s.bytes // 2 for s in fp32.stages] and bf16.dtype == "bfloat16"
+
+
+def test_describe_prints_a_table(capsys):
+    plan = ShardPlan.for_model(CONFIGS["gpt2"](), stages=2)
+    text = plan.describe()
+    assert capsys.readouterr().out.strip() == text
+    lines = text.splitlines()
+    assert lines[1].split() == ["stage", "layers", "devices", "GB"]
+    assert lines[2].split()[:4] == ["0", "0-0", "+", "embed"] and lines[3].split()[:4] == ["1", "1-2", "+", "head"]
+
+
+def test_device_map_spreads_a_stage_over_its_devices():
+    config = CONFIGS["llama_gqa"]()
+    whole = ShardPlan.for_model(config, stages=1).stages[0].bytes
+    per_device = int(whole * 0.7)  # bytes, as accelerate takes them
+    plan = ShardPlan.for_model(config, stages=1, max_memory={0: per_device, 1: per_device})
+    spec = plan.stages[0]
+    assert spec.devices == (0, 1)
+    assert set(spec.device_map.values()) == {0, 1}
+    covered = {key.split(".")[0] for key in spec.device_map}
+    assert covered >= {"embed", "blocks", "final_norm", "unembed"}
+    assert ShardPlan.from_json(plan.to_json()) == plan
+
+
+def test_impossible_plans_say_why():
+    with pytest.raises(ShardPlanError, match="stages=4 but the model has 3 layers"):
+        ShardPlan.for_model(CONFIGS["gpt2"](), stages=4)
+    with pytest.raises(ShardPlanError, match="stages must be a positive int"):
+        ShardPlan.for_model(CONFIGS["gpt2"](), stages=0)
+    with pytest.raises(ShardPlanError, match="unknown architecture 'bert'"):
+        ShardPlan.for_model(transformers.BertConfig(num_hidden_layers=2), stages=1)
+    with pytest.raises(ShardPlanError, match=r"stage 0 \(layers 0-1\) holds .* kB of parameters, but max_memory gives a stage 20 kB"):
+        ShardPlan.for_model(CONFIGS["llama_gqa"](), stages=2, max_memory={0: "10KB", 1: "10KB"})
+    with pytest.raises(ShardPlanError, match="dtype"):
+        ShardPlan.for_model(CONFIGS["gpt2"](), stages=1, dtype="float99")
