@@ -16,7 +16,7 @@ from shardlens.hooks import (
     ops,
     points,
 )
-from shardlens.tables import ActivationCache
+from shardlens.tables import ActivationCache, ParquetSink, read_cache
 
 __version__ = "0.1.0"
 
@@ -29,9 +29,11 @@ __all__ = [
     "HookPoint",
     "HookSpec",
     "LensHandle",
+    "ParquetSink",
     "Points",
     "Slice",
     "__version__",
+    "read_cache",
     "ops",
     "points",
 ]

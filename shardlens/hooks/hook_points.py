@@ -27,14 +27,13 @@ from shardlens.hooks.ops import RunContext
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec, SpecHook
 from shardlens.tables import ActivationCache
+from shardlens.tables.axes import PER_HEAD_SUFFIXES, layer_index
 
 Direction = Literal["fwd", "bwd"]
 DirectionOrBoth = Literal["fwd", "bwd", "both"]
 HookFunction = Callable[..., Optional[Tensor]]  # fn(tensor, *, hook) -> Tensor | None
 HookTarget = Union[str, Callable[[str], bool]]  # a hook name, a glob, or a predicate on names
 
-# Hook points whose tensors are [batch, pos, head, d_head]: their position axis is -3.
-_PER_HEAD_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
 
 
 def _check_dir(dir: str, allowed: tuple[str, ...]) -> None:
@@ -44,10 +43,10 @@ def _check_dir(dir: str, allowed: tuple[str, ...]) -> None:
 
 def layer_of(name: str) -> int:
     """The layer of a hook name of the form ``blocks.<layer>.…``."""
-    parts = name.split(".")
-    if len(parts) < 2 or parts[0] != "blocks" or not parts[1].isdigit():
+    layer = layer_index(name)
+    if layer is None:
         raise ValueError(f"hook point {name!r} belongs to no layer (expected 'blocks.<layer>.…')")
-    return int(parts[1])
+    return layer
 
 
 @dataclass
@@ -326,7 +325,7 @@ class CachingHook:
                 )
             value = value[0]
         if self.pos_slice.mode != "identity":
-            pos_dim = -3 if hook.name.endswith(_PER_HEAD_SUFFIXES) else -2
+            pos_dim = -3 if hook.name.endswith(PER_HEAD_SUFFIXES) else -2  # TransformerLens' convention
             if value.ndim >= -pos_dim:
                 value = self.pos_slice.apply(value, dim=pos_dim)
         self.cache[hook.name + "_grad" if self.grad else hook.name] = value
@@ -667,7 +666,12 @@ class HookedRootModule(HookIntrospectionMixin, nn.Module):
                 out = self(*model_args, **model_kwargs)
                 if incl_bwd:
                     _backward_from_scalar(out)
-        return out, ActivationCache(cache)
+        return out, ActivationCache(cache, **self._cache_context())
+
+    def _cache_context(self) -> dict:
+        """What the cache of the last run should know besides its tensors (ActivationCache's
+        keyword arguments); models with attention masks or a readout say so here."""
+        return {}
 
 
 def _backward_from_scalar(out: Any) -> None:

@@ -60,6 +60,7 @@ class HookedModel(TappedModel):
         super().__init__()
         self.model = hf_model
         self.tokenizer = tokenizer
+        self._last_attention_mask: Optional[Tensor] = None
         self.config = getattr(hf_model, "config", None)
         self.layout: Optional[ModelLayout] = layout_for(self.config) if self.config is not None else None
         if self.layout is None:
@@ -143,8 +144,12 @@ class HookedModel(TappedModel):
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
         tokens, attention_mask = self._inputs(input, attention_mask)
+        self._last_attention_mask = attention_mask
         if attention_mask is not None and "position_ids" not in kwargs and not bool(attention_mask.all()):
             kwargs["position_ids"] = positions_from_mask(attention_mask)
+        elif self.layout is not None and self.layout.pos_embed and "position_ids" not in kwargs:
+            # one row per example, so that hook_pos_embed is [batch, pos, d_model] as in TransformerLens
+            kwargs["position_ids"] = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
         logits = self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, *args, **kwargs).logits
         if return_type == "logits":
             return logits
@@ -152,6 +157,16 @@ class HookedModel(TappedModel):
             return None
         loss = next_token_loss(logits, tokens, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _cache_context(self) -> dict:
+        if self.layout is None:
+            return {}
+        parts = self._parts()
+        return {
+            "attention_mask": self._last_attention_mask,
+            "readout": lambda resid: parts.unembed(parts.final_norm(resid)),
+            "norm": self.layout.block.norm,
+        }
 
     def _inputs(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):

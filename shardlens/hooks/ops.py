@@ -32,9 +32,8 @@ import torch
 from torch import Tensor
 
 from shardlens.hooks.codec import serializable, values_equal
+from shardlens.tables.axes import PATTERN_SUFFIXES, head_axis, position_axis
 
-PER_HEAD_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")
-PATTERN_SUFFIXES = ("hook_attn_scores", "hook_pattern")
 
 Index = Union[None, int, slice, tuple]  # normalised selector
 
@@ -69,11 +68,7 @@ class Axes:
 
 def axes_of(name: str) -> Axes:
     """Where batch, position and head live in the tensor of the hook point `name`."""
-    if name.endswith(PER_HEAD_SUFFIXES):
-        return Axes(batch=0, pos=1, head=2)
-    if name.endswith(PATTERN_SUFFIXES):
-        return Axes(batch=0, pos=2, head=1)
-    return Axes(batch=0, pos=1, head=None)
+    return Axes(batch=0, pos=position_axis(name), head=head_axis(name))
 
 
 # ---------------------------------------------------------------- selectors

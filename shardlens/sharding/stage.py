@@ -117,8 +117,8 @@ class Stage(TappedModel):
             mask = io.attention_mask
             if mask is not None and not bool(mask.all()):
                 position_ids = positions_from_mask(mask)
-            else:
-                position_ids = torch.arange(io.input_ids.shape[1], device=io.input_ids.device)[None]
+            else:  # one row per example, so that hook_pos_embed is [batch, pos, d_model]
+                position_ids = torch.arange(io.input_ids.shape[1], device=io.input_ids.device).expand(io.input_ids.shape[0], -1)
         hidden = self.embed(io.input_ids)
         if self.pos_embed is not None:
             hidden = hidden + self.pos_embed(position_ids).to(hidden.device)

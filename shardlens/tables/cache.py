@@ -2,19 +2,30 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
-from typing import Union
+import fnmatch
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from shardlens.errors import HookNameError
+from shardlens.tables.axes import layer_index
 
 
 class ActivationCache(Mapping[str, Tensor]):
     """The activations one run cached, by hook name; gradients under ``<name>_grad``.
 
-    A read-only mapping: it is a value scoped to one run, not state a later run writes into.
+    A read-only mapping: a value scoped to one run, not state a later run writes into.
+
+    Args:
+        tensors: hook name -> tensor, each [batch, ...].
+        attention_mask: [batch, pos] (1: real token), when the run had one: it gives each
+            example's sequence length, and keeps padding out of token-layout tables.
+        examples: the global index of each example of the batch (default 0, 1, …).
+        batch: the id of the batch the cache belongs to.
+        readout: resid -> logits (the model's final norm then unembedding), for logit_lens.
+        norm: "layernorm" or "rmsnorm", the kind of the final norm, for apply_ln.
 
     Example:
         >>> logits, cache = model.run_with_cache(tokens)
@@ -22,8 +33,22 @@ class ActivationCache(Mapping[str, Tensor]):
         torch.Size([2, 7, 64])
     """
 
-    def __init__(self, tensors: Mapping[str, Tensor]):
+    def __init__(
+        self,
+        tensors: Mapping[str, Tensor],
+        *,
+        attention_mask: Optional[Tensor] = None,
+        examples: Optional[Tensor] = None,
+        batch: int = 0,
+        readout: Optional[Callable[[Tensor], Tensor]] = None,
+        norm: Optional[str] = None,
+    ):
         self._tensors = dict(tensors)
+        self.attention_mask = attention_mask
+        self.examples = examples
+        self.batch = batch
+        self.readout = readout
+        self.norm = norm
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -37,10 +62,111 @@ class ActivationCache(Mapping[str, Tensor]):
     def __len__(self) -> int:
         return len(self._tensors)
 
-    def to(self, device: Union[str, torch.device]) -> "ActivationCache":
-        """A copy of this cache with every tensor on `device`."""
-        return ActivationCache({name: t.to(device) for name, t in self._tensors.items()})
-
     def __repr__(self) -> str:
         rows = [f"  {name}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in self._tensors.items()]
         return f"ActivationCache({len(self)} entries" + (":\n" + "\n".join(rows) + "\n)" if rows else ")")
+
+    def _replace(self, tensors: Mapping[str, Tensor], **changes: Any) -> "ActivationCache":
+        fields = dict(attention_mask=self.attention_mask, examples=self.examples, batch=self.batch, readout=self.readout, norm=self.norm)
+        fields.update(changes)
+        return ActivationCache(tensors, **fields)
+
+    def to(self, device: Union[str, torch.device]) -> "ActivationCache":
+        """A copy of this cache with every tensor on `device`."""
+        mask = None if self.attention_mask is None else self.attention_mask.to(device)
+        return self._replace({name: t.to(device) for name, t in self._tensors.items()}, attention_mask=mask)
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self._tensors.values())).shape[0] if self._tensors else 0
+
+    def example_ids(self) -> Tensor:
+        """The global example index of each row of the batch."""
+        return self.examples if self.examples is not None else torch.arange(self.batch_size)
+
+    def seq_lens(self) -> Optional[Tensor]:
+        """Each example's number of real tokens, from the attention mask (None without one)."""
+        return None if self.attention_mask is None else self.attention_mask.long().sum(-1)
+
+    # ------------------------------------------------------------------ TransformerLens helpers
+
+    def _names(self, names_or_glob: Union[str, Sequence[str]]) -> list[str]:
+        if isinstance(names_or_glob, str):
+            matched = [n for n in self._tensors if fnmatch.fnmatchcase(n, names_or_glob)]
+            if not matched:
+                raise HookNameError(names_or_glob, self._tensors, what="cache entry matches the glob")
+            return matched
+        for name in names_or_glob:
+            self[name]  # raises HookNameError naming the closest entries
+        return list(names_or_glob)
+
+    def stack(self, names_or_glob: Union[str, Sequence[str]]) -> Tensor:
+        """The entries named (a list, or a glob in cache order) stacked on a new first axis."""
+        return torch.stack([self[n] for n in self._names(names_or_glob)])
+
+    def n_layers(self) -> int:
+        layers = [layer_index(n) for n in self._tensors]
+        return 1 + max((l for l in layers if l is not None), default=-1)
+
+    def accumulated_resid(self, layer: Optional[int] = None, incl_mid: bool = False, apply_ln: bool = False) -> Tensor:
+        """The residual stream before each layer up to `layer` (exclusive), as TransformerLens:
+        [component, batch, pos, d_model]. With layer None, also the final resid_post.
+
+        Args:
+            incl_mid: also each layer's resid_mid, after its resid_pre.
+            apply_ln: divide by the final norm's cached scale (centering first for LayerNorm).
+        """
+        n_layers = self.n_layers()
+        layer = n_layers if layer is None else layer
+        names = []
+        for i in range(layer):
+            names.append(f"blocks.{i}.hook_resid_pre")
+            if incl_mid:
+                names.append(f"blocks.{i}.hook_resid_mid")
+        if layer == n_layers:
+            names.append(f"blocks.{n_layers - 1}.hook_resid_post")
+        stacked = self.stack(names)
+        return self.apply_ln_to_stack(stacked) if apply_ln else stacked
+
+    def decompose_resid(self, layer: Optional[int] = None, return_labels: bool = False) -> Union[Tensor, tuple[Tensor, list[str]]]:
+        """The residual stream before `layer` split into what wrote it: embeddings, then each
+        layer's attention and MLP outputs, [component, batch, pos, d_model]."""
+        layer = self.n_layers() if layer is None else layer
+        names = [n for n in ("hook_embed", "hook_pos_embed") if n in self._tensors]
+        for i in range(layer):
+            names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
+        stacked = self.stack(names)
+        return (stacked, names) if return_labels else stacked
+
+    def apply_ln_to_stack(self, stack: Tensor) -> Tensor:
+        """Scale a stack of residual streams by the final norm's cached scale, as the norm
+        would (centering first for LayerNorm; no weights)."""
+        scale = self["ln_final.hook_scale"]
+        if self.norm not in ("layernorm", "rmsnorm"):
+            raise ValueError("apply_ln needs the cache's norm kind ('layernorm' or 'rmsnorm'); this cache has none")
+        if self.norm == "layernorm":
+            stack = stack - stack.mean(-1, keepdim=True)
+        return stack / scale
+
+    def logit_lens(self, layer: Optional[int] = None, incl_mid: bool = False) -> Tensor:
+        """The model's final norm and unembedding applied to each accumulated residual stream:
+        [component, batch, pos, vocab]."""
+        if self.readout is None:
+            raise ValueError("logit_lens needs the model's final norm and unembedding; this cache was not given them")
+        return self.readout(self.accumulated_resid(layer, incl_mid=incl_mid))
+
+    # ------------------------------------------------------------------ Arrow and Parquet
+
+    def to_arrow(self, layout: str = "example") -> dict:
+        """One pyarrow Table per hook point (rows of fwd and bwd entries together); see
+        shardlens.tables.arrow for the columns."""
+        from shardlens.tables.arrow import cache_to_tables
+
+        return cache_to_tables(self, layout)
+
+    def to_parquet(self, path: str, *, layout: str = "example", metadata: Optional[Mapping[str, Any]] = None) -> None:
+        """Write this cache as a hive-partitioned Parquet dataset (path/hook=<name>/part-*.parquet)."""
+        from shardlens.tables.parquet import ParquetSink
+
+        with ParquetSink(path, metadata=metadata, layout=layout) as sink:
+            sink.write(self)

@@ -1,0 +1,179 @@
+"""Arrow tables and Parquet datasets of caches: exact round trips, filters, other readers."""
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import shardlens as sl
+from shardlens.tables import parquet as parquet_module
+from shardlens.tables.arrow import tables_to_cache
+
+NAMES = ["hook_embed", "blocks.1.hook_resid_post", "blocks.0.attn.hook_z", "blocks.2.attn.hook_pattern", "ln_final.hook_scale"]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoints):
+    return sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
+
+
+@pytest.fixture(scope="module")
+def padded():
+    """A left-padded batch of 3 examples (5, 8 and 2 real tokens) and its mask."""
+    tokens = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = 0
+    mask[2, :6] = 0
+    return tokens, mask
+
+
+def model_cache(model, padded, dtype=torch.float32, incl_bwd=False):
+    tokens, mask = padded
+    kwargs = dict(return_type="loss", incl_bwd=True) if incl_bwd else {}
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, names_filter=NAMES, **kwargs)
+    if dtype == torch.float32:
+        return cache
+    return sl.ActivationCache({k: v.to(dtype) for k, v in cache.items()}, attention_mask=cache.attention_mask)
+
+
+def assert_same_real_values(got, cache, *, token_layout):
+    mask = cache.attention_mask.bool()
+    assert set(got) == set(cache)
+    for name, tensor in cache.items():
+        assert got[name].dtype == tensor.dtype, name
+        if not token_layout:
+            assert torch.equal(got[name], tensor), name
+            continue
+        axis = 2 if "pattern" in name else 1
+        assert got[name].shape == tensor.shape, name
+        assert torch.equal(got[name].movedim(axis, 1)[mask], tensor.movedim(axis, 1)[mask]), name
+        assert torch.count_nonzero(got[name].movedim(axis, 1)[~mask]) == 0, name  # padding was not written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["example", "token"])
+def test_arrow_round_trip_is_exact(model, padded, dtype, layout):
+    cache = model_cache(model, padded, dtype)
+    tables = cache.to_arrow(layout)
+    assert set(tables) == set(NAMES)
+    for hook, table in tables.items():
+        assert table.column_names[:6] == ["example", "batch", "hook", "layer", "direction", "seq_len"]
+        assert pa.types.is_dictionary(table.schema.field("hook").type)
+        assert isinstance(table.schema.field("value").type, pa.FixedShapeTensorType)
+    z = tables["blocks.0.attn.hook_z"]
+    assert z.column("layer").to_pylist()[0] == 0 and tables["hook_embed"].column("layer").null_count == tables["hook_embed"].num_rows
+    expected_rows = 3 if layout == "example" else 5 + 8 + 2
+    assert z.num_rows == expected_rows
+    assert z.column("seq_len").to_pylist()[:1] == [5]
+    back = {}
+    for table in tables.values():
+        back.update(tables_to_cache(table))
+    assert_same_real_values(back, cache, token_layout=layout == "token")
+
+
+def test_bf16_travels_as_uint16_bits_with_metadata(model, padded):
+    table = model_cache(model, padded, torch.bfloat16).to_arrow()["hook_embed"]
+    field = table.schema.field("value")
+    assert field.type.value_type == pa.uint16()
+    assert field.metadata[b"shardlens.dtype"] == b"bfloat16"
+
+
+@pytest.mark.parametrize("layout", ["example", "token"])
+def test_parquet_round_trip_with_gradients(model, padded, tmp_path, layout):
+    cache = model_cache(model, padded, incl_bwd=True)
+    assert "blocks.1.hook_resid_post_grad" in cache
+    cache.to_parquet(tmp_path / "acts", layout=layout, metadata={"model": "tiny-llama", "dtype": "float32"})
+    assert sorted(os.listdir(tmp_path / "acts")) == sorted(f"hook={n}" for n in NAMES)
+    back = sl.read_cache(tmp_path / "acts")
+    assert_same_real_values(back, cache, token_layout=layout == "token")
+
+
+def test_parts_carry_json_metadata_and_zstd(model, padded, tmp_path):
+    model_cache(model, padded).to_parquet(tmp_path, metadata={"model": "tiny-llama", "plan": {"stages": 2}})
+    part = next((tmp_path / "hook=hook_embed").glob("part-*.parquet"))
+    metadata = json.loads(pq.read_schema(part).metadata[b"shardlens"])
+    assert metadata["model"] == "tiny-llama" and metadata["plan"] == {"stages": 2} and metadata["shardlens_version"] == sl.__version__
+    columns = pq.ParquetFile(part).metadata.row_group(0)
+    by_name = {columns.column(i).path_in_schema: columns.column(i) for i in range(columns.num_columns)}
+    assert all(c.compression == "ZSTD" for c in by_name.values())
+    value = next(c for name, c in by_name.items() if name.startswith("value"))
+    assert "RLE_DICTIONARY" not in value.encodings and "PLAIN_DICTIONARY" not in value.encodings
+    assert "hook" not in pq.read_schema(part).names  # the partition key lives in the path
+
+
+def test_filtered_reads(model, padded, tmp_path):
+    cache = model_cache(model, padded)
+    with sl.ParquetSink(tmp_path, layout="token") as sink:
+        sink.write(cache)
+    back = sl.read_cache(tmp_path, hooks=["blocks.0.attn.hook_z"], examples=[0, 2])
+    assert list(back) == ["blocks.0.attn.hook_z"]
+    assert back.examples.tolist() == [0, 2]
+    z = cache["blocks.0.attn.hook_z"]
+    assert torch.equal(back["blocks.0.attn.hook_z"][0, 3:], z[0, 3:])
+    assert torch.equal(back["blocks.0.attn.hook_z"][1, 6:], z[2, 6:])
+
+
+def test_streaming_sink_appends_batches_with_global_example_ids(model, tmp_path):
+    with sl.ParquetSink(tmp_path, layout="example") as sink:
+        for batch in range(3):
+            tokens = torch.randint(3, 97, (2, 6), generator=torch.Generator().manual_seed(batch))
+            _, cache = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post")
+            sink.write(sl.ActivationCache(dict(cache), examples=torch.arange(2) + 2 * batch, batch=batch))
+    table = ds.dataset(tmp_path, format="parquet", partitioning="hive").to_table()
+    assert sorted(table.column("example").to_pylist()) == list(range(6))
+    assert sorted(set(table.column("batch").to_pylist())) == [0, 1, 2]
+    assert len(list((tmp_path / "hook=blocks.1.hook_resid_post").glob("part-*.parquet"))) == 3
+
+
+def test_plain_pyarrow_and_duckdb_read_the_same_values(model, padded, tmp_path):
+    cache = model_cache(model, padded)
+    cache.to_parquet(tmp_path, layout="token")
+    name = "blocks.1.hook_resid_post"
+    real = cache[name][cache.attention_mask.bool()]  # [tokens, d_model] in (example, pos) order
+    # each hook point has its own value shape: plain pyarrow reads one hook's directory
+    table = ds.dataset(tmp_path / f"hook={name}", format="parquet").to_table()
+    table = table.sort_by([("example", "ascending"), ("pos", "ascending")])
+    values = table.column("value").combine_chunks().to_numpy_ndarray()
+    assert np.array_equal(values, real.numpy())
+    duckdb = pytest.importorskip("duckdb")
+    rows = duckdb.sql(
+        f"SELECT value FROM read_parquet('{tmp_path}/hook={name}/*.parquet') ORDER BY example, pos"
+    ).fetchall()
+    assert np.array_equal(np.array([r[0] for r in rows], dtype=np.float32), real.numpy())
+
+
+def test_a_write_that_fails_midway_leaves_no_visible_part(model, padded, tmp_path, monkeypatch):
+    cache = model_cache(model, padded)
+    real_write = pq.write_table
+
+    def half_then_fail(table, where, **kwargs):
+        real_write(table.slice(0, 1), where, **kwargs)  # some bytes reach the temporary file
+        raise OSError("disk full")
+
+    monkeypatch.setattr(parquet_module.pq, "write_table", half_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        cache.to_parquet(tmp_path)
+    leftovers = [f for _, _, files in os.walk(tmp_path) for f in files]
+    assert leftovers == []
+    assert sl.read_cache(tmp_path) == {}
+
+
+def test_token_layout_needs_a_position_axis():
+    cache = sl.ActivationCache({"blocks.0.hook_x.stat": torch.zeros(2)})
+    with pytest.raises(ValueError, match="needs a position axis"):
+        cache.to_arrow("token")
+    with pytest.raises(ValueError, match="layout must be"):
+        cache.to_arrow("rows")
+
+
+def test_mixing_layouts_in_one_dataset_is_refused_clearly(model, padded, tmp_path):
+    cache = model_cache(model, padded)
+    cache.to_parquet(tmp_path, layout="example")
+    cache.to_parquet(tmp_path, layout="token")
+    with pytest.raises(ValueError, match="differ in schema"):
+        sl.read_cache(tmp_path, hooks=["hook_embed"])
