@@ -34,3 +34,18 @@ class HookNameError(KeyError):
 
 class ShardPlanError(ValueError):
     """A shard plan that cannot be made or used: the rule broken and the values that broke it."""
+
+
+class RemoteHookError(RuntimeError):
+    """A hook that raised on a worker: names the hook point, stage, replica and batch."""
+
+    def __init__(self, hook: str, stage: int, replica: int, batch: str, message: str):
+        self.hook, self.stage, self.replica, self.batch, self.message = hook, stage, replica, batch, message
+        super().__init__(f"hook at {hook} raised on stage {stage}, replica {replica}, batch {batch}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.hook, self.stage, self.replica, self.batch, self.message))
+
+
+class WorkerError(RuntimeError):
+    """A stage worker failed outside any hook (lost, out of memory, …): what and where."""

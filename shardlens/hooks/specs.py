@@ -166,7 +166,13 @@ class SpecHook:
         self.op, self.ctx = op, ctx
 
     def __call__(self, tensor: Any, hook: Any) -> Any:
-        return self.op(tensor, hook, self.ctx)
+        try:
+            return self.op(tensor, hook, self.ctx)
+        except Exception as error:
+            # Unchanged for a caller in this process; a stage worker reads where it happened.
+            if not hasattr(error, "shardlens_hook"):
+                error.shardlens_hook = hook.name
+            raise
 
     def __repr__(self) -> str:
         return f"SpecHook({self.op!r})"

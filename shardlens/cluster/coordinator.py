@@ -1,0 +1,256 @@
+"""Coordinator: R replicas x N stages of workers, the spec stack, and the pipeline runs.
+
+The coordinator's spec stack is the truth: each worker gets the specs that match its hook
+points, with their context level; a worker found restarted (its incarnation changed) is
+re-sent the whole stack before it runs anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import Tensor
+
+from shardlens.errors import WorkerError
+from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
+from shardlens.hooks.specs import HookSpec
+from shardlens.sharding import ShardPlan, StageIO
+
+
+@dataclass(frozen=True)
+class StackEntry:
+    """Specs installed at one context level (None: permanent or level-less), as each
+    stage received them: per_stage[s] is a list of spec JSON texts."""
+
+    level: Optional[int]
+    specs: tuple
+    per_stage: tuple
+
+
+def needs_backward(spec: HookSpec) -> bool:
+    return spec.dir == "bwd" or (isinstance(spec.op, FwdBwd) and bool(spec.op.bwd))
+
+
+class Coordinator:
+    """Runs batches through R replicas of an N-stage pipeline of StageWorkers."""
+
+    def __init__(
+        self,
+        source: str,
+        plan: ShardPlan,
+        backend: Any,
+        *,
+        replicas: int = 1,
+        microbatch_size: Optional[int] = None,
+        device: Optional[str] = None,
+        worker_threads: Optional[int] = None,
+        allow_code: bool = False,
+        retries: int = 2,
+    ):
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas must be a positive int; got {replicas!r}")
+        if microbatch_size is not None and (not isinstance(microbatch_size, int) or microbatch_size < 1):
+            raise ValueError(f"microbatch_size must be None or a positive int; got {microbatch_size!r}")
+        self.plan, self.backend, self.replicas = plan, backend, replicas
+        self.microbatch_size, self.allow_code, self.retries = microbatch_size, allow_code, retries
+        n = len(plan.stages)
+        specs = [
+            dict(source=str(source), plan_json=plan.to_json(), index=s, replica=r, device=device, threads=worker_threads, allow_code=allow_code)
+            for r in range(replicas) for s in range(n)
+        ]
+        flat = backend.make_workers(specs)
+        self.workers = [flat[r * n:(r + 1) * n] for r in range(replicas)]
+        self.stage_names: list[list[str]] = self._get([backend.call(w, "hook_names") for w in self.workers[0]])
+        self.incarnations = self._get([backend.call(w, "ping") for row in self.workers for w in row])
+        self.stack: list[StackEntry] = []
+        self._runs = itertools.count()
+
+    def _get(self, handles: Any) -> Any:
+        return self.backend.get(handles)
+
+    @property
+    def hook_names(self) -> list[str]:
+        return [name for names in self.stage_names for name in names]
+
+    # ------------------------------------------------------------------ the spec stack
+
+    def push(self, level: Optional[int], specs: Sequence[HookSpec]) -> None:
+        """Validate specs against every stage's hook points, then send each stage its share."""
+        per_stage: list[list[str]] = [[] for _ in self.stage_names]
+        known = [list(names) for names in self.stage_names]
+        for spec in specs:
+            names = spec.resolve(self._all(known))  # unknown names fail here, before any work
+            for s, stage_names in enumerate(known):
+                mine = [n for n in names if n in stage_names]
+                if mine:
+                    per_stage[s].append(dataclasses.replace(spec, points=tuple(mine)).to_json(allow_code=self.allow_code))
+                    if isinstance(spec.op, Splice):
+                        stage_names += [f"{n}.{sub}" for n in mine for sub in SPLICE_POINTS]
+        self._install_all(level, per_stage)
+        self.stack.append(StackEntry(level, tuple(specs), tuple(tuple(p) for p in per_stage)))
+        self.stage_names = known
+
+    @staticmethod
+    def _all(known: list[list[str]]) -> list[str]:
+        return [name for names in known for name in names]
+
+    def _install_all(self, level: Optional[int], per_stage: list[list[str]]) -> None:
+        handles = [
+            self.backend.call(row[s], "install", level, specs)
+            for row in self.workers for s, specs in enumerate(per_stage) if specs
+        ]
+        try:
+            self._get(handles)
+        except BaseException:
+            if level is not None:
+                self._get([self.backend.call(w, "pop", level) for row in self.workers for w in row])
+            raise
+
+    def pop(self, level: int) -> None:
+        """Remove one context level on every worker (and from the stack)."""
+        self.stack = [e for e in self.stack if e.level != level]
+        self._get([self.backend.call(w, "pop", level) for row in self.workers for w in row])
+
+    def reset(self, including_permanent: bool = False) -> None:
+        self.stack = [e for e in self.stack if not including_permanent and all(s.permanent for s in e.specs)]
+        self._get([self.backend.call(w, "reset", including_permanent) for row in self.workers for w in row])
+
+    def needs_backward(self) -> bool:
+        return any(needs_backward(spec) for entry in self.stack for spec in entry.specs)
+
+    def _restore(self) -> None:
+        """Re-send the whole spec stack to every worker that restarted since we last looked."""
+        pings = [self.backend.call(w, "ping") for row in self.workers for w in row]
+        current = self._get(pings)
+        flat = [w for row in self.workers for w in row]
+        n = len(self.stage_names)
+        for i, (old, new) in enumerate(zip(self.incarnations, current)):
+            if old != new:
+                worker, stage = flat[i], i % n
+                for entry in self.stack:
+                    if entry.per_stage[stage]:
+                        self._get(self.backend.call(worker, "install", entry.level, list(entry.per_stage[stage])))
+        self.incarnations = current
+
+    def _wait_for_workers(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self._restore()
+                return
+            except Exception as error:
+                if not self.backend.is_lost(error) or time.monotonic() > deadline:
+                    raise WorkerError(f"a stage worker was lost and did not come back within {timeout:.0f} s: {error}") from error
+                time.sleep(0.5)
+
+    # ------------------------------------------------------------------ runs
+
+    def run(
+        self,
+        tokens: Tensor,
+        *,
+        attention_mask: Optional[Tensor] = None,
+        backward: bool = False,
+        sources: Optional[dict] = None,
+    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        """One batch through the pipeline: (logits, loss, what the specs stored).
+
+        The batch is split into microbatches, spread over the replicas; with backward=True
+        the loss (mean next-token loss over the whole batch) is backpropagated stage by stage.
+        """
+        attempt = 0
+        while True:
+            try:
+                self._restore()
+                return self._run_once(tokens, attention_mask, backward, sources or {})
+            except Exception as error:
+                if not self.backend.is_lost(error) or attempt >= self.retries:
+                    raise
+                attempt += 1
+                self._wait_for_workers()
+
+    def _microbatches(self, n: int) -> list[slice]:
+        size = self.microbatch_size or -(-n // self.replicas)
+        return [slice(start, min(start + size, n)) for start in range(0, n, size)]
+
+    def _run_once(self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict) -> tuple:
+        run = next(self._runs)
+        chunks = self._microbatches(tokens.shape[0])
+        jobs = [(f"{run}.{m}", m % self.replicas, chunk) for m, chunk in enumerate(chunks)]
+        try:
+            outs = self._forward(jobs, tokens, mask, backward, sources)
+            loss_weights = _loss_weights(tokens, mask, chunks)
+            if backward:
+                self._backward(jobs, loss_weights)
+            taken = self._get([self.backend.call(row_w, "take", bid) for bid, r, _ in jobs for row_w in self.workers[r]])
+        except BaseException:
+            self._get_quietly([self.backend.call(w, "drop", bid) for bid, r, _ in jobs for w in self.workers[r]])
+            raise
+        logits = torch.cat([o.logits for o in outs])
+        loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
+        return logits, loss, _merge(taken, len(jobs), len(self.stage_names))
+
+    def _forward(self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict) -> list[StageIO]:
+        last = []
+        for batch_id, r, chunk in jobs:
+            io: Any = StageIO(input_ids=tokens[chunk], attention_mask=None if mask is None else mask[chunk], labels=tokens[chunk])
+            for s, worker in enumerate(self.workers[r]):
+                stage_sources = _sources_for(sources, self.stage_names[s], chunk)
+                io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources)
+            last.append(io)
+        return self._get(last)
+
+    def _backward(self, jobs: list, weights: list[float]) -> None:
+        ends = []
+        for (batch_id, r, _), weight in zip(jobs, weights):
+            grad: Any = torch.tensor(weight)
+            for worker in reversed(self.workers[r]):
+                grad = self.backend.call(worker, "backward", batch_id, grad)
+            ends.append(grad)
+        self._get(ends)
+
+    def _get_quietly(self, handles: list) -> None:
+        try:
+            self._get(handles)
+        except Exception:
+            pass
+
+    def stats(self) -> list[dict]:
+        return self._get([self.backend.call(w, "stats") for row in self.workers for w in row])
+
+    def shutdown(self) -> None:
+        self.backend.shutdown()
+
+
+def _loss_weights(tokens: Tensor, mask: Optional[Tensor], chunks: list[slice]) -> list[float]:
+    """Each microbatch's share of the batch's predicted tokens, so that the weighted sum of
+    microbatch losses is the batch's mean next-token loss."""
+    if mask is None:
+        counts = [(c.stop - c.start) * (tokens.shape[1] - 1) for c in chunks]
+    else:
+        valid = (mask[:, :-1].bool() & mask[:, 1:].bool()).sum(-1)
+        counts = [int(valid[c].sum()) for c in chunks]
+    total = sum(counts)
+    return [count / total for count in counts]
+
+
+def _sources_for(sources: dict, names: list[str], chunk: slice) -> dict:
+    return {
+        key: {name: tensor[chunk] for name, tensor in cache.items() if name in names}
+        for key, cache in sources.items()
+    }
+
+
+def _merge(taken: list[dict], n_jobs: int, n_stages: int) -> dict[str, Tensor]:
+    """Per-microbatch, per-stage results -> one tensor per entry, microbatches concatenated."""
+    per_job = [dict() for _ in range(n_jobs)]
+    for i, result in enumerate(taken):
+        per_job[i // n_stages].update(result)
+    names = per_job[0].keys() if per_job else []
+    return {name: torch.cat([job[name] for job in per_job]) for name in names}

@@ -1,0 +1,235 @@
+"""Tracer: HookedModel's API for a model cut into stages on many processes, GPUs and nodes."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from shardlens.cluster import Coordinator, make_backend
+from shardlens.hooks.hook_points import HookTarget
+from shardlens.hooks.names import NamesFilter, names_predicate
+from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
+from shardlens.hooks.specs import HookSpec
+from shardlens.sharding import ShardPlan
+from shardlens.tables import ActivationCache
+
+_RETURN_TYPES = ("logits", "loss", "both", None)
+
+
+class Tracer:
+    """A hooked model run by a coordinator over stage workers (Ray actors, or this process).
+
+    The hook API is HookedModel's: run_with_cache, run_with_hooks, hooks(), add_hook,
+    reset_hooks, hook_names, list_hooks. Hooks are sl.HookSpec values, or (name, op) pairs;
+    a plain Python function as a hook is pickled and run on the workers, so it needs
+    allow_code=True.
+
+    Example:
+        >>> with sl.Tracer.from_pretrained("path/to/checkpoint", stages=2) as tracer:
+        ...     logits, cache = tracer.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
+    """
+
+    def __init__(self, coordinator: Coordinator, *, tokenizer: Any = None):
+        self.coordinator = coordinator
+        self.tokenizer = tokenizer
+        self.context_level = 0
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: Union[str, os.PathLike],
+        *,
+        stages: int = 1,
+        replicas: int = 1,
+        backend: str = "ray",
+        address: Optional[str] = None,
+        dtype: torch.dtype = torch.float32,
+        max_memory: Optional[dict] = None,
+        microbatch_size: Optional[int] = None,
+        allow_code: bool = False,
+        device: Optional[str] = None,
+        worker_threads: Optional[int] = None,
+    ) -> "Tracer":
+        """Plan `stages` stages of the checkpoint at `path` and start `replicas` pipelines.
+
+        Args:
+            backend: "ray" (actors; connects to `address`, or starts a local Ray instance) or
+                "local" (the same workers in this process).
+            max_memory: each stage's device budgets (see ShardPlan.for_model); GPUs named
+                there are requested from Ray per worker.
+            microbatch_size: examples per microbatch (default: the batch split evenly over
+                the replicas).
+            allow_code: accept plain Python callables as hooks (pickled to the workers).
+            device: put every stage on this device ("cuda", "cpu") instead of the plan's map.
+            worker_threads: torch threads per worker.
+        """
+        plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype)
+        gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
+        coordinator = Coordinator(
+            os.fspath(path), plan, make_backend(backend, address, gpus_per_worker=gpus), replicas=replicas,
+            microbatch_size=microbatch_size, device=device, worker_threads=worker_threads, allow_code=allow_code,
+        )
+        from shardlens.hooks.model import _load_tokenizer
+
+        return cls(coordinator, tokenizer=_load_tokenizer(path))
+
+    @property
+    def plan(self) -> ShardPlan:
+        return self.coordinator.plan
+
+    def hook_names(self) -> list[str]:
+        return list(self.coordinator.hook_names)
+
+    def shutdown(self) -> None:
+        """Stop the workers (and the Ray instance, when this tracer started it)."""
+        self.coordinator.shutdown()
+
+    def __enter__(self) -> "Tracer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
+    def stats(self) -> list[dict]:
+        """Each worker's memory and timings."""
+        return self.coordinator.stats()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _spec(self, item: Any, direction: str, argument: str) -> HookSpec:
+        if isinstance(item, HookSpec):
+            return item
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise TypeError(f"{argument} takes sl.HookSpec or (name, op_or_fn) pairs; got {item!r}")
+        name, hook = item
+        if callable(name) and not isinstance(name, str):
+            name = tuple(n for n in self.hook_names() if name(n)) or ("<no hook point matched the predicate>",)
+        return HookSpec(name, self._op(hook), dir=direction if not isinstance(hook, Op) else None)
+
+    def _op(self, hook: Any) -> Op:
+        if isinstance(hook, Op):
+            return hook
+        if not self.coordinator.allow_code:
+            raise ValueError(
+                "a plain Python function as a hook would be pickled and run on the workers; this Tracer "
+                "was made with allow_code=False. Use sl.HookSpec / sl.ops, or Tracer.from_pretrained(..., allow_code=True)"
+            )
+        return Code(hook)
+
+    def add_hook(
+        self, name: HookTarget, hook: Any, dir: str = "fwd", is_permanent: bool = False,
+        level: Optional[int] = None, prepend: bool = False,
+    ) -> None:
+        """Attach an op (or, with allow_code, a function) at hook points on every worker."""
+        spec = self._spec((name, hook), dir, "add_hook")
+        spec = HookSpec(spec.points, spec.op, dir=spec.dir, permanent=is_permanent, prepend=prepend)
+        self.coordinator.push(None if is_permanent else level, [spec])
+
+    def add_spec(self, spec: HookSpec) -> None:
+        self.coordinator.push(None if spec.permanent else spec.level, [spec])
+
+    @contextmanager
+    def hooks(
+        self, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), reset_hooks_end: bool = True, clear_contexts: bool = False,
+    ) -> Iterator["Tracer"]:
+        """A block whose specs are removed from every worker when it ends, also when it raised."""
+        specs = [self._spec(h, "fwd", "fwd_hooks") for h in fwd_hooks] + [self._spec(h, "bwd", "bwd_hooks") for h in bwd_hooks]
+        self.context_level += 1
+        level = self.context_level
+        try:
+            permanent = [s for s in specs if s.permanent]
+            if permanent:
+                self.coordinator.push(None, permanent)
+            self.coordinator.push(level, [s for s in specs if not s.permanent])
+            yield self
+        finally:
+            if reset_hooks_end:
+                self.coordinator.pop(level)
+            self.context_level -= 1
+
+    def reset_hooks(self, clear_contexts: bool = True, including_permanent: bool = False) -> None:
+        self.coordinator.reset(including_permanent)
+
+    def list_hooks(self) -> dict[str, list[HookSpec]]:
+        """The specs installed, by hook point (as the coordinator's stack holds them)."""
+        listed: dict[str, list[HookSpec]] = {}
+        for entry in self.coordinator.stack:
+            for spec in entry.specs:
+                for name in spec.resolve(self.hook_names()):
+                    listed.setdefault(name, []).append(spec)
+        return listed
+
+    def has_hooks(self) -> bool:
+        return bool(self.coordinator.stack)
+
+    # ------------------------------------------------------------------ running
+
+    def _tokens(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
+            if self.tokenizer is None:
+                raise ValueError("text input needs a tokenizer; this checkpoint has none: pass token ids")
+            if self.tokenizer.pad_token is None:
+                self.tokenizer.pad_token = self.tokenizer.eos_token
+            encoded = self.tokenizer(input, return_tensors="pt", padding=True)
+            return encoded["input_ids"], encoded["attention_mask"]
+        if not isinstance(input, Tensor) or input.dtype.is_floating_point:
+            raise TypeError(f"input must be integer token ids [batch, pos] or text; got {type(input).__name__}")
+        tokens = input[None] if input.ndim == 1 else input
+        if attention_mask is not None and attention_mask.shape != tokens.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+        if attention_mask is not None and bool(attention_mask.all()):
+            attention_mask = None
+        return tokens.cpu(), None if attention_mask is None else attention_mask.cpu()
+
+    def _run(self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict]) -> tuple:
+        if return_type not in _RETURN_TYPES:
+            raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
+        tokens, mask = self._tokens(input, attention_mask)
+        logits, loss, results = self.coordinator.run(
+            tokens, attention_mask=mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
+        )
+        output = {"logits": logits, "loss": loss, "both": (logits, loss), None: None}[return_type]
+        return output, results, mask
+
+    def __call__(self, input: Any, return_type: Any = "logits", attention_mask: Optional[Tensor] = None) -> Any:
+        return self._run(input, attention_mask, return_type, False, None)[0]
+
+    def run_with_hooks(
+        self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",
+        attention_mask: Optional[Tensor] = None, store: Optional[dict] = None, sources: Optional[dict] = None,
+    ) -> Any:
+        """One run with temporary specs; what reading specs read goes into `store`. A
+        backward pass (from the loss) runs when a gradient spec is active."""
+        with self.hooks(fwd_hooks, bwd_hooks):
+            output, results, _ = self._run(input, attention_mask, return_type, False, sources)
+        if results and store is None:
+            raise ValueError("reading specs produced results but run_with_hooks got no store={}: use run_with_cache, or pass store")
+        if store is not None:
+            store.update(results)
+        return output
+
+    def run_with_cache(
+        self, input: Any, *, names_filter: NamesFilter = None, incl_bwd: bool = False, return_type: Any = "logits",
+        attention_mask: Optional[Tensor] = None, device: Union[str, torch.device, None] = None,
+        remove_batch_dim: bool = False, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None,
+    ) -> tuple[Any, ActivationCache]:
+        """Run and return (output, ActivationCache) gathered from every stage. incl_bwd
+        backpropagates the batch's mean next-token loss and caches ``<name>_grad``."""
+        selected = names_predicate(names_filter, self.coordinator.hook_names)
+        names = tuple(n for n in self.coordinator.hook_names if selected(n))
+        caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
+        with self.hooks(fwd_hooks, bwd_hooks):
+            with self.hooks(caching):
+                output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources)
+        if remove_batch_dim:
+            if next(iter(results.values())).shape[0] != 1:
+                raise ValueError("remove_batch_dim=True needs a batch of one example")
+            results = {k: v[0] for k, v in results.items()}
+        if device is not None:
+            results = {k: v.to(device) for k, v in results.items()}
+        return output, ActivationCache(results, attention_mask=mask)
