@@ -1,0 +1,201 @@
+"""Tracer on both backends against the one-process HookedModel."""
+
+import contextlib
+import os
+import time
+
+import pytest
+import torch
+
+import shardlens as sl
+from shardlens.errors import RemoteHookError
+from shardlens.hooks import HookNameError
+from shardlens.tracer import Tracer
+
+Spec, ops = sl.HookSpec, sl.ops
+RESID_POST = "blocks.*.hook_resid_post"
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(3, 97, (4, 9), generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoints):
+    models = {name: sl.HookedModel.from_pretrained(tiny_checkpoints[name]) for name in ("llama_gqa", "gpt2")}
+    return models
+
+
+def expected(reference, name, tokens, **kwargs):
+    return reference[name].run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True, **kwargs)
+
+
+def assert_matches(cache, expected_cache, atol=1e-5):
+    assert sorted(cache) == sorted(expected_cache)
+    for key in expected_cache:
+        assert torch.allclose(cache[key], expected_cache[key], atol=atol), key
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "gpt2"])
+@pytest.mark.parametrize("stages, replicas, microbatch", [(1, 1, None), (2, 1, 2), (3, 1, 1), (2, 2, None)])
+def test_local_backend_equals_one_process(tiny_checkpoints, reference, tokens, name, stages, replicas, microbatch):
+    loss_ref, cache_ref = expected(reference, name, tokens)
+    with Tracer.from_pretrained(tiny_checkpoints[name], stages=stages, replicas=replicas, backend="local", microbatch_size=microbatch) as tracer:
+        loss, cache = tracer.run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True)
+        assert torch.allclose(loss, loss_ref, atol=1e-6)
+        assert_matches(cache, cache_ref)
+        logits = tracer(tokens)
+    assert torch.allclose(logits, reference[name](tokens), atol=1e-5)
+
+
+@pytest.mark.parametrize("stages, replicas", [(1, 1), (2, 1), (3, 1), (1, 2)])
+def test_ray_backend_equals_one_process(ray_session, tiny_checkpoints, reference, tokens, stages, replicas):
+    loss_ref, cache_ref = expected(reference, "llama_gqa", tokens)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=stages, replicas=replicas, backend="ray") as tracer:
+        loss, cache = tracer.run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True)
+    assert torch.allclose(loss, loss_ref, atol=1e-6)
+    assert_matches(cache, cache_ref)
+
+
+def test_padding_and_patching_across_stages(tiny_checkpoints, reference):
+    tokens = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones(3, 8, dtype=torch.long)
+    mask[1, :4] = 0
+    model = reference["gpt2"]
+    clean_logits, clean = model.run_with_cache(tokens, attention_mask=mask, names_filter="blocks.1.hook_resid_pre")
+    corrupt = tokens.flip(0)
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=3, backend="local", microbatch_size=2) as tracer:
+        logits = tracer.run_with_hooks(
+            corrupt, attention_mask=mask, sources={"clean": clean},
+            fwd_hooks=[Spec("blocks.1.hook_resid_pre", ops.Patch(from_cache="clean"))],
+        )
+    expected_logits = model.run_with_hooks(corrupt, attention_mask=mask, sources={"clean": clean},
+                                           fwd_hooks=[Spec("blocks.1.hook_resid_pre", ops.Patch(from_cache="clean"))])
+    real = mask.bool()
+    assert torch.allclose(logits[real], expected_logits[real], atol=1e-5)
+
+
+def worker_hooks(tracer):
+    backend = tracer.coordinator.backend
+    return [backend.get(backend.call(w, "list_hooks")) for row in tracer.coordinator.workers for w in row]
+
+
+def test_levels_nest_and_unwind_on_error(tiny_checkpoints, tokens):
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        with tracer.hooks(fwd_hooks=[Spec("blocks.0.hook_resid_post", ops.Scale(1.0))]):
+            with pytest.raises(RuntimeError, match="inside"):
+                with tracer.hooks(fwd_hooks=[Spec(RESID_POST, ops.Scale(1.0))]):
+                    assert worker_hooks(tracer) == [{"blocks.0.hook_resid_post": 2, "blocks.1.hook_resid_post": 1}, {"blocks.2.hook_resid_post": 1}]
+                    raise RuntimeError("inside")
+            assert worker_hooks(tracer) == [{"blocks.0.hook_resid_post": 1}, {}]
+            assert tracer.context_level == 1
+        assert worker_hooks(tracer) == [{}, {}]
+
+
+def test_a_spec_goes_only_to_the_stage_that_has_its_points(tiny_checkpoints):
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        with tracer.hooks(fwd_hooks=[Spec("blocks.2.attn.hook_z", ops.Ablate())]):
+            assert worker_hooks(tracer) == [{}, {"blocks.2.attn.hook_z": 1}]
+            entry = tracer.coordinator.stack[-1]
+            assert entry.per_stage[0] == () and len(entry.per_stage[1]) == 1
+
+
+def test_permanent_specs_survive_reset(tiny_checkpoints, tokens, reference):
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        tracer.add_spec(Spec("blocks.2.hook_resid_post", ops.Scale(0.0), permanent=True))
+        tracer.add_hook("blocks.0.hook_resid_post", ops.Scale(2.0))
+        tracer.reset_hooks()
+        assert list(tracer.list_hooks()) == ["blocks.2.hook_resid_post"]
+        logits = tracer(tokens)
+        zeroed = reference["llama_gqa"].run_with_hooks(tokens, fwd_hooks=[Spec("blocks.2.hook_resid_post", ops.Scale(0.0))])
+        assert torch.allclose(logits, zeroed, atol=1e-5)
+        tracer.reset_hooks(including_permanent=True)
+        assert not tracer.has_hooks() and worker_hooks(tracer) == [{}, {}]
+
+
+def test_unknown_names_fail_before_any_work(tiny_checkpoints, tokens):
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        with pytest.raises(HookNameError, match="blocks.1.hook_resid_post"):
+            tracer.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_pots"])
+        with pytest.raises(HookNameError):
+            with tracer.hooks(fwd_hooks=[Spec("hook_embed", ops.Scale(1.0)), Spec("blocks.9.hook_z", ops.Ablate())]):
+                pass
+        assert worker_hooks(tracer) == [{}, {}] and not tracer.has_hooks()
+
+
+def test_functions_as_hooks_need_allow_code(tiny_checkpoints, tokens, reference):
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        with pytest.raises(ValueError, match="allow_code"):
+            tracer.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * 0)])
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local", allow_code=True) as tracer:
+        logits = tracer.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * 0)])
+    expected_logits = reference["llama_gqa"].run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_post", lambda x, hook: x * 0)])
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_remote_hook_error_names_where_and_unwinds(request, tiny_checkpoints, tokens, backend):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    bad = Spec("blocks.2.attn.hook_pattern", ops.Patch(torch.ones(5)))
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, replicas=1, backend=backend) as tracer:
+        with pytest.raises(RemoteHookError) as info:
+            tracer.run_with_hooks(tokens, fwd_hooks=[bad])
+        assert (info.value.hook, info.value.stage, info.value.replica) == ("blocks.2.attn.hook_pattern", 1, 0)
+        assert info.value.batch.endswith(".0")
+        assert worker_hooks(tracer) == [{}, {}]
+        tracer(tokens)  # and the tracer still works
+
+
+def our_worker_pids(tracer):
+    return {s["pid"] for s in tracer.stats()}
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_worker_killed_between_runs_is_restarted_and_gets_its_specs_back(ray_session, tiny_checkpoints, tokens, reference):
+    model = reference["llama_gqa"]
+    patch = [Spec("blocks.1.hook_resid_post", ops.Scale(0.5))]
+    expected_logits = model.run_with_hooks(tokens, fwd_hooks=patch)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray") as tracer:
+        with tracer.hooks(fwd_hooks=patch):
+            first = tracer(tokens)
+            ray_session.kill(tracer.coordinator.workers[0][0], no_restart=False)
+            second = tracer(tokens)
+    assert torch.allclose(first, expected_logits, atol=1e-5)
+    assert torch.allclose(second, expected_logits, atol=1e-5)
+
+
+def test_worker_killed_during_a_run_is_retried(ray_session, tiny_checkpoints, tokens, reference, tmp_path):
+    marker = str(tmp_path / "killed-once")
+
+    def die_once(x, hook):
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)  # the worker process dies in the middle of the forward pass
+
+    expected_loss, expected_cache = expected(reference, "llama_gqa", tokens)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray", allow_code=True) as tracer:
+        with tracer.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", die_once)]):
+            loss, cache = tracer.run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True)
+    assert os.path.exists(marker)
+    assert torch.allclose(loss, expected_loss, atol=1e-6)
+    assert_matches(cache, expected_cache)
+
+
+def test_shutdown_leaves_no_worker_processes(ray_session, tiny_checkpoints):
+    tracer = Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray")
+    pids = our_worker_pids(tracer)
+    assert len(pids) == 2
+    tracer.shutdown()
+    deadline = time.monotonic() + 30
+    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(pid_alive(p) for p in pids)
