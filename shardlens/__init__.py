@@ -17,6 +17,7 @@ from shardlens.hooks import (
     points,
 )
 from shardlens.tables import ActivationCache, ParquetSink, read_cache
+from shardlens.tracer import Tracer
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "ParquetSink",
     "Points",
     "Slice",
+    "Tracer",
     "__version__",
     "read_cache",
     "ops",
