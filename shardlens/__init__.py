@@ -4,6 +4,7 @@ The public names of the package are the ones listed here.
 """
 
 from shardlens.errors import HookNameError
+from shardlens.hooks import metrics
 from shardlens.hooks import (
     HookedModel,
     HookedRootModule,
@@ -35,6 +36,7 @@ __all__ = [
     "Slice",
     "Tracer",
     "__version__",
+    "metrics",
     "read_cache",
     "ops",
     "points",

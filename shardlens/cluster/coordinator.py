@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from shardlens.errors import WorkerError
+from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan, StageIO
@@ -158,34 +159,42 @@ class Coordinator:
         attention_mask: Optional[Tensor] = None,
         backward: bool = False,
         sources: Optional[dict] = None,
+        metric: Optional[Metric] = None,
+        split: bool = True,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """One batch through the pipeline: (logits, loss, what the specs stored).
+        """One batch through the pipeline: (logits, loss or metric, what the specs stored).
 
-        The batch is split into microbatches, spread over the replicas; with backward=True
-        the loss (mean next-token loss over the whole batch) is backpropagated stage by stage.
+        The batch is split into microbatches, spread over the replicas (split=False keeps
+        it whole: specs that select batch rows need the whole batch); with backward=True the
+        batch's mean next-token loss, or `metric`, is backpropagated stage by stage.
         """
         attempt = 0
         while True:
             try:
                 self._restore()
-                return self._run_once(tokens, attention_mask, backward, sources or {})
+                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split)
             except Exception as error:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise
                 attempt += 1
                 self._wait_for_workers()
 
-    def _microbatches(self, n: int) -> list[slice]:
+    def _microbatches(self, n: int, split: bool) -> list[slice]:
+        if not split:
+            return [slice(0, n)]
         size = self.microbatch_size or -(-n // self.replicas)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _run_once(self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict) -> tuple:
+    def _run_once(self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric], split: bool) -> tuple:
         run = next(self._runs)
-        chunks = self._microbatches(tokens.shape[0])
-        jobs = [(f"{run}.{m}", m % self.replicas, chunk) for m, chunk in enumerate(chunks)]
+        chunks = self._microbatches(tokens.shape[0], split)
+        jobs = [(f"{run}.{m}", (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
         try:
-            outs = self._forward(jobs, tokens, mask, backward, sources)
-            loss_weights = _loss_weights(tokens, mask, chunks)
+            outs = self._forward(jobs, tokens, mask, backward, sources, metric)
+            if metric is None:
+                loss_weights = _loss_weights(tokens, mask, chunks)
+            else:  # a metric is a mean over examples
+                loss_weights = [(c.stop - c.start) / tokens.shape[0] for c in chunks]
             if backward:
                 self._backward(jobs, loss_weights)
             taken = self._get([self.backend.call(row_w, "take", bid) for bid, r, _ in jobs for row_w in self.workers[r]])
@@ -196,10 +205,13 @@ class Coordinator:
         loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
         return logits, loss, _merge(taken, len(jobs), len(self.stage_names))
 
-    def _forward(self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict) -> list[StageIO]:
+    def _forward(self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric]) -> list[StageIO]:
         last = []
         for batch_id, r, chunk in jobs:
-            io: Any = StageIO(input_ids=tokens[chunk], attention_mask=None if mask is None else mask[chunk], labels=tokens[chunk])
+            io: Any = StageIO(
+                input_ids=tokens[chunk], attention_mask=None if mask is None else mask[chunk], labels=tokens[chunk],
+                metric=None if metric is None else metric.rows(chunk),
+            )
             for s, worker in enumerate(self.workers[r]):
                 stage_sources = _sources_for(sources, self.stage_names[s], chunk)
                 io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources)

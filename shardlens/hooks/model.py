@@ -10,11 +10,12 @@ from torch import Tensor, nn
 
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
+from shardlens.hooks.metrics import Metric
 from shardlens.hooks.taps import ModelParts, module_taps
 from shardlens.hooks.tapped import TappedModel
 
-ReturnType = Optional[str]  # "logits" | "loss" | "both" | None
-_RETURN_TYPES = ("logits", "loss", "both", None)
+ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
+_RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -125,6 +126,7 @@ class HookedModel(TappedModel):
         *args: Any,
         return_type: ReturnType = "logits",
         attention_mask: Optional[Tensor] = None,
+        metric: Optional[Metric] = None,
         **kwargs: Any,
     ) -> Any:
         """Run the wrapped model through its hook points.
@@ -133,9 +135,10 @@ class HookedModel(TappedModel):
             input: token ids [batch, pos] (or [pos]), a string or list of strings (needs a
                 tokenizer). A model that is not a causal LM gets all arguments as they are.
             return_type: "logits" [batch, pos, vocab], "loss" (mean next-token loss, a scalar),
-                "both" (logits, loss), or None.
+                "both" (logits, loss), "metric" (the value of `metric`, a scalar), or None.
             attention_mask: [batch, pos], 1 for real tokens, 0 for padding. Position ids then
                 count only real tokens, so padding does not shift an example's positions.
+            metric: an sl.metrics score, for return_type="metric".
             **kwargs: passed to the wrapped model's forward.
         """
         self._sync_taps()
@@ -155,6 +158,10 @@ class HookedModel(TappedModel):
             return logits
         if return_type is None:
             return None
+        if return_type == "metric":
+            if metric is None:
+                raise ValueError("return_type='metric' needs metric=sl.metrics....")
+            return metric(logits, attention_mask, tokens)
         loss = next_token_loss(logits, tokens, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from shardlens.errors import ShardPlanError
 from shardlens.hooks.architectures import ModelLayout, layout_for
+from shardlens.hooks.metrics import Metric
 from shardlens.hooks.model import next_token_loss, positions_from_mask
 from shardlens.hooks.taps import ModelParts
 from shardlens.hooks.tapped import TappedModel
@@ -32,7 +33,8 @@ class StageIO:
     Stage 0 reads `input_ids` (and `attention_mask`, `position_ids`, `labels` when given);
     every stage passes on `hidden` [batch, pos, d_model] with the mask, positions and labels,
     from which the next stage rebuilds its attention mask and rotary embeddings. The last
-    stage returns `logits`, and `loss` when labels were given.
+    stage returns `logits`, and `loss`: the value of `metric` when one is given (labels are
+    the tokens), else the mean next-token loss when labels are given.
     """
 
     hidden: Optional[Tensor] = None
@@ -40,6 +42,7 @@ class StageIO:
     attention_mask: Optional[Tensor] = None
     position_ids: Optional[Tensor] = None
     labels: Optional[Tensor] = None
+    metric: Optional[Metric] = None
     logits: Optional[Tensor] = None
     loss: Optional[Tensor] = None
 
@@ -98,7 +101,10 @@ class Stage(TappedModel):
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
             logits = self.unembed(self.final_norm(hidden))
-            loss = next_token_loss(logits, io.labels, io.attention_mask) if io.labels is not None else None
+            if io.metric is not None:
+                loss = io.metric(logits, io.attention_mask, io.labels)
+            else:
+                loss = next_token_loss(logits, io.labels, io.attention_mask) if io.labels is not None else None
             out = replace(out, hidden=None, logits=logits, loss=loss)
         if torch.is_grad_enabled():
             self._pending = (leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))

@@ -12,13 +12,14 @@ from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
 from shardlens.hooks.hook_points import HookTarget
+from shardlens.hooks.metrics import Metric
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
 
-_RETURN_TYPES = ("logits", "loss", "both", None)
+_RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 
 
 class Tracer:
@@ -186,27 +187,35 @@ class Tracer:
             attention_mask = None
         return tokens.cpu(), None if attention_mask is None else attention_mask.cpu()
 
-    def _run(self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict]) -> tuple:
+    def _run(
+        self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict],
+        metric: Optional[Metric] = None, split: bool = True,
+    ) -> tuple:
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
+        if return_type == "metric" and metric is None:
+            raise ValueError("return_type='metric' needs metric=sl.metrics....")
         tokens, mask = self._tokens(input, attention_mask)
         logits, loss, results = self.coordinator.run(
             tokens, attention_mask=mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
+            metric=metric, split=split,
         )
-        output = {"logits": logits, "loss": loss, "both": (logits, loss), None: None}[return_type]
+        output = {"logits": logits, "loss": loss, "metric": loss, "both": (logits, loss), None: None}[return_type]
         return output, results, mask
 
-    def __call__(self, input: Any, return_type: Any = "logits", attention_mask: Optional[Tensor] = None) -> Any:
-        return self._run(input, attention_mask, return_type, False, None)[0]
+    def __call__(self, input: Any, return_type: Any = "logits", attention_mask: Optional[Tensor] = None, metric: Optional[Metric] = None) -> Any:
+        return self._run(input, attention_mask, return_type, False, None, metric)[0]
 
     def run_with_hooks(
         self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",
         attention_mask: Optional[Tensor] = None, store: Optional[dict] = None, sources: Optional[dict] = None,
+        metric: Optional[Metric] = None, split: bool = True,
     ) -> Any:
         """One run with temporary specs; what reading specs read goes into `store`. A
-        backward pass (from the loss) runs when a gradient spec is active."""
+        backward pass (from the loss, or `metric`) runs when a gradient spec is active.
+        split=False runs the batch whole on one replica (for specs that select batch rows)."""
         with self.hooks(fwd_hooks, bwd_hooks):
-            output, results, _ = self._run(input, attention_mask, return_type, False, sources)
+            output, results, _ = self._run(input, attention_mask, return_type, False, sources, metric, split)
         if results and store is None:
             raise ValueError("reading specs produced results but run_with_hooks got no store={}: use run_with_cache, or pass store")
         if store is not None:
@@ -217,15 +226,17 @@ class Tracer:
         self, input: Any, *, names_filter: NamesFilter = None, incl_bwd: bool = False, return_type: Any = "logits",
         attention_mask: Optional[Tensor] = None, device: Union[str, torch.device, None] = None,
         remove_batch_dim: bool = False, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None,
+        metric: Optional[Metric] = None, split: bool = True,
     ) -> tuple[Any, ActivationCache]:
         """Run and return (output, ActivationCache) gathered from every stage. incl_bwd
-        backpropagates the batch's mean next-token loss and caches ``<name>_grad``."""
+        backpropagates the batch's mean next-token loss (or `metric`) and caches
+        ``<name>_grad``."""
         selected = names_predicate(names_filter, self.coordinator.hook_names)
         names = tuple(n for n in self.coordinator.hook_names if selected(n))
         caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
         with self.hooks(fwd_hooks, bwd_hooks):
             with self.hooks(caching):
-                output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources)
+                output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, split)
         if remove_batch_dim:
             if next(iter(results.values())).shape[0] != 1:
                 raise ValueError("remove_batch_dim=True needs a batch of one example")

@@ -1,0 +1,123 @@
+"""Metrics: serialisable scores of a model's logits, evaluated where the logits are (the
+last stage of a pipeline). Each scores every example at its last real (non-padding)
+position; `value` is the mean over the batch.
+
+Example:
+    >>> metric = sl.metrics.logit_diff(answer=[12, 7], wrong=[3, 9])
+    >>> metric(logits, attention_mask)          # tensor of shape [] (the batch mean)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from shardlens.hooks.codec import serializable
+
+KINDS = ("logit_diff", "prob", "log_prob", "loss")
+
+
+def _ids(value: Any, name: str) -> Optional[tuple]:
+    if value is None:
+        return None
+    if isinstance(value, Tensor):
+        value = value.tolist()
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise ValueError(f"{name} must be token ids, one per example; got {value!r}")
+
+
+@serializable
+@dataclass(frozen=True)
+class Metric:
+    """A score of logits: kind, and the answer / wrong token id of each example."""
+
+    kind: str
+    answer: Optional[tuple] = None
+    wrong: Optional[tuple] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"metric kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        object.__setattr__(self, "answer", _ids(self.answer, "answer"))
+        object.__setattr__(self, "wrong", _ids(self.wrong, "wrong"))
+        needs = {"logit_diff": ("answer", "wrong"), "prob": ("answer",), "log_prob": ("answer",), "loss": ()}[self.kind]
+        for name in needs:
+            if getattr(self, name) is None:
+                raise ValueError(f"metric {self.kind} needs {name}= token ids")
+
+    def rows(self, rows: slice) -> "Metric":
+        """The metric for a slice of the batch (each example keeps its own answer)."""
+        pick = lambda ids: ids if ids is None or len(ids) == 1 else ids[rows]  # noqa: E731
+        return replace(self, answer=pick(self.answer), wrong=pick(self.wrong))
+
+    def repeat(self, times: int) -> "Metric":
+        """The metric for a batch made of `times` copies of the batch, one after another."""
+        return replace(self, answer=None if self.answer is None else self.answer * times,
+                       wrong=None if self.wrong is None else self.wrong * times)
+
+    def per_example(self, logits: Tensor, attention_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> Tensor:
+        """The score of each example, [batch], in float32."""
+        batch = logits.shape[0]
+        if self.kind == "loss":
+            if tokens is None:
+                raise ValueError("the loss metric needs the tokens")
+            log_probs = logits[:, :-1].float().log_softmax(-1)
+            nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]
+            if attention_mask is None:
+                return nll.mean(-1)
+            valid = (attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()).to(logits.device)
+            return (nll * valid).sum(-1) / valid.sum(-1)
+        last = logits.shape[1] - 1 if attention_mask is None else None
+        if attention_mask is not None:
+            positions = torch.arange(attention_mask.shape[1], device=logits.device)
+            last = (attention_mask.to(logits.device).bool() * positions).argmax(-1)  # the last real position
+            final = logits[torch.arange(batch, device=logits.device), last].float()
+        else:
+            final = logits[:, last].float()
+        answer = self._column(self.answer, batch, logits.device)
+        if self.kind == "logit_diff":
+            wrong = self._column(self.wrong, batch, logits.device)
+            return final.gather(-1, answer[:, None])[:, 0] - final.gather(-1, wrong[:, None])[:, 0]
+        log_probs = F.log_softmax(final, dim=-1).gather(-1, answer[:, None])[:, 0]
+        return log_probs if self.kind == "log_prob" else log_probs.exp()
+
+    @staticmethod
+    def _column(ids: tuple, batch: int, device: Any) -> Tensor:
+        if len(ids) not in (1, batch):
+            raise ValueError(f"the metric has {len(ids)} token ids for a batch of {batch} examples")
+        column = torch.tensor(ids, device=device)
+        return column.expand(batch) if len(ids) == 1 else column
+
+    def __call__(self, logits: Tensor, attention_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> Tensor:
+        """The batch mean of the per-example scores."""
+        return self.per_example(logits, attention_mask, tokens).mean()
+
+
+def logit_diff(answer: Any, wrong: Any) -> Metric:
+    """logit[answer] - logit[wrong] at each example's last real position."""
+    return Metric("logit_diff", answer, wrong)
+
+
+def prob(answer: Any) -> Metric:
+    """The probability of `answer` at each example's last real position."""
+    return Metric("prob", answer)
+
+
+def log_prob(answer: Any) -> Metric:
+    """The log-probability of `answer` at each example's last real position."""
+    return Metric("log_prob", answer)
+
+
+def loss() -> Metric:
+    """The mean next-token loss of each example."""
+    return Metric("loss")
+
+
+__all__ = ["Metric", "log_prob", "logit_diff", "loss", "prob"]
