@@ -18,7 +18,7 @@ from shardlens.hooks import (
     points,
 )
 from shardlens.tables import ActivationCache, ParquetSink, read_cache
-from shardlens.tracer import Tracer
+from shardlens.tracer import Tracer, attribution, patching
 
 __version__ = "0.1.0"
 
@@ -36,7 +36,9 @@ __all__ = [
     "Slice",
     "Tracer",
     "__version__",
+    "attribution",
     "metrics",
+    "patching",
     "read_cache",
     "ops",
     "points",

@@ -1,0 +1,95 @@
+"""What sweeps and attribution share: the grid of cells (hook point x position or head),
+and how to run a model (HookedModel or Tracer) for a metric."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from shardlens.hooks.metrics import Metric
+from shardlens.hooks.ops import Cache
+from shardlens.hooks.specs import HookSpec
+from shardlens.tables.axes import head_axis, layer_index
+
+OVER = (("layer", "pos"), ("layer", "head"))
+
+
+@dataclass(frozen=True)
+class CellGrid:
+    """Values over (hook point, position) or (hook point, head).
+
+    Attributes:
+        points: the hook points, one per row of `grid` (in layer order).
+        over: ("layer", "pos") or ("layer", "head").
+        grid: [point, pos] or [point, head].
+        baseline: the metric of the corrupted run (sweeps and attribution), when known.
+    """
+
+    points: tuple
+    over: tuple
+    grid: Tensor
+    baseline: Optional[float] = None
+
+    @property
+    def table(self) -> pa.Table:
+        """One row per cell: point, layer, pos, head, value (pos or head null as `over` says)."""
+        rows, cols = self.grid.shape
+        points = [p for p in self.points for _ in range(cols)]
+        columns = {
+            "point": pa.array(points, pa.string()),
+            "layer": pa.array([layer_index(p) for p in points], pa.int16()),
+            "pos": pa.array([c if self.over[1] == "pos" else None for _ in range(rows) for c in range(cols)], pa.int32()),
+            "head": pa.array([c if self.over[1] == "head" else None for _ in range(rows) for c in range(cols)], pa.int32()),
+            "value": pa.array(self.grid.flatten().double().numpy(), pa.float64()),
+        }
+        return pa.table(columns)
+
+
+def resolve_points(model: Any, points: Any, over: Sequence[str]) -> list[str]:
+    """The hook names `points` selects (a kind such as "resid_pre", a name, glob, list or
+    sl.points), checked against what `over` needs."""
+    over = tuple(over)
+    if over not in OVER:
+        raise ValueError(f"over must be ('layer', 'pos') or ('layer', 'head'); got {over!r}")
+    if isinstance(points, str) and "." not in points and not points.startswith("hook_"):
+        from shardlens.hooks.specs import points as by_kind
+
+        points = by_kind(points)
+    names = HookSpec(points, Cache()).resolve(model.hook_names())
+    if over[1] == "head":
+        without = [n for n in names if head_axis(n) != 2]
+        if without:
+            raise ValueError(f"over=('layer', 'head') needs [batch, pos, head, ...] hook points (hook_z, hook_q, ...); {without[0]} is not one")
+    return sorted(names, key=lambda n: (layer_index(n) if layer_index(n) is not None else -1, n))
+
+
+def is_tracer(model: Any) -> bool:
+    return hasattr(model, "coordinator")
+
+
+def run_logits(model: Any, tokens: Tensor, mask: Optional[Tensor], specs: list) -> Tensor:
+    """The logits of one run with these specs (the batch kept whole on a Tracer, since the
+    specs select batch rows)."""
+    if is_tracer(model):
+        return model.run_with_hooks(tokens, fwd_hooks=specs, attention_mask=mask, split=False)
+    with torch.no_grad():
+        return model.run_with_hooks(tokens, fwd_hooks=specs, attention_mask=mask)
+
+
+def cache_with_grads(model: Any, tokens: Tensor, mask: Optional[Tensor], names: list[str], metric: Metric, specs: Sequence = ()) -> tuple[Tensor, Any]:
+    """(metric value, cache of `names` and their gradients of the metric)."""
+    split = not specs  # specs select rows of the batch: keep it whole
+    kwargs = dict(names_filter=names, incl_bwd=True, return_type="metric", metric=metric, attention_mask=mask, fwd_hooks=list(specs))
+    if is_tracer(model):
+        kwargs["split"] = split
+    value, cache = model.run_with_cache(tokens, **kwargs)
+    return value.detach(), cache
+
+
+def batch_mean(values: Tensor, variants: int) -> Tensor:
+    """[variants * batch] per-example values -> [variants] means."""
+    return values.reshape(variants, -1).mean(1)

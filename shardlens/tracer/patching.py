@@ -1,0 +1,81 @@
+"""Activation patching sweeps: the metric with one clean activation patched into the
+corrupted run, for every (hook point, position) or (hook point, head).
+
+Many patch variants run per forward pass: the corrupted batch is repeated along the batch
+axis, and each copy gets its own patch (sl.ops.Patch with batch= rows).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from shardlens.hooks.metrics import Metric
+from shardlens.hooks.ops import Patch
+from shardlens.hooks.specs import HookSpec
+from shardlens.tracer.cells import CellGrid, batch_mean, resolve_points, run_logits
+
+SweepResult = CellGrid
+
+
+def _cells(names: list[str], over: Sequence[str], clean_cache: Any) -> list[tuple[str, int]]:
+    cells = []
+    for name in names:
+        tensor = clean_cache[name]
+        count = tensor.shape[1] if over[1] == "pos" else tensor.shape[2]
+        cells += [(name, i) for i in range(count)]
+    return cells
+
+
+def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: list[int]) -> HookSpec:
+    """The spec patching cell (name, index) of the clean activation into batch rows `rows`."""
+    if over[1] == "pos":
+        return HookSpec(name, Patch(clean[:, index:index + 1], positions=[index], batch=rows))
+    return HookSpec(name, Patch(clean[:, :, index:index + 1], heads=[index], batch=rows))
+
+
+def sweep(
+    model: Any,
+    clean: Tensor,
+    corrupt: Tensor,
+    *,
+    points: Any,
+    metric: Metric,
+    over: Sequence[str] = ("layer", "pos"),
+    attention_mask: Optional[Tensor] = None,
+    max_batch: int = 64,
+) -> SweepResult:
+    """Patch each clean activation (cell) into the corrupted run and score it.
+
+    Args:
+        model: a HookedModel or a Tracer.
+        clean, corrupt: token ids [batch, pos] of equal shape.
+        points: a hook kind ("resid_pre", "z"), name, glob, list, or sl.points(...).
+        metric: an sl.metrics score (its value over the batch is each cell's value).
+        over: ("layer", "pos") or ("layer", "head") (head needs points such as hook_z).
+        max_batch: rows per forward pass (variants x examples).
+
+    Returns:
+        SweepResult: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
+        corrupted run's metric).
+    """
+    if clean.shape != corrupt.shape:
+        raise ValueError(f"clean {tuple(clean.shape)} and corrupt {tuple(corrupt.shape)} must have the same shape")
+    names = resolve_points(model, points, over)
+    _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
+    batch = clean.shape[0]
+    cells = _cells(names, over, clean_cache)
+    per_run = max(1, max_batch // batch)
+    values = []
+    for start in range(0, len(cells), per_run):
+        group = cells[start:start + per_run]
+        specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch))) for j, (n, i) in enumerate(group)]
+        tokens = corrupt.repeat(len(group), 1)
+        mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
+        logits = run_logits(model, tokens, mask, specs)
+        values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
+    baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
+    grid = torch.cat(values).reshape(len(names), -1).cpu()
+    return SweepResult(tuple(names), tuple(over), grid, baseline)
