@@ -22,24 +22,28 @@ from shardlens.hooks.specs import HookSpec
 from shardlens.tracer.cells import CellGrid, cache_with_grads, resolve_points
 
 
-def _cell_sums(values: Tensor, over: Sequence[str]) -> Tensor:
-    """[batch, pos, (head,) features...] -> [pos] or [head], summed over features and batch."""
+def _cell_sums(values: Tensor, over: Sequence[str], positions: Optional[Sequence[int]] = None) -> Tensor:
+    """[batch, pos, (head,) features...] -> [pos] or [head], summed over features and batch
+    (head cells over `positions` only, when given)."""
     if over[1] == "pos":
         return values.flatten(2).sum(-1).sum(0)  # [pos]
+    if positions is not None:
+        values = values[:, list(positions)]
     return values.sum(-1).sum(1).sum(0)  # [batch, pos, head, d_head] -> [head]
 
 
 def atp(
     model: Any, clean: Tensor, corrupt: Tensor, *, points: Any, metric: Metric,
     over: Sequence[str] = ("layer", "pos"), attention_mask: Optional[Tensor] = None,
+    positions: Optional[Sequence[int]] = None,
 ) -> CellGrid:
     """Attribution patching: (clean - corrupt) . d metric / d act on the corrupted run, the
     first-order estimate of what patching each cell changes the metric by. Two forward
-    passes and one backward."""
+    passes and one backward. `positions` restricts head cells, as in sweep."""
     names = resolve_points(model, points, over)
     _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
     baseline, corrupt_cache = cache_with_grads(model, corrupt, attention_mask, names, metric)
-    rows = [_cell_sums((clean_cache[n] - corrupt_cache[n]) * corrupt_cache[n + "_grad"], over) for n in names]
+    rows = [_cell_sums((clean_cache[n] - corrupt_cache[n]) * corrupt_cache[n + "_grad"], over, positions) for n in names]
     return CellGrid(tuple(names), tuple(over), torch.stack(rows).cpu(), float(baseline))
 
 

@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    from shardlens.tracer import demo
 
-    from shardlens.hooks.toy import ToyTransformer
-
-    torch.manual_seed(args.seed)
-    model = ToyTransformer(n_layers=args.layers).eval()
-    tokens = torch.randint(0, 50, (2, 8))
-    print(f"ToyTransformer: {args.layers} layers, {len(model.hook_names())} hook points")
-    for name in model.hook_names():
-        print(f"  {name}")
-    loss, cache = model.run_with_cache(tokens, return_type="loss", names_filter="blocks.*.hook_resid_post", incl_bwd=True)
-    print(f"\nrun_with_cache(tokens [2, 8], names_filter='blocks.*.hook_resid_post', incl_bwd=True)")
-    print(f"loss = {loss.item():.4f}")
-    print(cache)
+    print(f"shardlens demo: the induction heads of the shipped 2-layer model, {args.stages} stages, backend {args.backend}")
+    summary = demo.run(Path(args.out), backend=args.backend, stages=args.stages)
+    top, atp = summary["top_head"], summary["atp_top_head"]
+    print(f"\nlogit diff: clean {summary['clean_logit_diff']:.2f}, corrupted {summary['corrupt_logit_diff']:.2f}")
+    print(f"strongest induction head: layer {top['layer']} head {top['head']} (patching it back at the last position recovers {top['recovered']:.0%} of the logit diff)")
+    print(f"attribution patching points at layer {atp['layer']} head {atp['head']}")
+    for name, path in summary["outputs"].items():
+        print(f"  {name:<12} {path}")
     return 0
 
 
@@ -33,12 +30,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
-        help="run the built-in demo (no downloads)",
-        description="Build a small random ToyTransformer, list its hook points, and run it once "
-        "with run_with_cache, caching the residual stream and its gradients.",
+        help="find the induction heads of the shipped model across 2 stages (no downloads)",
+        description="Run the shipped 2-layer induction model as a multi-stage Tracer (a local Ray "
+        "instance by default), sweep head-level activation patching and attribution patching on "
+        "an induction task, and write the results (Parquet), the residual stream (a Parquet "
+        "dataset) and a heatmap PNG.",
     )
-    demo.add_argument("--layers", type=int, default=2, help="number of blocks (default: 2)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed for weights and tokens (default: 0)")
+    demo.add_argument("--out", default="shardlens-demo", help="output folder (default: ./shardlens-demo)")
+    demo.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the stages run (default: ray)")
+    demo.add_argument("--stages", type=int, default=2, choices=[1, 2], help="stages (default: 2)")
     demo.set_defaults(run=_demo)
     return parser
 

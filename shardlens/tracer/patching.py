@@ -29,11 +29,13 @@ def _cells(names: list[str], over: Sequence[str], clean_cache: Any) -> list[tupl
     return cells
 
 
-def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: list[int]) -> HookSpec:
-    """The spec patching cell (name, index) of the clean activation into batch rows `rows`."""
+def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: list[int], positions: Optional[list] = None) -> HookSpec:
+    """The spec patching cell (name, index) of the clean activation into batch rows `rows`
+    (a head cell only at `positions`, when given)."""
     if over[1] == "pos":
         return HookSpec(name, Patch(clean[:, index:index + 1], positions=[index], batch=rows))
-    return HookSpec(name, Patch(clean[:, :, index:index + 1], heads=[index], batch=rows))
+    values = clean[:, :, index:index + 1] if positions is None else clean[:, positions, index:index + 1]
+    return HookSpec(name, Patch(values, heads=[index], positions=positions, batch=rows))
 
 
 def sweep(
@@ -45,6 +47,7 @@ def sweep(
     metric: Metric,
     over: Sequence[str] = ("layer", "pos"),
     attention_mask: Optional[Tensor] = None,
+    positions: Optional[Sequence[int]] = None,
     max_batch: int = 64,
 ) -> SweepResult:
     """Patch each clean activation (cell) into the corrupted run and score it.
@@ -55,6 +58,7 @@ def sweep(
         points: a hook kind ("resid_pre", "z"), name, glob, list, or sl.points(...).
         metric: an sl.metrics score (its value over the batch is each cell's value).
         over: ("layer", "pos") or ("layer", "head") (head needs points such as hook_z).
+        positions: with over=("layer", "head"), patch each head only at these positions.
         max_batch: rows per forward pass (variants x examples).
 
     Returns:
@@ -64,6 +68,9 @@ def sweep(
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupt {tuple(corrupt.shape)} must have the same shape")
     names = resolve_points(model, points, over)
+    if positions is not None and over[1] != "head":
+        raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
+    positions = None if positions is None else [int(p) for p in positions]
     _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
     batch = clean.shape[0]
     cells = _cells(names, over, clean_cache)
@@ -71,7 +78,7 @@ def sweep(
     values = []
     for start in range(0, len(cells), per_run):
         group = cells[start:start + per_run]
-        specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch))) for j, (n, i) in enumerate(group)]
+        specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
         tokens = corrupt.repeat(len(group), 1)
         mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
         logits = run_logits(model, tokens, mask, specs)

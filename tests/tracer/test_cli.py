@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -6,15 +7,18 @@ import pytest
 from shardlens.tracer.cli import main
 
 
-def test_demo_lists_hook_points_and_caches_residuals_and_gradients(capsys):
-    assert main(["demo", "--layers", "3"]) == 0
+def test_demo_finds_induction_heads_in_layer_1(tmp_path, capsys):
+    assert main(["demo", "--backend", "local", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "3 layers, 42 hook points" in out
-    assert "  blocks.2.attn.hook_pattern\n" in out
-    for layer in range(3):
-        assert f"blocks.{layer}.hook_resid_post: [2, 8, 32] float32" in out
-        assert f"blocks.{layer}.hook_resid_post_grad: [2, 8, 32] float32" in out
-    assert "loss = " in out
+    assert "strongest induction head: layer 1" in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["clean_logit_diff"] > 5 > summary["corrupt_logit_diff"]
+    assert summary["top_head"]["layer"] == 1 and summary["atp_top_head"]["layer"] == 1
+    assert (tmp_path / "heads.png").stat().st_size > 1000
+    import shardlens as sl
+
+    cache = sl.read_cache(tmp_path / "activations")
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
 
 
 def test_help_names_the_commands():
