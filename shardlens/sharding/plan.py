@@ -147,7 +147,10 @@ def _config(config_or_path: Any) -> Any:
     if isinstance(config_or_path, (str, os.PathLike)):
         from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(config_or_path)
+        path = os.fspath(config_or_path)
+        if (os.sep in path or path.startswith(".")) and not os.path.isdir(path):
+            raise ShardPlanError(f"no checkpoint folder at {path}")
+        return AutoConfig.from_pretrained(path)
     if not hasattr(config_or_path, "model_type"):
         raise ShardPlanError(f"expected a transformers config or a checkpoint path; got {type(config_or_path).__name__}")
     return config_or_path

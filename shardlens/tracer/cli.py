@@ -22,11 +22,88 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hooks(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from shardlens.hooks.model import HookedModel
+    from shardlens.sharding.plan import meta_model
+
+    config = AutoConfig.from_pretrained(args.model)
+    model = HookedModel(meta_model(config, torch_dtype("float32")))  # the structure only: no weights are read
+    for name in model.hook_names():
+        print(name)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from shardlens.sharding import ShardPlan
+
+    plan = ShardPlan.for_model(args.model, stages=args.stages, max_memory=parse_max_memory(args.max_memory), dtype=args.dtype)
+    plan.describe()
+    if args.json:
+        print(plan.to_json())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from shardlens.tables.parquet import dataset
+
+    data = dataset(args.dataset)
+    files = list(data.files)
+    if not files:
+        raise ValueError(f"{args.dataset} holds no Parquet parts")
+    by_hook: dict = {}
+    for fragment in data.get_fragments():
+        import pyarrow.dataset as ds
+
+        hook = ds.get_partition_keys(fragment.partition_expression).get("hook", "?")
+        by_hook.setdefault(hook, []).append(fragment)
+    first_schema = pq.read_schema(files[0], filesystem=data.filesystem)
+    metadata = json.loads((first_schema.metadata or {}).get(b"shardlens", b"{}"))
+    print(f"{args.dataset}: {len(by_hook)} hook points, {len(files)} parts")
+    for key, value in metadata.items():
+        print(f"  {key}: {value}")
+    for hook, fragments in sorted(by_hook.items()):
+        rows = sum(f.count_rows() for f in fragments)
+        value = fragments[0].physical_schema.field("value")
+        dtype = (value.metadata or {}).get(b"shardlens.dtype", str(value.type.value_type).encode()).decode()
+        layout = "token" if "pos" in fragments[0].physical_schema.names else "example"
+        print(f"  {hook:<40} {rows:>8} rows  shape {value.type.shape}  {dtype}  layout {layout}")
+    return 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    value = getattr(torch, name, None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
+    return value
+
+
+def parse_max_memory(text: str | None) -> dict | None:
+    """"0=40GiB,1=40GiB,cpu=64GiB" -> {0: "40GiB", 1: "40GiB", "cpu": "64GiB"}."""
+    if not text:
+        return None
+    budgets = {}
+    for item in text.split(","):
+        device, sep, size = item.partition("=")
+        if not sep or not size:
+            raise ValueError(f"--max-memory takes DEVICE=SIZE pairs like 0=40GiB,cpu=64GiB; got {item!r}")
+        budgets[int(device) if device.isdigit() else device] = size
+    return budgets
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardlens",
         description="Trace transformer models across processes, GPUs and nodes with TransformerLens' hook API.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
@@ -40,12 +117,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the stages run (default: ray)")
     demo.add_argument("--stages", type=int, default=2, choices=[1, 2], help="stages (default: 2)")
     demo.set_defaults(run=_demo)
+
+    hooks = commands.add_parser("hooks", help="list a model's hook points", description="List the hook points of a checkpoint's model (from its config; no weights are read).")
+    hooks.add_argument("model", help="checkpoint folder or hub id")
+    hooks.set_defaults(run=_hooks)
+
+    plan = commands.add_parser("plan", help="print a shard plan", description="Plan a model's stages from its config alone (no weights are loaded) and print the table.")
+    plan.add_argument("model", help="checkpoint folder or hub id")
+    plan.add_argument("--stages", type=int, default=1, help="number of stages (default: 1)")
+    plan.add_argument("--max-memory", help="each stage's device budgets, e.g. 0=40GiB,1=40GiB")
+    plan.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16, float16 (default: float32)")
+    plan.add_argument("--json", action="store_true", help="also print the plan as JSON")
+    plan.set_defaults(run=_plan)
+
+    inspect = commands.add_parser("inspect", help="describe a Parquet dataset of activations", description="List a dataset's hook points with rows, value shapes, dtypes and layout, and its metadata.")
+    inspect.add_argument("dataset", help="dataset folder or URI")
+    inspect.set_defaults(run=_inspect)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except Exception as error:
+        if args.debug:
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"shardlens {args.command}: error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

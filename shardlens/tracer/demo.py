@@ -11,6 +11,7 @@ heatmap PNG.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -71,6 +72,7 @@ def run(out: Path, *, backend: str = "ray", stages: int = 2, model: Optional[Pat
     effect = swept.grid - swept.baseline
     tables = [r.table.append_column("experiment", pa.array([name] * r.table.num_rows)) for name, r in (("sweep", swept), ("atp", estimate))]
     pq.write_table(pa.concat_tables(tables), out / "heads.parquet", compression="zstd")
+    shutil.rmtree(out / "activations", ignore_errors=True)  # the previous demo's, replaced
     cache.to_parquet(out / "activations", layout="token", metadata={"model": "shardlens induction demo"})
     heatmap({"patching effect (logit diff)": effect, "attribution patching": estimate.grid}, out / "heads.png")
     layer, head = divmod(int(effect.argmax()), effect.shape[1])

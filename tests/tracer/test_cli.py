@@ -31,3 +31,40 @@ def test_unknown_command_is_refused(capsys):
         main(["dmeo"])
     assert exit_info.value.code == 2
     assert "invalid choice: 'dmeo'" in capsys.readouterr().err
+
+
+def test_hooks_plan_inspect(tmp_path, capsys):
+    from shardlens.tracer.demo import MODEL
+
+    assert main(["hooks", str(MODEL)]) == 0
+    names = capsys.readouterr().out.split()
+    assert names[0] == "hook_embed" and "blocks.1.attn.hook_pattern" in names and names[-1] == "hook_logits"
+    assert main(["plan", str(MODEL), "--stages", "2", "--max-memory", "0=1MB,1=1MB", "--json"]) == 0
+    out = capsys.readouterr().out
+    assert "0      0-0 + embed  0, 1" in out and '"model_type": "llama"' in out
+    import torch
+
+    import shardlens as sl
+
+    sl.ActivationCache({"blocks.0.hook_resid_post": torch.zeros(2, 3, 4).bfloat16()}).to_parquet(tmp_path, metadata={"model": "x"})
+    assert main(["inspect", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "1 hook points, 1 parts" in out and "model: x" in out
+    assert "blocks.0.hook_resid_post" in out and "2 rows  shape [3, 4]  bfloat16  layout example" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["plan", "/no/such/model"], "shardlens plan: error: no checkpoint folder at /no/such/model"),
+    (["plan", "PLACEHOLDER", "--stages", "9"], "stages=9 but the model has 2 layers"),
+    (["plan", "PLACEHOLDER", "--max-memory", "0:40GiB"], "DEVICE=SIZE"),
+    (["inspect", "/no/such/dataset"], "shardlens inspect: error:"),
+])
+def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
+    from shardlens.tracer.demo import MODEL
+
+    argv = [str(MODEL) if a == "PLACEHOLDER" else a for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(Exception):
+        main(["--debug", *argv])
