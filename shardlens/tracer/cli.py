@@ -98,6 +98,32 @@ def parse_max_memory(text: str | None) -> dict | None:
     return budgets
 
 
+def _run(args: argparse.Namespace) -> int:
+    from shardlens.tracer.campaign import run_campaign
+
+    summary = run_campaign(args.campaign, progress=not args.quiet)
+    print(f"{summary['name']}: {summary['units']} units ({summary['units_run_now']} run now) in {summary['seconds']} s")
+    for name, info in summary["experiments"].items():
+        print(f"  {name}: {info['kind']}" + (f", top {info['top']}" if "top" in info else f", {len(info['hooks'])} hook points"))
+    return 0
+
+
+def _submit(args: argparse.Namespace) -> int:
+    from ray.job_submission import JobSubmissionClient
+
+    from shardlens.tracer.campaign import load_campaign
+
+    campaign = load_campaign(args.campaign)  # refuse a bad file before anything is sent
+    client = JobSubmissionClient(args.address)
+    job = client.submit_job(
+        entrypoint=f"shardlens run {Path(args.campaign).name}",
+        runtime_env={"working_dir": str(Path(args.campaign).resolve().parent)},
+        submission_id=args.job_id,
+    )
+    print(f"submitted {campaign.name} as Ray job {job} to {args.address}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardlens",
@@ -133,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe a Parquet dataset of activations", description="List a dataset's hook points with rows, value shapes, dtypes and layout, and its metadata.")
     inspect.add_argument("dataset", help="dataset folder or URI")
     inspect.set_defaults(run=_inspect)
+
+    run = commands.add_parser("run", help="run (or resume) a campaign file", description="Run a campaign file's experiments as work units with a progress bar; finished units are skipped, so a rerun resumes. Writes the dataset, summary.json, summary.md and plots.")
+    run.add_argument("campaign", help="the campaign YAML file")
+    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.set_defaults(run=_run)
+
+    submit = commands.add_parser("submit", help="submit a campaign to a Ray cluster as a job", description="Send the campaign's folder to a Ray cluster (Ray Jobs) and run `shardlens run` there.")
+    submit.add_argument("campaign", help="the campaign YAML file")
+    submit.add_argument("--address", required=True, help="the Ray dashboard address, e.g. http://head:8265")
+    submit.add_argument("--job-id", default=None, help="a submission id (default: Ray picks one)")
+    submit.set_defaults(run=_submit)
     return parser
 
 

@@ -1,0 +1,110 @@
+"""Campaign files: schema errors with lines, runs, and resuming after a kill."""
+
+import shutil
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+import shardlens as sl
+from shardlens.tracer import campaign as campaign_module
+from shardlens.tracer.campaign import CampaignError, load_campaign, run_campaign
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "induction"
+
+
+def write_campaign(folder: Path, text: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.copy(EXAMPLE / "prompts.jsonl", folder / "prompts.jsonl")
+    model = Path(sl.__file__).parent / "data" / "induction"
+    path = folder / "campaign.yaml"
+    path.write_text(text.replace("MODEL", str(model)))
+    return path
+
+
+GOOD = """name: t
+model: {source: MODEL}
+cluster: {backend: local, stages: 2}
+data: {path: prompts.jsonl, batch_size: 8, limit: 24}
+metric: {kind: logit_diff}
+experiments:
+  - {name: heads, kind: sweep, points: z, over: [layer, head], positions: [22]}
+  - {name: atp, kind: atp, points: z, over: [layer, head], positions: [22]}
+  - {name: ig, kind: ig, points: resid_pre, steps: 4}
+  - {name: resid, kind: extract, points: "blocks.*.hook_resid_post", layout: token}
+output: {path: out, plots: true}
+"""
+
+
+@pytest.mark.parametrize("edit, message", [
+    (("cluster: {backend: local, stages: 2}", "cluster: {backend: local, stagse: 2}"), r"campaign.yaml:3: unknown key 'stagse' in cluster"),
+    (("batch_size: 8", "batch_size: eight"), r"campaign.yaml:4: data.batch_size must be int"),
+    (("{kind: logit_diff}", "{kind: accuracy}"), r"campaign.yaml:5: metric.kind must be one of"),
+    (("  - {name: ig, kind: ig,", "  - {name: ig, kind: tune,"), r"campaign.yaml:9: experiment.kind must be one of"),
+    (("output: {path: out, plots: true}\n", ""), r"campaign.yaml:1: the campaign lacks 'output'"),
+    (("{name: atp, kind: atp", "{name: heads, kind: atp"), r"campaign.yaml:8: two experiments are named 'heads'"),
+    (("model: {source: MODEL}", "model: [MODEL]"), r"campaign.yaml:2: model must be dict"),
+])
+def test_schema_errors_name_the_line_and_key(tmp_path, edit, message):
+    path = write_campaign(tmp_path, GOOD.replace(*edit))
+    with pytest.raises(CampaignError, match=message):
+        load_campaign(path)
+
+
+def visible_dataset(out: Path) -> dict:
+    """Every visible Parquet part under `out`, read back, by relative path."""
+    return {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet")) if not p.name.startswith(".")}
+
+
+def test_a_run_writes_the_dataset_summary_and_plots(tmp_path):
+    path = write_campaign(tmp_path, GOOD)
+    summary = run_campaign(path, progress=False)
+    out = tmp_path / "out"
+    assert summary["units"] == 12 and summary["units_run_now"] == 12
+    assert summary["experiments"]["heads"]["top"]["point"] == "blocks.1.attn.hook_z"  # the induction layer
+    assert (out / "summary.md").read_text().startswith("# t")
+    assert {p.name for p in (out / "plots").iterdir()} == {"heads.png", "atp.png", "ig.png"}
+    assert len(list((out / "heads").glob("part-*.parquet"))) == 3
+    cache = sl.read_cache(out / "resid")
+    assert sorted(cache) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"] and cache.examples.tolist() == list(range(24))
+    again = run_campaign(path, progress=False)
+    assert again["units_run_now"] == 0
+
+
+@pytest.mark.parametrize("die_after", [0, 2, 5, 9])
+def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch, die_after):
+    whole = write_campaign(tmp_path / "whole", GOOD)
+    run_campaign(whole, progress=False)
+    expected = visible_dataset(tmp_path / "whole" / "out")
+
+    killed = write_campaign(tmp_path / "killed", GOOD)
+    real_unit, real_write = campaign_module._run_unit, campaign_module._write_atomic
+    calls = {"units": 0, "writes": 0}
+
+    def dying_write(table, path):
+        calls["writes"] += 1
+        # units 0-8 write one part each (sweep, atp, ig); extract units write one per hook:
+        # die while writing the first part, or after an extract unit's first hook part
+        if calls["units"] == die_after and calls["writes"] == (2 if die_after >= 9 else 1):
+            (path.parent).mkdir(parents=True, exist_ok=True)
+            (path.parent / f".{path.name}.tmp").write_bytes(b"half a part")
+            raise KeyboardInterrupt("killed")
+        real_write(table, path)
+
+    def counting_unit(*args, **kwargs):
+        calls["writes"] = 0
+        real_unit(*args, **kwargs)
+        calls["units"] += 1
+
+    monkeypatch.setattr(campaign_module, "_write_atomic", dying_write)
+    monkeypatch.setattr(campaign_module, "_run_unit", counting_unit)
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(killed, progress=False)
+    monkeypatch.setattr(campaign_module, "_write_atomic", real_write)
+    monkeypatch.setattr(campaign_module, "_run_unit", real_unit)
+    summary = run_campaign(killed, progress=False)
+    assert summary["units_run_now"] == 12 - die_after
+    got = visible_dataset(tmp_path / "killed" / "out")
+    assert got.keys() == expected.keys()
+    for name in expected:
+        assert got[name].equals(expected[name]), name
