@@ -165,6 +165,26 @@ class HookedModel(TappedModel):
         loss = next_token_loss(logits, tokens, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
 
+    def run_from(self, layer: int, resid_pre: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+        """The logits of the model run from layer `layer` on, given that layer's resid_pre
+        [batch, pos, d_model]: what the whole forward gives when the layers before produced
+        `resid_pre`, without recomputing them. Hook points of the layers run fire as usual."""
+        from shardlens.sharding.stage import run_layers
+
+        if self.layout is None:
+            raise ValueError("run_from needs a registered architecture")
+        self._sync_taps()
+        parts = self._parts()
+        batch, pos = resid_pre.shape[:2]
+        if attention_mask is not None and not bool(attention_mask.all()):
+            position_ids = positions_from_mask(attention_mask)
+        else:
+            position_ids = torch.arange(pos, device=resid_pre.device).expand(batch, -1)
+        rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
+        blocks = {i: block for i, block in parts.blocks.items() if i >= layer}
+        hidden = run_layers(self.config, blocks, rotary, resid_pre, attention_mask, position_ids)
+        return parts.unembed(parts.final_norm(hidden))
+
     def _cache_context(self) -> dict:
         if self.layout is None:
             return {}

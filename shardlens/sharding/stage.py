@@ -88,16 +88,8 @@ class Stage(TappedModel):
         leaf = None
         if torch.is_grad_enabled() and not self.first:
             leaf = hidden = hidden.detach().requires_grad_(True)
-        masks = self._masks(hidden, io.attention_mask, position_ids)
-        rotary = self.rotary(hidden, position_ids) if self.rotary is not None else None
-        layer_types = getattr(self.config, "layer_types", None)
-        for layer, block in self.blocks.items():
-            kwargs: dict[str, Any] = {"attention_mask": masks[layer_types[int(layer)] if layer_types else "full_attention"]}
-            kwargs["position_ids"] = position_ids
-            if rotary is not None:
-                kwargs["position_embeddings"] = rotary
-            hidden = block(hidden, **kwargs)
-            hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        blocks = {int(layer): block for layer, block in self.blocks.items()}
+        hidden = run_layers(self.config, blocks, self.rotary, hidden, io.attention_mask, position_ids)
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
             logits = self.unembed(self.final_norm(hidden))
@@ -132,17 +124,6 @@ class Stage(TappedModel):
             hidden = self.embed_dropout(hidden)
         return hidden, position_ids
 
-    def _masks(self, hidden: Tensor, attention_mask: Optional[Tensor], position_ids: Tensor) -> dict[str, Any]:
-        from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-        if attention_mask is not None:
-            attention_mask = attention_mask.to(hidden.device)
-        kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
-        masks = {"full_attention": create_causal_mask(**kwargs)}
-        if "sliding_attention" in (getattr(self.config, "layer_types", None) or ()):
-            masks["sliding_attention"] = create_sliding_window_causal_mask(**kwargs)
-        return masks
-
     def backward(self, grad: Optional[Tensor] = None) -> Optional[Tensor]:
         """Backpropagate through the last forward: from its loss (grad None), or from the
         gradient of its output (hidden states, or logits on a last stage without labels).
@@ -155,6 +136,36 @@ class Stage(TappedModel):
             raise ValueError(f"stage {self.spec.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
         output.backward(None if grad is None else grad.to(output.device))
         return None if leaf is None else leaf.grad
+
+
+def run_layers(
+    config: Any,
+    blocks: dict[int, nn.Module],
+    rotary: Optional[nn.Module],
+    hidden: Tensor,
+    attention_mask: Optional[Tensor],
+    position_ids: Tensor,
+) -> Tensor:
+    """Run decoder blocks (global layer -> block, in order) as the Hugging Face model's own
+    forward runs them: causal (and sliding-window) masks from the 2-D attention mask,
+    rotary embeddings from the position ids."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(hidden.device)
+    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
+    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
+    layer_types = getattr(config, "layer_types", None)
+    if "sliding_attention" in (layer_types or ()):
+        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
+    rotary_embeddings = rotary(hidden, position_ids) if rotary is not None else None
+    for layer, block in blocks.items():
+        kwargs: dict[str, Any] = {"attention_mask": masks[layer_types[layer] if layer_types else "full_attention"], "position_ids": position_ids}
+        if rotary_embeddings is not None:
+            kwargs["position_embeddings"] = rotary_embeddings
+        hidden = block(hidden, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
 
 
 def build_stage(

@@ -2,7 +2,9 @@
 corrupted run, for every (hook point, position) or (hook point, head).
 
 Many patch variants run per forward pass: the corrupted batch is repeated along the batch
-axis, and each copy gets its own patch (sl.ops.Patch with batch= rows).
+axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). On a HookedModel
+the variants of one layer run from that layer's cached corrupted resid_pre: the layers
+before it are the corrupted run's, so they are not computed again.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import Tensor
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import Patch
 from shardlens.hooks.specs import HookSpec
-from shardlens.tracer.cells import CellGrid, batch_mean, resolve_points, run_logits
+from shardlens.tables.axes import layer_index
+from shardlens.tracer.cells import CellGrid, batch_mean, is_tracer, resolve_points, run_logits
 
 SweepResult = CellGrid
 
@@ -36,6 +39,26 @@ def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: 
         return HookSpec(name, Patch(clean[:, index:index + 1], positions=[index], batch=rows))
     values = clean[:, :, index:index + 1] if positions is None else clean[:, positions, index:index + 1]
     return HookSpec(name, Patch(values, heads=[index], positions=positions, batch=rows))
+
+
+def _corrupt_resid(model: Any, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
+    """The corrupted run's resid_pre of each layer the cells are in, on a HookedModel (where
+    a run can start mid-model); empty on a Tracer."""
+    if is_tracer(model) or not hasattr(model, "run_from") or model.layout is None:
+        return {}
+    layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
+    resid = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
+    _, cache = model.run_with_cache(corrupt, names_filter=resid, attention_mask=attention_mask)
+    return {layer: cache[name] for layer, name in zip(layers, resid)}
+
+
+def _by_layer(cells: list, start_from: dict) -> list:
+    """Cells grouped by the layer a run can start from (None: the whole forward), in order."""
+    groups: dict = {}
+    for name, index in cells:
+        layer = layer_index(name)
+        groups.setdefault(layer if layer in start_from else None, []).append((name, index))
+    return list(groups.items())
 
 
 def sweep(
@@ -74,15 +97,21 @@ def sweep(
     _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
     batch = clean.shape[0]
     cells = _cells(names, over, clean_cache)
+    start_from = _corrupt_resid(model, corrupt, attention_mask, names)
     per_run = max(1, max_batch // batch)
     values = []
-    for start in range(0, len(cells), per_run):
-        group = cells[start:start + per_run]
-        specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
-        tokens = corrupt.repeat(len(group), 1)
-        mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
-        logits = run_logits(model, tokens, mask, specs)
-        values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
+    for layer, layer_cells in _by_layer(cells, start_from):
+        for start in range(0, len(layer_cells), per_run):
+            group = layer_cells[start:start + per_run]
+            specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
+            tokens = corrupt.repeat(len(group), 1)
+            mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
+            if layer is None:
+                logits = run_logits(model, tokens, mask, specs)
+            else:
+                with torch.no_grad(), model.hooks(fwd_hooks=specs):
+                    logits = model.run_from(layer, start_from[layer].repeat(len(group), 1, 1), mask)
+            values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
     baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
     grid = torch.cat(values).reshape(len(names), -1).cpu()
     return SweepResult(tuple(names), tuple(over), grid, baseline)
