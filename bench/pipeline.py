@@ -59,7 +59,6 @@ def main() -> None:
         model = sl.HookedModel.from_pretrained(folder)
         with torch.no_grad():
             results["HookedModel, this process, 2 threads"] = median_seconds(lambda: model.run_with_cache(tokens, names_filter=NAMES), args.repeats)
-        del model
         for label, options in (
             (f"Tracer stages=2 (ray, microbatch {args.microbatch})", dict(stages=2, microbatch_size=args.microbatch)),
             (f"Tracer stages=1 replicas=2 (ray, microbatch {args.microbatch})", dict(stages=1, replicas=2, microbatch_size=args.microbatch)),

@@ -3,7 +3,7 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import HookNameError
+from shardlens.errors import HookNameError, RemoteHookError, ShardPlanError, WorkerError
 from shardlens.hooks import metrics
 from shardlens.hooks import (
     HookedModel,
@@ -17,6 +17,7 @@ from shardlens.hooks import (
     ops,
     points,
 )
+from shardlens.sharding import ShardPlan, build_stage
 from shardlens.tables import ActivationCache, ParquetSink, read_cache
 from shardlens.tracer import Tracer, attribution, patching
 
@@ -33,10 +34,15 @@ __all__ = [
     "LensHandle",
     "ParquetSink",
     "Points",
+    "RemoteHookError",
+    "ShardPlan",
+    "ShardPlanError",
     "Slice",
     "Tracer",
+    "WorkerError",
     "__version__",
     "attribution",
+    "build_stage",
     "metrics",
     "patching",
     "read_cache",

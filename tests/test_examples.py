@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

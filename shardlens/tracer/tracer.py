@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
+from shardlens.errors import HookNameError
 from shardlens.hooks.hook_points import HookTarget
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.names import NamesFilter, names_predicate
@@ -109,7 +110,10 @@ class Tracer:
             raise TypeError(f"{argument} takes sl.HookSpec or (name, op_or_fn) pairs; got {item!r}")
         name, hook = item
         if callable(name) and not isinstance(name, str):
-            name = tuple(n for n in self.hook_names() if name(n)) or ("<no hook point matched the predicate>",)
+            matched = tuple(n for n in self.hook_names() if name(n))
+            if not matched:
+                raise HookNameError(getattr(name, "__name__", "<predicate>"), self.hook_names(), what="hook point matches the predicate")
+            name = matched
         return HookSpec(name, self._op(hook), dir=direction if not isinstance(hook, Op) else None)
 
     def _op(self, hook: Any) -> Op:

@@ -1,6 +1,5 @@
 """Tracer on both backends against the one-process HookedModel."""
 
-import contextlib
 import os
 import time
 
@@ -199,3 +198,13 @@ def test_shutdown_leaves_no_worker_processes(ray_session, tiny_checkpoints):
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(pid_alive(p) for p in pids)
+
+
+def test_predicates_with_ops_select_points_on_every_stage(tiny_checkpoints, tokens, reference):
+    is_z = lambda name: name.endswith("hook_z")  # noqa: E731
+    expected_logits = reference["llama_gqa"].run_with_hooks(tokens, fwd_hooks=[Spec(sl.points("z"), ops.Ablate(heads=[1]))])
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        logits = tracer.run_with_hooks(tokens, fwd_hooks=[(is_z, ops.Ablate(heads=[1]))])
+        with pytest.raises(HookNameError, match="predicate"):
+            tracer.run_with_hooks(tokens, fwd_hooks=[(lambda name: False, ops.Ablate())])
+    assert torch.allclose(logits, expected_logits, atol=1e-5)
