@@ -124,6 +124,18 @@ def _submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _schedule(args: argparse.Namespace) -> int:
+    from shardlens.tracer.schedule import render, write
+
+    files = render(
+        args.campaign, cron=args.cron, target=args.target, gpu_workers=args.gpu_workers,
+        gpus_per_worker=args.gpus_per_worker, workdir=args.workdir,
+    )
+    for path in write(files, Path(args.out)):
+        print(path)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardlens",
@@ -170,6 +182,16 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--address", required=True, help="the Ray dashboard address, e.g. http://head:8265")
     submit.add_argument("--job-id", default=None, help="a submission id (default: Ray picks one)")
     submit.set_defaults(run=_submit)
+
+    schedule = commands.add_parser("schedule", help="write deployment files that run a campaign on a schedule", description="Render KubeRay manifests (RayCluster, RayJob, RayCronJob), a Kubernetes CronJob that calls `shardlens submit`, or a systemd service and timer, for a campaign.")
+    schedule.add_argument("campaign", help="the campaign YAML file")
+    schedule.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: '0 2 * * *', 02:00 nightly)")
+    schedule.add_argument("--target", choices=["kuberay", "cronjob", "systemd"], default="kuberay", help="what to write (default: kuberay)")
+    schedule.add_argument("--out", default="deploy/generated", help="output folder (default: deploy/generated)")
+    schedule.add_argument("--gpu-workers", type=int, default=2, help="GPU worker pods (default: 2)")
+    schedule.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker pod (default: 1)")
+    schedule.add_argument("--workdir", default="/opt/shardlens", help="systemd: where shardlens and its campaigns live (default: /opt/shardlens)")
+    schedule.set_defaults(run=_schedule)
     return parser
 
 

@@ -1,0 +1,127 @@
+"""deploy/: every file parses, has what its CRD requires, and names commands the CLI accepts."""
+
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from shardlens.tracer.campaign import load_campaign
+from shardlens.tracer.cli import build_parser
+from shardlens.tracer.schedule import cron_to_calendar, render
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+CAMPAIGN = ROOT / "examples" / "induction" / "campaign.yaml"
+YAMLS = sorted(DEPLOY.rglob("*.yaml"))
+
+# KubeRay and Kubernetes field paths each kind must have (KubeRay v1 CRD names).
+REQUIRED = {
+    "RayCluster": ["spec.headGroupSpec.rayStartParams", "spec.headGroupSpec.template.spec.containers", "spec.workerGroupSpecs"],
+    "RayJob": ["spec.entrypoint", "spec.rayClusterSpec.headGroupSpec.template.spec.containers"],
+    "RayCronJob": ["spec.schedule", "spec.jobTemplate.entrypoint", "spec.jobTemplate.rayClusterSpec.headGroupSpec"],
+    "CronJob": ["spec.schedule", "spec.jobTemplate.spec.template.spec.containers"],
+    "ConfigMap": ["data"],
+}
+
+
+def field(obj, path):
+    for key in path.split("."):
+        assert isinstance(obj, dict) and key in obj, f"missing {path}"
+        obj = obj[key]
+    return obj
+
+
+def k8s_objects():
+    for path in YAMLS:
+        for obj in yaml.safe_load_all(path.read_text()):
+            if isinstance(obj, dict) and "kind" in obj:
+                yield path.name, obj
+
+
+def test_every_yaml_parses():
+    assert len(YAMLS) >= 6
+    for path in YAMLS:
+        assert list(yaml.safe_load_all(path.read_text())), path
+
+
+@pytest.mark.parametrize("name, obj", list(k8s_objects()), ids=lambda v: v if isinstance(v, str) else v["kind"])
+def test_kubernetes_objects_have_what_their_crd_requires(name, obj):
+    assert obj["apiVersion"] in ("ray.io/v1", "batch/v1", "v1") and obj["metadata"]["name"]
+    for path in REQUIRED[obj["kind"]]:
+        field(obj, path)
+    if obj["kind"] == "RayCluster":
+        for group in obj["spec"]["workerGroupSpecs"]:
+            assert group["groupName"] and group["replicas"] >= 1 and field(group, "template.spec.containers")
+            gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
+            assert int(gpus) >= 1
+        volumes = {v["name"]: v for v in obj["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+        assert volumes["shm"]["emptyDir"]["medium"] == "Memory" and "persistentVolumeClaim" in volumes["hf-cache"]
+
+
+def test_the_configmap_holds_a_valid_campaign(tmp_path):
+    configmap = yaml.safe_load((DEPLOY / "kuberay" / "configmap.yaml").read_text())
+    (name, text), = configmap["data"].items()
+    (tmp_path / name).write_text(text)
+    assert load_campaign(tmp_path / name).name == "induction-heads"
+
+
+def shardlens_commands():
+    commands = []
+    for _, obj in k8s_objects():
+        stack = [obj]
+        while stack:  # every RayJob entrypoint and container command, at any depth
+            item = stack.pop()
+            if isinstance(item, dict):
+                if isinstance(item.get("entrypoint"), str):
+                    commands.append(shlex.split(item["entrypoint"]))
+                if isinstance(item.get("command"), list) and item["command"][0] == "shardlens":
+                    commands.append(item["command"])
+                stack += list(item.values())
+            elif isinstance(item, list):
+                stack += item
+    for path in (DEPLOY / "systemd").glob("*.service"):
+        line = next(l for l in path.read_text().splitlines() if l.startswith("ExecStart="))
+        words = shlex.split(line.removeprefix("ExecStart="))
+        commands.append(["shardlens"] + words[1:])
+    return commands
+
+
+def test_every_shardlens_command_parses_with_the_cli():
+    commands = shardlens_commands()
+    assert {c[1] for c in commands} >= {"run", "submit"}
+    for command in commands:
+        assert command[0] == "shardlens"
+        build_parser().parse_args(command[1:])
+
+
+def test_the_committed_files_are_what_schedule_writes():
+    rendered = {}
+    for target, folder in (("kuberay", "kuberay"), ("cronjob", "kuberay"), ("systemd", "systemd")):
+        for name, text in render(str(CAMPAIGN), cron="0 2 * * *", target=target).items():
+            rendered[f"{folder}/{name}"] = text
+    for name, text in rendered.items():
+        assert (DEPLOY / name).read_text() == text, f"deploy/{name} is stale: rerun shardlens schedule (see deploy/README.md)"
+
+
+@pytest.mark.parametrize("cron, calendar", [
+    ("0 2 * * *", "*-*-* 02:00:00"),
+    ("30 4 1 * *", "*-*-01 04:30:00"),
+    ("0 0 * * 1,5", "Mon,Fri *-*-* 00:00:00"),
+    ("15 3,15 * 6 *", "*-06-* 03,15:15:00"),
+])
+def test_cron_to_systemd_calendar(cron, calendar):
+    assert cron_to_calendar(cron) == calendar
+
+
+def test_bad_schedules_are_refused():
+    with pytest.raises(ValueError, match="5 fields"):
+        cron_to_calendar("*/5 * * * *")
+    with pytest.raises(ValueError, match="--target"):
+        render(str(CAMPAIGN), cron="0 2 * * *", target="nomad")
+
+
+def test_dockerfile_runs_as_a_non_root_user_on_cuda():
+    text = (DEPLOY / "docker" / "Dockerfile").read_text()
+    assert text.startswith("#") and "FROM nvidia/cuda:" in text
+    assert "USER shardlens" in text and (ROOT / ".dockerignore").exists()
