@@ -114,12 +114,22 @@ def _submit(args: argparse.Namespace) -> int:
     from shardlens.tracer.campaign import load_campaign
 
     campaign = load_campaign(args.campaign)  # refuse a bad file before anything is sent
+    import time
+
     client = JobSubmissionClient(args.address)
-    job = client.submit_job(
-        entrypoint=f"shardlens run {Path(args.campaign).name}",
-        runtime_env={"working_dir": str(Path(args.campaign).resolve().parent)},
-        submission_id=args.job_id,
-    )
+    deadline = time.monotonic() + 60
+    while True:  # a head that has just started may not have its job agent yet
+        try:
+            job = client.submit_job(
+                entrypoint=f"shardlens run {Path(args.campaign).name}",
+                runtime_env={"working_dir": str(Path(args.campaign).resolve().parent)},
+                submission_id=args.job_id,
+            )
+            break
+        except RuntimeError as error:
+            if "No available agent" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
     print(f"submitted {campaign.name} as Ray job {job} to {args.address}")
     return 0
 

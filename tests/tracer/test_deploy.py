@@ -1,5 +1,6 @@
 """deploy/: every file parses, has what its CRD requires, and names commands the CLI accepts."""
 
+import contextlib
 import shlex
 from pathlib import Path
 
@@ -125,3 +126,73 @@ def test_dockerfile_runs_as_a_non_root_user_on_cuda():
     text = (DEPLOY / "docker" / "Dockerfile").read_text()
     assert text.startswith("#") and "FROM nvidia/cuda:" in text
     assert "USER shardlens" in text and (ROOT / ".dockerignore").exists()
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_submit_a_campaign_to_a_ray_head_end_to_end(tmp_path, monkeypatch):
+    """ray start --head on 127.0.0.1 (its own temp dir), shardlens submit, wait, check the
+    dataset, then stop exactly the processes of that Ray instance."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import psutil
+
+    import shardlens as sl
+    from shardlens.tracer.cli import main
+
+    ray_temp = tempfile.mkdtemp(prefix="slray", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    port, dashboard = free_port(), free_port()
+    bin_dir = Path(sys.executable).parent
+    # A throwaway head on the loopback address: no token authentication, no usage stats.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", ray_temp,
+             "--num-cpus", "2", "--disable-usage-stats"]
+    subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
+    try:
+        folder = tmp_path / "campaign"
+        folder.mkdir()
+        (folder / "prompts.jsonl").write_text("\n".join((ROOT / "examples" / "induction" / "prompts.jsonl").read_text().splitlines()[:8]) + "\n")
+        model = Path(sl.__file__).parent / "data" / "induction"
+        (folder / "tiny.yaml").write_text(f"""name: tiny
+model: {{source: {model}}}
+cluster: {{backend: local}}
+data: {{path: prompts.jsonl, batch_size: 4}}
+experiments:
+  - {{name: heads, kind: sweep, points: z, over: [layer, head], positions: [22]}}
+output: {{path: {tmp_path / 'out'}, plots: false}}
+""")
+        assert main(["submit", str(folder / "tiny.yaml"), "--address", f"http://127.0.0.1:{dashboard}", "--job-id", "shardlens-e2e"]) == 0
+        from ray.job_submission import JobStatus, JobSubmissionClient
+
+        client = JobSubmissionClient(f"http://127.0.0.1:{dashboard}")
+        deadline = time.monotonic() + 240
+        while client.get_job_status("shardlens-e2e") not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            assert time.monotonic() < deadline, client.get_job_logs("shardlens-e2e")[-2000:]
+            time.sleep(1)
+        assert client.get_job_status("shardlens-e2e") == JobStatus.SUCCEEDED, client.get_job_logs("shardlens-e2e")[-2000:]
+        parts = sorted((tmp_path / "out" / "heads").glob("part-*.parquet"))
+        assert len(parts) == 2
+        assert (tmp_path / "out" / "summary.json").exists()
+    finally:
+        ours = [p for p in psutil.process_iter(["cmdline"]) if any(ray_temp in arg for arg in (p.info["cmdline"] or []))]
+        for process in ours:
+            with contextlib.suppress(psutil.Error):
+                process.send_signal(signal.SIGTERM)
+        gone, alive = psutil.wait_procs(ours, timeout=20)
+        for process in alive:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
+        assert ours, "found none of the Ray instance's processes to stop"
