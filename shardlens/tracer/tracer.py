@@ -114,7 +114,7 @@ class Tracer:
             if not matched:
                 raise HookNameError(getattr(name, "__name__", "<predicate>"), self.hook_names(), what="hook point matches the predicate")
             name = matched
-        return HookSpec(name, self._op(hook), dir=direction if not isinstance(hook, Op) else None)
+        return HookSpec(name, self._op(hook), dir=direction)  # a pair takes its direction from the list it is in
 
     def _op(self, hook: Any) -> Op:
         if isinstance(hook, Op):
