@@ -72,10 +72,15 @@ class Tracer:
         """
         plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype)
         gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
-        coordinator = Coordinator(
-            os.fspath(path), plan, make_backend(backend, address, gpus_per_worker=gpus), replicas=replicas,
-            microbatch_size=microbatch_size, device=device, worker_threads=worker_threads, allow_code=allow_code,
-        )
+        workers = make_backend(backend, address, gpus_per_worker=gpus)
+        try:
+            coordinator = Coordinator(
+                os.fspath(path), plan, workers, replicas=replicas, microbatch_size=microbatch_size,
+                device=device, worker_threads=worker_threads, allow_code=allow_code,
+            )
+        except BaseException:
+            workers.shutdown()  # no actors (or Ray instance) of ours left behind by a failed start
+            raise
         from shardlens.hooks.model import _load_tokenizer
 
         return cls(coordinator, tokenizer=_load_tokenizer(path))

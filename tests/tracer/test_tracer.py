@@ -208,3 +208,12 @@ def test_predicates_with_ops_select_points_on_every_stage(tiny_checkpoints, toke
         with pytest.raises(HookNameError, match="predicate"):
             tracer.run_with_hooks(tokens, fwd_hooks=[(lambda name: False, ops.Ablate())])
     assert torch.allclose(logits, expected_logits, atol=1e-5)
+
+
+def test_bad_tracer_arguments_are_refused(tiny_checkpoints):
+    with pytest.raises(ValueError, match="replicas must be a positive int"):
+        Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], replicas=0, backend="local")
+    with pytest.raises(ValueError, match="backend must be 'ray' or 'local'"):
+        Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], backend="slurm")
+    with pytest.raises(ValueError, match="takes no address"):
+        Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], backend="local", address="127.0.0.1:6379")
