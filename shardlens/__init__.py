@@ -5,6 +5,7 @@ The public names of the package are the ones listed here.
 
 from shardlens.errors import HookNameError, RemoteHookError, ShardPlanError, WorkerError
 from shardlens.hooks import metrics
+from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
     HookedModel,
     HookedRootModule,
@@ -31,6 +32,7 @@ __all__ = [
     "HookNameError",
     "HookPoint",
     "HookSpec",
+    "KeyValueCache",
     "LensHandle",
     "ParquetSink",
     "Points",

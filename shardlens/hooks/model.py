@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
+from shardlens.hooks.generation import KeyValueCache, generate
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.taps import ModelParts, module_taps
 from shardlens.hooks.tapped import TappedModel
@@ -127,6 +128,7 @@ class HookedModel(TappedModel):
         return_type: ReturnType = "logits",
         attention_mask: Optional[Tensor] = None,
         metric: Optional[Metric] = None,
+        past_kv_cache: Optional[KeyValueCache] = None,
         **kwargs: Any,
     ) -> Any:
         """Run the wrapped model through its hook points.
@@ -139,6 +141,8 @@ class HookedModel(TappedModel):
             attention_mask: [batch, pos], 1 for real tokens, 0 for padding. Position ids then
                 count only real tokens, so padding does not shift an example's positions.
             metric: an sl.metrics score, for return_type="metric".
+            past_kv_cache: a KeyValueCache of earlier tokens: only `input` (the new tokens)
+                runs, attending to them; the cache grows unless it is frozen.
             **kwargs: passed to the wrapped model's forward.
         """
         self._sync_taps()
@@ -148,6 +152,8 @@ class HookedModel(TappedModel):
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
         tokens, attention_mask = self._inputs(input, attention_mask)
         self._last_attention_mask = attention_mask
+        if past_kv_cache is not None:
+            return self._run_with_kv_cache(tokens, attention_mask, past_kv_cache, return_type, metric, kwargs)
         if attention_mask is not None and "position_ids" not in kwargs and not bool(attention_mask.all()):
             kwargs["position_ids"] = positions_from_mask(attention_mask)
         elif self.layout is not None and self.layout.pos_embed and "position_ids" not in kwargs:
@@ -164,6 +170,27 @@ class HookedModel(TappedModel):
             return metric(logits, attention_mask, tokens)
         loss = next_token_loss(logits, tokens, attention_mask)
         return loss if return_type == "loss" else (logits, loss)
+
+    def _run_with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, return_type: Any, metric: Any, kwargs: dict) -> Any:
+        new_mask = torch.ones_like(tokens) if mask is None else mask
+        full_mask = cache.append_attention_mask(new_mask)
+        positions = positions_from_mask(full_mask)[:, -tokens.shape[1]:]
+        logits = self.model(
+            input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
+        ).logits
+        if return_type == "logits":
+            return logits
+        if return_type is None:
+            return None
+        if return_type == "metric":
+            return metric(logits, new_mask, tokens)
+        loss = next_token_loss(logits, tokens, new_mask)
+        return loss if return_type == "loss" else (logits, loss)
+
+    def generate(self, input: Any, **kwargs: Any) -> Tensor:
+        """Generate tokens with hooks and specs active at every step (greedy by default);
+        see shardlens.hooks.generation.generate for the options."""
+        return generate(self, input, **kwargs)
 
     def run_from(self, layer: int, resid_pre: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
         """The logits of the model run from layer `layer` on, given that layer's resid_pre

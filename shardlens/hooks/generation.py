@@ -1,0 +1,161 @@
+"""Generation with hook points active, and a key/value cache of past tokens.
+
+`KeyValueCache` has TransformerLens' shape (entries per layer of [batch, pos_so_far,
+n_kv_heads, d_head] keys and values, the attention mask so far, freeze / unfreeze) and is
+backed by the transformers DynamicCache the wrapped model consumes. A frozen cache is not
+extended by a run: many inputs can share one cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class KeyValueCacheEntry:
+    """One layer's past keys and values, [batch, pos_so_far, n_kv_heads, d_head] (views)."""
+
+    past_keys: Tensor
+    past_values: Tensor
+
+
+class KeyValueCache:
+    """Past keys and values of every layer, and the attention mask of the tokens they hold.
+
+    Example:
+        >>> cache = sl.KeyValueCache.init_cache(model.config, batch_size=2)
+        >>> model(prefix, past_kv_cache=cache); cache.freeze()
+        >>> logits = model(suffix, past_kv_cache=cache)   # runs only the suffix; cache unchanged
+    """
+
+    def __init__(self, hf_cache: Any, previous_attention_mask: Tensor, frozen: bool = False):
+        self.hf_cache = hf_cache
+        self.previous_attention_mask = previous_attention_mask
+        self.frozen = frozen
+
+    @classmethod
+    def init_cache(cls, config: Any, device: Any = None, batch_size: int = 1) -> "KeyValueCache":
+        from transformers import DynamicCache
+
+        mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
+        return cls(DynamicCache(config=config), mask)
+
+    def freeze(self) -> None:
+        self.frozen = True
+
+    def unfreeze(self) -> None:
+        self.frozen = False
+
+    @property
+    def seq_len(self) -> int:
+        return self.previous_attention_mask.shape[1]
+
+    @property
+    def entries(self) -> list[KeyValueCacheEntry]:
+        return [KeyValueCacheEntry(layer.keys.transpose(1, 2), layer.values.transpose(1, 2)) for layer in self.hf_cache.layers]
+
+    def __getitem__(self, layer: int) -> KeyValueCacheEntry:
+        return self.entries[layer]
+
+    def append_attention_mask(self, attention_mask: Tensor) -> Tensor:
+        """The mask of the cached tokens and these new ones; kept unless the cache is frozen."""
+        mask = torch.cat([self.previous_attention_mask.to(attention_mask.device), attention_mask.long()], dim=1)
+        if not self.frozen:
+            self.previous_attention_mask = mask
+        return mask
+
+    def for_run(self) -> Any:
+        """The transformers cache to hand to one run: itself, or a copy when frozen."""
+        if not self.frozen:
+            return self.hf_cache
+        from transformers import DynamicCache
+
+        copy = DynamicCache(config=getattr(self.hf_cache, "config", None)) if _takes_config() else DynamicCache()
+        for index, layer in enumerate(self.hf_cache.layers):
+            copy.update(layer.keys.detach().clone(), layer.values.detach().clone(), index)
+        return copy
+
+
+def _takes_config() -> bool:
+    import inspect
+
+    from transformers import DynamicCache
+
+    return "config" in inspect.signature(DynamicCache.__init__).parameters
+
+
+def sample(logits: Tensor, *, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
+    """The next token of each row of [batch, vocab] logits: greedy at temperature 0."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        remove = cumulative - sorted_logits.softmax(-1) > top_p  # keep the smallest set reaching top_p
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def generate(
+    model: Any,
+    input: Any,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: Optional[int] = None,
+    top_p: Optional[float] = None,
+    stop_at_eos: bool = True,
+    use_kv_cache: bool = True,
+    fwd_hooks: Sequence = (),
+    attention_mask: Optional[Tensor] = None,
+    store: Optional[dict] = None,
+    seed: Optional[int] = None,
+) -> Tensor:
+    """Generate tokens from a HookedModel with hooks / specs active at every step.
+
+    Returns [batch, prompt + new] token ids. Examples that produce the end-of-sequence token
+    stop there and are padded with the pad token (as transformers' generate does). What
+    reading specs read at step k goes into `store` under ``<entry>.step<k>``.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0; got {temperature}")
+    tokens, mask = model._inputs(input, attention_mask)
+    mask = torch.ones_like(tokens) if mask is None else mask.long()
+    config = model.config
+    eos = getattr(config, "eos_token_id", None)
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else eos
+    generator = None if seed is None else torch.Generator(device=tokens.device).manual_seed(seed)
+    step_store: dict = {}
+    finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks, store=step_store):
+        cache = KeyValueCache.init_cache(config, tokens.device, tokens.shape[0]) if use_kv_cache else None
+        new_input, new_mask = tokens, mask
+        for step in range(max_new_tokens):
+            if cache is not None:
+                logits = model(new_input, attention_mask=new_mask, past_kv_cache=cache)
+            else:
+                logits = model(tokens, attention_mask=mask)
+            token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+            if stop_at_eos and eos is not None:
+                token = torch.where(finished, torch.full_like(token, pad), token)
+                finished |= token == eos
+            tokens = torch.cat([tokens, token[:, None]], dim=1)
+            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+            new_input, new_mask = token[:, None], torch.ones_like(token)[:, None]
+            if store is not None:
+                store.update({f"{name}.step{step}": value for name, value in step_store.items()})
+            step_store.clear()
+            if stop_at_eos and eos is not None and bool(finished.all()):
+                break
+    return tokens
