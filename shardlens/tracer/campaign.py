@@ -160,18 +160,31 @@ def _ids(value: Any, tokenizer: Any, what: str) -> list[int]:
 
 def batch_tensors(campaign: Campaign, rows: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
     """Token ids of one data batch: clean, corrupt [batch, pos], answer and wrong [batch]."""
-    field = lambda key: campaign.data.get(key, key)  # noqa: E731
+    column = lambda key: campaign.data.get(key, key)  # noqa: E731
     out: dict[str, Any] = {}
     for key in ("clean", "corrupt"):
-        if field(key) in rows[0]:
-            ids = [_ids(r[field(key)], tokenizer, key) for r in rows]
+        if column(key) in rows[0]:
+            ids = [_ids(r[column(key)], tokenizer, key) for r in rows]
             if len({len(i) for i in ids}) != 1:
                 raise CampaignError(f"{campaign.path}: the {key} prompts of a batch must have the same length in tokens")
             out[key] = torch.tensor(ids)
     for key in ("answer", "wrong"):
-        if field(key) in rows[0]:
-            out[key] = [_ids(r[field(key)], tokenizer, key)[0] for r in rows]
+        if column(key) in rows[0]:
+            out[key] = [_ids(r[column(key)], tokenizer, key)[0] for r in rows]
     return out
+
+
+def check_fields(campaign: Campaign, rows: list[dict]) -> None:
+    """Refuse data that lacks a field the experiments need, before any work."""
+    if not rows:
+        raise CampaignError(f"{campaign.path}: data.path {campaign.data_path} holds no rows")
+    needed = {"clean"}
+    if any(e["kind"] != "extract" for e in campaign.experiments):
+        needed |= {"corrupt"} | {"logit_diff": {"answer", "wrong"}, "prob": {"answer"}, "log_prob": {"answer"}}.get(campaign.metric.get("kind", "logit_diff"), set())
+    for key in sorted(needed):
+        name = campaign.data.get(key, key)
+        if name not in rows[0]:
+            raise CampaignError(f"{campaign.path}: the rows of {campaign.data_path.name} have no field {name!r} (data.{key}); they have {sorted(rows[0])}")
 
 
 # ---------------------------------------------------------------- running
@@ -253,6 +266,7 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
 
     campaign = load_campaign(path)
     rows = load_rows(campaign)
+    check_fields(campaign, rows)
     batch_size = campaign.data.get("batch_size", 16)
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     out = campaign.output_path

@@ -108,3 +108,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name].equals(expected[name]), name
+
+
+def test_data_without_a_needed_field_is_refused_before_any_work(tmp_path):
+    path = write_campaign(tmp_path, GOOD.replace("batch_size: 8, limit: 24", "batch_size: 8, limit: 24, corrupt: corrupted"))
+    with pytest.raises(CampaignError, match=r"no field 'corrupted' \(data.corrupt\)"):
+        run_campaign(path, progress=False)
+    assert not (tmp_path / "out" / "heads").exists()
