@@ -7,24 +7,13 @@ unwrapped transformers generate, on the same small random GPT-2, same run.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 import transformers
 
 import shardlens as sl
-
-
-def median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from timing import median_seconds  # bench/timing.py
 
 
 def main() -> None:

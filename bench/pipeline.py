@@ -11,15 +11,14 @@ worker with 1 torch thread. Prints sequences/s and the ratio to the in-process r
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 
 import torch
 import transformers
 
 import shardlens as sl
 from shardlens.tracer import Tracer
+from timing import median_seconds  # bench/timing.py
 
 NAMES = "blocks.*.hook_resid_post"
 
@@ -28,16 +27,6 @@ def save_model(folder: str) -> None:
     config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, n_positions=128, bos_token_id=0, eos_token_id=0)
     torch.manual_seed(0)
     transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-
-
-def median_seconds(run, repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main() -> None:
