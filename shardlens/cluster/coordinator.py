@@ -83,35 +83,66 @@ class Coordinator:
 
     def push(self, level: Optional[int], specs: Sequence[HookSpec]) -> None:
         """Validate specs against every stage's hook points, then send each stage its share."""
+        per_stage, known = self._split(specs)
+        self._install(level, per_stage, self.workers)
+        self.stack.append(StackEntry(level, tuple(specs), tuple(tuple(p) for p in per_stage)))
+        self.stage_names = known
+
+    def _split(self, specs: Sequence[HookSpec]) -> tuple[list[list[str]], list[list[str]]]:
+        """Each stage's share of the specs (as JSON), and the stages' hook names after them
+        (a Splice adds points). Unknown names fail here, before anything is sent."""
         per_stage: list[list[str]] = [[] for _ in self.stage_names]
         known = [list(names) for names in self.stage_names]
         for spec in specs:
-            names = spec.resolve(self._all(known))  # unknown names fail here, before any work
+            names = spec.resolve(self._all(known))
             for s, stage_names in enumerate(known):
                 mine = [n for n in names if n in stage_names]
                 if mine:
                     per_stage[s].append(dataclasses.replace(spec, points=tuple(mine)).to_json(allow_code=self.allow_code))
                     if isinstance(spec.op, Splice):
                         stage_names += [f"{n}.{sub}" for n in mine for sub in SPLICE_POINTS]
-        self._install_all(level, per_stage)
-        self.stack.append(StackEntry(level, tuple(specs), tuple(tuple(p) for p in per_stage)))
-        self.stage_names = known
+        return per_stage, known
 
     @staticmethod
     def _all(known: list[list[str]]) -> list[str]:
         return [name for names in known for name in names]
 
-    def _install_all(self, level: Optional[int], per_stage: list[list[str]]) -> None:
+    def _install(self, level: Optional[int], per_stage: list[list[str]], rows: list[list[Any]]) -> None:
         handles = [
             self.backend.call(row[s], "install", level, specs)
-            for row in self.workers for s, specs in enumerate(per_stage) if specs
+            for row in rows for s, specs in enumerate(per_stage) if specs
         ]
         try:
             self._get(handles)
         except BaseException:
             if level is not None:
-                self._get([self.backend.call(w, "pop", level) for row in self.workers for w in row])
+                self._get([self.backend.call(w, "pop", level) for row in rows for w in row])
             raise
+
+    def run_variants(self, variants: Sequence[tuple[Tensor, Optional[Tensor], Sequence[HookSpec]]]) -> list[Tensor]:
+        """The logits of several whole-batch runs, each with its own specs, spread over the
+        replicas: each round gives every replica one variant, installed on that replica only
+        at a level of its own and removed after. Used by sweeps, whose patches select rows."""
+        self._restore()
+        logits: list[Tensor] = []
+        level = 1_000_000 + next(self._runs)  # above any hooks() level, so it never collides
+        for start in range(0, len(variants), self.replicas):
+            round_ = variants[start:start + self.replicas]
+            rows = [[row] for row in self.workers[:len(round_)]]
+            try:
+                for (_, _, specs), row in zip(round_, rows):
+                    self._install(level, self._split(specs)[0], row)
+                ends = []
+                for (tokens, mask, _), (workers,) in zip(round_, rows):
+                    io: Any = StageIO(input_ids=tokens, attention_mask=mask)
+                    for worker in workers:
+                        io = self.backend.call(worker, "forward", f"variant.{level}.{start}", io)
+                    ends.append(io)
+                logits += [out.logits for out in self._get(ends)]
+            finally:
+                self._get_quietly([self.backend.call(w, "pop", level) for (row,) in rows for w in row])
+                self._get_quietly([self.backend.call(w, "drop", f"variant.{level}.{start}") for (row,) in rows for w in row])
+        return logits
 
     def pop(self, level: int) -> None:
         """Remove one context level on every worker (and from the stack)."""

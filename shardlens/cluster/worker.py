@@ -56,7 +56,7 @@ class StageWorker:
         self._ctx = RunContext(self.stage, cache={})  # each batch gets its own store (see forward)
         self._results: dict[str, dict[str, Tensor]] = {}
         self._graphs: dict[str, Any] = {}
-        self._times = {"forward_s": 0.0, "backward_s": 0.0}
+        self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0}
 
     def ping(self) -> str:
         """This worker's incarnation: a new value after a restart."""
@@ -96,6 +96,7 @@ class StageWorker:
         if keep_graph:
             self._graphs[batch_id], self.stage._pending = self.stage._pending, None
         self._times["forward_s"] += time.perf_counter() - start
+        self._times["forwards"] += 1
         return _to(out, "cpu", detach=True)
 
     def backward(self, batch_id: str, grad: Optional[Tensor]) -> Optional[Tensor]:

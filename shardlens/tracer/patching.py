@@ -4,7 +4,8 @@ corrupted run, for every (hook point, position) or (hook point, head).
 Many patch variants run per forward pass: the corrupted batch is repeated along the batch
 axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). On a HookedModel
 the variants of one layer run from that layer's cached corrupted resid_pre: the layers
-before it are the corrupted run's, so they are not computed again.
+before it are the corrupted run's, so they are not computed again. On a Tracer the runs
+are spread over the replicas, one run per replica at a time.
 """
 
 from __future__ import annotations
@@ -61,6 +62,14 @@ def _by_layer(cells: list, start_from: dict) -> list:
     return list(groups.items())
 
 
+def _run_one(model: Any, layer: Optional[int], start_from: dict, tokens: Tensor, mask: Optional[Tensor], specs: list) -> Tensor:
+    """One run of a HookedModel: from `layer`'s cached corrupted resid_pre when known."""
+    if layer is None:
+        return run_logits(model, tokens, mask, specs)
+    with torch.no_grad(), model.hooks(fwd_hooks=specs):
+        return model.run_from(layer, start_from[layer].repeat(tokens.shape[0] // start_from[layer].shape[0], 1, 1), mask)
+
+
 def sweep(
     model: Any,
     clean: Tensor,
@@ -99,19 +108,21 @@ def sweep(
     cells = _cells(names, over, clean_cache)
     start_from = _corrupt_resid(model, corrupt, attention_mask, names)
     per_run = max(1, max_batch // batch)
-    values = []
+    runs = []  # (layer to start from or None, group of cells, tokens, mask, specs)
     for layer, layer_cells in _by_layer(cells, start_from):
         for start in range(0, len(layer_cells), per_run):
             group = layer_cells[start:start + per_run]
             specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
-            tokens = corrupt.repeat(len(group), 1)
             mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
-            if layer is None:
-                logits = run_logits(model, tokens, mask, specs)
-            else:
-                with torch.no_grad(), model.hooks(fwd_hooks=specs):
-                    logits = model.run_from(layer, start_from[layer].repeat(len(group), 1, 1), mask)
-            values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
+            runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
+    if is_tracer(model):  # the runs spread over the replicas
+        all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
+    else:
+        all_logits = [_run_one(model, layer, start_from, tokens, mask, specs) for layer, _, tokens, mask, specs in runs]
+    values = [
+        batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group))
+        for (_, group, tokens, mask, _), logits in zip(runs, all_logits)
+    ]
     baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
     grid = torch.cat(values).reshape(len(names), -1).cpu()
     return SweepResult(tuple(names), tuple(over), grid, baseline)

@@ -129,3 +129,18 @@ def test_bad_requests(model, task):
         patching.sweep(model, clean, corrupt[:, :4], points="resid_pre", metric=metric)
     with pytest.raises(ValueError, match="needs answer"):
         sl.metrics.Metric("prob")
+
+
+def test_a_tracer_sweep_spreads_its_runs_over_the_replicas(ray_session, tiny_checkpoints, model, task):
+    clean, corrupt, metric = task
+    expected = patching.sweep(model, clean, corrupt, points="resid_pre", metric=metric, max_batch=6)
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=1, replicas=2, backend="ray") as tracer:
+        got = patching.sweep(tracer, clean, corrupt, points="resid_pre", metric=metric, max_batch=6)
+        before = [s["forwards"] for s in tracer.stats()]
+        specs = [sl.HookSpec("blocks.0.hook_resid_pre", sl.ops.Scale(float(k))) for k in range(2)]
+        logits = tracer.coordinator.run_variants([(corrupt, None, [spec]) for spec in specs])
+        after = [s["forwards"] for s in tracer.stats()]
+    assert torch.allclose(got.grid, expected.grid, atol=1e-5)
+    assert [a - b for a, b in zip(after, before)] == [1, 1]  # one variant on each replica
+    for spec, variant_logits in zip(specs, logits):
+        assert torch.allclose(variant_logits, model.run_with_hooks(corrupt, fwd_hooks=[spec]), atol=1e-5)
