@@ -264,6 +264,25 @@ class Coordinator:
         except Exception:
             pass
 
+    def step(self, tokens: Tensor, attention_mask: Tensor, session: str) -> Tensor:
+        """One generation step on the first replica: the new tokens through every stage, each
+        stage keeping its own layers' keys and values for `session`; returns the logits.
+        `attention_mask` covers the cached and the new tokens."""
+        io: Any = StageIO(input_ids=tokens, attention_mask=attention_mask)
+        for worker in self.workers[0]:
+            io = self.backend.call(worker, "forward", session, io, kv_cache=session)
+        return self._get(io).logits
+
+    def take(self, session: str) -> dict[str, Tensor]:
+        """What the first replica's reading specs stored under `session` (and forget it)."""
+        merged: dict[str, Tensor] = {}
+        for result in self._get([self.backend.call(w, "take", session) for w in self.workers[0]]):
+            merged.update(result)
+        return merged
+
+    def end_session(self, session: str) -> None:
+        self._get_quietly([self.backend.call(w, "drop", session) for w in self.workers[0]])
+
     def stats(self) -> list[dict]:
         return self._get([self.backend.call(w, "stats") for row in self.workers for w in row])
 

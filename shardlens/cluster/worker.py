@@ -56,6 +56,7 @@ class StageWorker:
         self._ctx = RunContext(self.stage, cache={})  # each batch gets its own store (see forward)
         self._results: dict[str, dict[str, Tensor]] = {}
         self._graphs: dict[str, Any] = {}
+        self._kv_caches: dict[str, Any] = {}  # generation sessions: this stage's past keys and values
         self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0}
 
     def ping(self) -> str:
@@ -85,14 +86,22 @@ class StageWorker:
 
     # ------------------------------------------------------------------ running
 
-    def forward(self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None) -> StageIO:
-        """Run one (micro)batch through the stage; keep the graph for backward if asked."""
+    def forward(
+        self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None, kv_cache: Optional[str] = None,
+    ) -> StageIO:
+        """Run one (micro)batch through the stage; keep the graph for backward if asked. With
+        `kv_cache` (a session id), the stage keeps its layers' keys and values across calls."""
         start = time.perf_counter()
         self._ctx.cache = self._results.setdefault(batch_id, {})
         self._ctx.sources = sources or {}
         io = _to(io, self.device)
+        cache = None
+        if kv_cache is not None:
+            from transformers import DynamicCache
+
+            cache = self._kv_caches.setdefault(kv_cache, DynamicCache(config=self.stage.config))
         with torch.set_grad_enabled(keep_graph):
-            out = self._guard(batch_id, lambda: self.stage(io))
+            out = self._guard(batch_id, lambda: self.stage(io, cache))
         if keep_graph:
             self._graphs[batch_id], self.stage._pending = self.stage._pending, None
         self._times["forward_s"] += time.perf_counter() - start
@@ -118,6 +127,7 @@ class StageWorker:
     def drop(self, batch_id: str) -> None:
         self._results.pop(batch_id, None)
         self._graphs.pop(batch_id, None)
+        self._kv_caches.pop(batch_id, None)
 
     def stats(self) -> dict[str, Any]:
         memory = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -104,58 +104,80 @@ def sample(logits: Tensor, *, temperature: float, top_k: Optional[int], top_p: O
     return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def generate(
-    model: Any,
-    input: Any,
+def decode_loop(
+    step: Any,
+    tokens: Tensor,
+    mask: Tensor,
+    config: Any,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
     top_k: Optional[int] = None,
     top_p: Optional[float] = None,
     stop_at_eos: bool = True,
-    use_kv_cache: bool = True,
-    fwd_hooks: Sequence = (),
-    attention_mask: Optional[Tensor] = None,
-    store: Optional[dict] = None,
     seed: Optional[int] = None,
+    after_step: Any = None,
 ) -> Tensor:
-    """Generate tokens from a HookedModel with hooks / specs active at every step.
-
-    Returns [batch, prompt + new] token ids. Examples that produce the end-of-sequence token
-    stop there and are padded with the pad token (as transformers' generate does). What
-    reading specs read at step k goes into `store` under ``<entry>.step<k>``.
-    """
+    """The sampling loop, over any model: `step(tokens, mask, new_tokens, new_mask)` returns
+    the logits of the newest position(s). Examples that produce the end-of-sequence token
+    stop there and are padded with the pad token (as transformers' generate does)."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0; got {max_new_tokens}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0; got {temperature}")
-    tokens, mask = model._inputs(input, attention_mask)
-    mask = torch.ones_like(tokens) if mask is None else mask.long()
-    config = model.config
     eos = getattr(config, "eos_token_id", None)
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else eos
     generator = None if seed is None else torch.Generator(device=tokens.device).manual_seed(seed)
-    step_store: dict = {}
     finished = torch.zeros(tokens.shape[0], dtype=torch.bool, device=tokens.device)
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks, store=step_store):
-        cache = KeyValueCache.init_cache(config, tokens.device, tokens.shape[0]) if use_kv_cache else None
-        new_input, new_mask = tokens, mask
-        for step in range(max_new_tokens):
-            if cache is not None:
-                logits = model(new_input, attention_mask=new_mask, past_kv_cache=cache)
-            else:
-                logits = model(tokens, attention_mask=mask)
-            token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-            if stop_at_eos and eos is not None:
-                token = torch.where(finished, torch.full_like(token, pad), token)
-                finished |= token == eos
-            tokens = torch.cat([tokens, token[:, None]], dim=1)
-            mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
-            new_input, new_mask = token[:, None], torch.ones_like(token)[:, None]
-            if store is not None:
-                store.update({f"{name}.step{step}": value for name, value in step_store.items()})
-            step_store.clear()
-            if stop_at_eos and eos is not None and bool(finished.all()):
-                break
+    new_tokens, new_mask = tokens, mask
+    for index in range(max_new_tokens):
+        logits = step(tokens, mask, new_tokens, new_mask)
+        token = sample(logits[:, -1], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        if stop_at_eos and eos is not None:
+            token = torch.where(finished, torch.full_like(token, pad), token)
+            finished |= token == eos
+        tokens = torch.cat([tokens, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(token)[:, None]], dim=1)
+        new_tokens, new_mask = token[:, None], torch.ones_like(token)[:, None]
+        if after_step is not None:
+            after_step(index)
+        if stop_at_eos and eos is not None and bool(finished.all()):
+            break
     return tokens
+
+
+def generate(
+    model: Any,
+    input: Any,
+    *,
+    max_new_tokens: int,
+    use_kv_cache: bool = True,
+    fwd_hooks: Sequence = (),
+    attention_mask: Optional[Tensor] = None,
+    store: Optional[dict] = None,
+    **sampling: Any,
+) -> Tensor:
+    """Generate tokens from a HookedModel with hooks / specs active at every step.
+
+    Returns [batch, prompt + new] token ids. `sampling`: temperature (0: greedy), top_k,
+    top_p, stop_at_eos, seed (see decode_loop). What reading specs read at step k goes into
+    `store` under ``<entry>.step<k>``.
+    """
+    tokens, mask = model._inputs(input, attention_mask)
+    mask = torch.ones_like(tokens) if mask is None else mask.long()
+    step_store: dict = {}
+    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks, store=step_store):
+        cache = KeyValueCache.init_cache(model.config, tokens.device, tokens.shape[0]) if use_kv_cache else None
+
+        def step(all_tokens: Tensor, all_mask: Tensor, new_tokens: Tensor, new_mask: Tensor) -> Tensor:
+            if cache is None:
+                return model(all_tokens, attention_mask=all_mask)
+            return model(new_tokens, attention_mask=new_mask, past_kv_cache=cache)
+
+        def after_step(index: int) -> None:
+            if store is not None:
+                store.update({f"{name}.step{index}": value for name, value in step_store.items()})
+            step_store.clear()
+
+        return decode_loop(step, tokens, mask, model.config, max_new_tokens=max_new_tokens, after_step=after_step, **sampling)

@@ -80,16 +80,18 @@ class Stage(TappedModel):
 
     # ------------------------------------------------------------------ running
 
-    def forward(self, io: StageIO) -> StageIO:
+    def forward(self, io: StageIO, cache: Any = None) -> StageIO:
         """Run this stage's layers on `io` (see StageIO). With gradients enabled, keeps what
-        `backward` needs."""
+        `backward` needs. With `cache` (a transformers DynamicCache of this stage's layers),
+        `io` holds only new tokens, its attention mask covers the cached ones too, and the
+        cache grows by the new tokens."""
         self._sync_taps()
-        hidden, position_ids = self._entry(io)
+        hidden, position_ids = self._entry(io, cached=cache is not None)
         leaf = None
         if torch.is_grad_enabled() and not self.first:
             leaf = hidden = hidden.detach().requires_grad_(True)
         blocks = {int(layer): block for layer, block in self.blocks.items()}
-        hidden = run_layers(self.config, blocks, self.rotary, hidden, io.attention_mask, position_ids)
+        hidden = run_layers(self.config, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache, self.layout.cache_kwarg)
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
             logits = self.unembed(self.final_norm(hidden))
@@ -102,7 +104,7 @@ class Stage(TappedModel):
             self._pending = (leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))
         return out
 
-    def _entry(self, io: StageIO) -> tuple[Tensor, Tensor]:
+    def _entry(self, io: StageIO, cached: bool = False) -> tuple[Tensor, Tensor]:
         """The hidden states entering the first block, and the position ids."""
         if not self.first:
             if io.hidden is None:
@@ -111,6 +113,10 @@ class Stage(TappedModel):
         if io.input_ids is None:
             raise ValueError("stage 0 takes token ids; StageIO.input_ids is None")
         position_ids = io.position_ids
+        if position_ids is None and cached:
+            if io.attention_mask is None:
+                raise ValueError("a run with a key/value cache needs the attention mask of the cached and new tokens")
+            position_ids = positions_from_mask(io.attention_mask)[:, -io.input_ids.shape[1]:]
         if position_ids is None:
             mask = io.attention_mask
             if mask is not None and not bool(mask.all()):
@@ -145,15 +151,20 @@ def run_layers(
     hidden: Tensor,
     attention_mask: Optional[Tensor],
     position_ids: Tensor,
+    cache: Any = None,
+    cache_kwarg: str = "cache",
 ) -> Tensor:
     """Run decoder blocks (global layer -> block, in order) as the Hugging Face model's own
     forward runs them: causal (and sliding-window) masks from the 2-D attention mask,
-    rotary embeddings from the position ids."""
+    rotary embeddings from the position ids. With a transformers `cache` (of earlier
+    tokens), `hidden` holds only the new tokens and `attention_mask` covers all of them."""
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
     if attention_mask is not None:
         attention_mask = attention_mask.to(hidden.device)
-    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids)
+    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    if cache is not None:
+        mask_kwargs["layer_idx"] = min(blocks)  # the cache holds entries for this stage's layers only
     masks = {"full_attention": create_causal_mask(**mask_kwargs)}
     layer_types = getattr(config, "layer_types", None)
     if "sliding_attention" in (layer_types or ()):
@@ -161,6 +172,8 @@ def run_layers(
     rotary_embeddings = rotary(hidden, position_ids) if rotary is not None else None
     for layer, block in blocks.items():
         kwargs: dict[str, Any] = {"attention_mask": masks[layer_types[layer] if layer_types else "full_attention"], "position_ids": position_ids}
+        if cache is not None:
+            kwargs.update({cache_kwarg: cache, "use_cache": True})
         if rotary_embeddings is not None:
             kwargs["position_embeddings"] = rotary_embeddings
         hidden = block(hidden, **kwargs)

@@ -36,9 +36,10 @@ class Tracer:
         ...     logits, cache = tracer.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
     """
 
-    def __init__(self, coordinator: Coordinator, *, tokenizer: Any = None):
+    def __init__(self, coordinator: Coordinator, *, tokenizer: Any = None, config: Any = None):
         self.coordinator = coordinator
         self.tokenizer = tokenizer
+        self.config = config
         self.context_level = 0
 
     @classmethod
@@ -81,9 +82,11 @@ class Tracer:
         except BaseException:
             workers.shutdown()  # no actors (or Ray instance) of ours left behind by a failed start
             raise
+        from transformers import AutoConfig
+
         from shardlens.hooks.model import _load_tokenizer
 
-        return cls(coordinator, tokenizer=_load_tokenizer(path))
+        return cls(coordinator, tokenizer=_load_tokenizer(path), config=AutoConfig.from_pretrained(path))
 
     @property
     def plan(self) -> ShardPlan:
@@ -230,6 +233,38 @@ class Tracer:
         if store is not None:
             store.update(results)
         return output
+
+    def generate(
+        self, input: Any, *, max_new_tokens: int, use_kv_cache: bool = True, fwd_hooks: Sequence = (),
+        attention_mask: Optional[Tensor] = None, store: Optional[dict] = None, **sampling: Any,
+    ) -> Tensor:
+        """Generate tokens through the pipeline with specs active at every step (greedy by
+        default). With the key/value cache each stage keeps its own layers' keys and values,
+        so a step sends only the new token through the stages. `sampling`: temperature,
+        top_k, top_p, stop_at_eos, seed; reading specs store per step as ``<entry>.step<k>``."""
+        import uuid
+
+        from shardlens.hooks.generation import decode_loop
+
+        tokens, mask = self._tokens(input, attention_mask)
+        mask = torch.ones_like(tokens) if mask is None else mask.long()
+        session = f"generate.{uuid.uuid4().hex[:12]}"
+
+        def step(all_tokens: Tensor, all_mask: Tensor, new_tokens: Tensor, new_mask: Tensor) -> Tensor:
+            if use_kv_cache:
+                return self.coordinator.step(new_tokens, all_mask, session)
+            return self.coordinator.run(all_tokens, attention_mask=all_mask, split=False)[0]
+
+        def after_step(index: int) -> None:
+            results = self.coordinator.take(session)
+            if store is not None:
+                store.update({f"{name}.step{index}": value for name, value in results.items()})
+
+        with self.hooks(fwd_hooks):
+            try:
+                return decode_loop(step, tokens, mask, self.config, max_new_tokens=max_new_tokens, after_step=after_step, **sampling)
+            finally:
+                self.coordinator.end_session(session)
 
     def run_with_cache(
         self, input: Any, *, names_filter: NamesFilter = None, incl_bwd: bool = False, return_type: Any = "logits",

@@ -217,3 +217,31 @@ def test_bad_tracer_arguments_are_refused(tiny_checkpoints):
         Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], backend="slurm")
     with pytest.raises(ValueError, match="takes no address"):
         Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], backend="local", address="127.0.0.1:6379")
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+@pytest.mark.parametrize("use_kv_cache", [True, False])
+def test_greedy_generation_across_stages_equals_transformers(tiny_checkpoints, name, use_kv_cache):
+    from tests.tiny_models import load_reference
+
+    tokens = torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0
+    with torch.no_grad():
+        expected = load_reference(tiny_checkpoints[name]).generate(tokens, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    with Tracer.from_pretrained(tiny_checkpoints[name], stages=2, backend="local") as tracer:
+        got = tracer.generate(tokens, attention_mask=mask, max_new_tokens=8, use_kv_cache=use_kv_cache)
+        assert worker_hooks(tracer) == [{}, {}]
+    assert torch.equal(got, expected)
+
+
+def test_steering_and_reading_while_generating_across_stages(tiny_checkpoints, reference, tokens):
+    vector = torch.randn(32, generator=torch.Generator().manual_seed(1)) * 3
+    steer = Spec("blocks.1.hook_resid_post", ops.Add(vector))
+    read = Spec("hook_logits", ops.Cache())
+    expected = reference["llama_gqa"].generate(tokens, max_new_tokens=4, fwd_hooks=[steer])
+    store = {}
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        got = tracer.generate(tokens, max_new_tokens=4, fwd_hooks=[steer, read], store=store, stop_at_eos=False)
+    assert torch.equal(got, expected)
+    assert sorted(store) == [f"hook_logits.step{k}" for k in range(4)] and store["hook_logits.step3"].shape[1] == 1

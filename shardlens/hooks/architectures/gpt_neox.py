@@ -11,6 +11,7 @@ def gpt_neox_layout(config) -> ModelLayout:
         final_norm="gpt_neox.final_layer_norm",
         unembed="lm_head",
         rotary="gpt_neox.rotary_emb",
+        cache_kwarg="layer_past",
         block=BlockLayout(
             ln1="input_layernorm", attn="attention", o_proj="attention.dense",
             ln2="post_attention_layernorm", mlp="mlp",

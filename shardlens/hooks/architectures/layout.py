@@ -42,3 +42,4 @@ class ModelLayout:
     pos_embed: Optional[str] = None  # absolute-position models
     embed_dropout: Optional[str] = None  # dropout after the embeddings
     rotary: Optional[str] = None  # rotary-embedding models: the module computing cos/sin
+    cache_kwarg: str = "cache"  # the keyword a decoder block takes its key/value cache by
