@@ -3,7 +3,8 @@
 A random GPT-2-small-shaped model (12 layers, d_model 768, vocab 8192), batch 4 x 16
 tokens, logit-difference metric. Sweeps: resid_pre x position, and hook_z x head.
 Variants: sl.patching.sweep (many patch variants per forward pass); a naive loop of one
-run_with_hooks per cell; and, with the `bench` extra installed, transformer_lens.patching's
+run_with_hooks per cell; for heads patched at the last position only, the sweep with and
+without its shared-prefix reuse (the tokens before the patched position run once); and, with the `bench` extra installed, transformer_lens.patching's
 get_act_patch_resid_pre / get_act_patch_attn_head_out_all_pos on a TransformerBridge over
 the same saved model. Prints each time and its ratio to the shardlens sweep.
 
@@ -70,6 +71,9 @@ def main() -> None:
             seconds, reference = timed(lambda: naive(model, clean, corrupt, metric, list(result.points), over))
             rows[(label, "naive loop of run_with_hooks")] = seconds
             print(f"{label}: max |sweep - naive| = {(result.grid - reference).abs().max():.2e}")
+        last = dict(points="z", metric=metric, over=("layer", "head"), positions=[clean.shape[1] - 1])
+        rows[("hook_z x head @ last pos", "shardlens sweep, shared prefix once")] = timed(lambda: sl.patching.sweep(model, clean, corrupt, **last))[0]
+        rows[("hook_z x head @ last pos", "shardlens sweep, no prefix reuse")] = timed(lambda: sl.patching.sweep(model, clean, corrupt, reuse_prefix=False, **last))[0]
         try:
             from transformer_lens import patching as tl_patching
             from transformer_lens.model_bridge import TransformerBridge
@@ -90,7 +94,7 @@ def main() -> None:
                     lambda: tl_patching.get_act_patch_attn_head_out_all_pos(bridge, corrupt, clean_cache, tl_metric))[0]
     print(f"GPT-2-small shape, batch 4 x 16 tokens, torch threads {torch.get_num_threads()}")
     for (label, variant), seconds in rows.items():
-        base = rows[(label, "shardlens sweep")]
+        base = rows.get((label, "shardlens sweep")) or rows[(label, "shardlens sweep, shared prefix once")]
         print(f"  {label:<16} {variant:<52} {seconds:8.2f} s   {seconds / base:6.2f}x the sweep's time")
 
 

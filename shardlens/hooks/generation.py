@@ -68,6 +68,16 @@ class KeyValueCache:
             self.previous_attention_mask = mask
         return mask
 
+    def repeat(self, times: int) -> "KeyValueCache":
+        """A frozen copy whose batch is this batch repeated `times` times, one after another
+        (for running many variants against one cached prefix)."""
+        from transformers import DynamicCache
+
+        copy = DynamicCache(config=getattr(self.hf_cache, "config", None)) if _takes_config() else DynamicCache()
+        for index, layer in enumerate(self.hf_cache.layers):
+            copy.update(layer.keys.repeat(times, 1, 1, 1), layer.values.repeat(times, 1, 1, 1), index)
+        return KeyValueCache(copy, self.previous_attention_mask.repeat(times, 1), frozen=True)
+
     def for_run(self) -> Any:
         """The transformers cache to hand to one run: itself, or a copy when frozen."""
         if not self.frozen:

@@ -70,6 +70,29 @@ def _run_one(model: Any, layer: Optional[int], start_from: dict, tokens: Tensor,
         return model.run_from(layer, start_from[layer].repeat(tokens.shape[0] // start_from[layer].shape[0], 1, 1), mask)
 
 
+def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, over: Sequence[str], positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
+    """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
+    of the corrupted prefix (computed once); the patches move to suffix coordinates."""
+    from shardlens.hooks.generation import KeyValueCache
+
+    cache = KeyValueCache.init_cache(model.config, corrupt.device, corrupt.shape[0])
+    with torch.no_grad():
+        model(corrupt[:, :prefix], attention_mask=None if mask is None else mask[:, :prefix], past_kv_cache=cache)
+    shifted = [p % corrupt.shape[1] - prefix for p in positions]
+    batch = corrupt.shape[0]
+    out = []
+    for _, group, tokens, run_mask, _ in runs:
+        specs = [
+            HookSpec(name, Patch(clean_cache[name][:, list(positions), index:index + 1], heads=[index], positions=shifted,
+                                 batch=list(range(j * batch, (j + 1) * batch))))
+            for j, (name, index) in enumerate(group)
+        ]
+        suffix_mask = None if run_mask is None else run_mask[:, prefix:]
+        with torch.no_grad(), model.hooks(fwd_hooks=specs):
+            out.append(model(tokens[:, prefix:], attention_mask=suffix_mask, past_kv_cache=cache.repeat(len(group))))
+    return out
+
+
 def sweep(
     model: Any,
     clean: Tensor,
@@ -81,6 +104,7 @@ def sweep(
     attention_mask: Optional[Tensor] = None,
     positions: Optional[Sequence[int]] = None,
     max_batch: int = 64,
+    reuse_prefix: bool = True,
 ) -> SweepResult:
     """Patch each clean activation (cell) into the corrupted run and score it.
 
@@ -92,6 +116,9 @@ def sweep(
         over: ("layer", "pos") or ("layer", "head") (head needs points such as hook_z).
         positions: with over=("layer", "head"), patch each head only at these positions.
         max_batch: rows per forward pass (variants x examples).
+        reuse_prefix: on a HookedModel with head cells at `positions`, run the tokens before
+            the earliest patched position once (a frozen key/value cache) and only the rest
+            for every variant.
 
     Returns:
         SweepResult: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
@@ -115,14 +142,17 @@ def sweep(
             specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
             mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
             runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
+    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not is_tracer(model) else 0
     if is_tracer(model):  # the runs spread over the replicas
         all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
+    elif prefix > 0:
+        all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, over, positions, clean_cache)
     else:
         all_logits = [_run_one(model, layer, start_from, tokens, mask, specs) for layer, _, tokens, mask, specs in runs]
-    values = [
-        batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group))
-        for (_, group, tokens, mask, _), logits in zip(runs, all_logits)
-    ]
+    values = []
+    for (_, group, tokens, mask, _), logits in zip(runs, all_logits):
+        tokens, mask = tokens[:, prefix:], None if mask is None else mask[:, prefix:]  # the logits cover what ran
+        values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
     baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
     grid = torch.cat(values).reshape(len(names), -1).cpu()
     return SweepResult(tuple(names), tuple(over), grid, baseline)

@@ -144,3 +144,37 @@ def test_a_tracer_sweep_spreads_its_runs_over_the_replicas(ray_session, tiny_che
     assert [a - b for a, b in zip(after, before)] == [1, 1]  # one variant on each replica
     for spec, variant_logits in zip(specs, logits):
         assert torch.allclose(variant_logits, model.run_with_hooks(corrupt, fwd_hooks=[spec]), atol=1e-5)
+
+
+@pytest.mark.parametrize("positions", [[-1], [3, 5]])
+def test_a_shared_prefix_is_computed_once_and_changes_nothing(model, task, positions):
+    clean, corrupt, metric = task
+    reused = patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=positions)
+    full = patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=positions, reuse_prefix=False)
+    assert torch.allclose(reused.grid, full.grid, atol=1e-5)
+    _, cache = model.run_with_cache(clean, names_filter="blocks.*.attn.hook_z")
+    naive = []
+    for name in reused.points:
+        row = []
+        for head in range(4):
+            def patch(z, hook, head=head, name=name):
+                z = z.clone()
+                z[:, positions, head] = cache[name][:, positions, head]
+                return z
+
+            with torch.no_grad():
+                row.append(float(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, patch)]))))
+        naive.append(row)
+    assert torch.allclose(reused.grid, torch.tensor(naive), atol=1e-5)
+
+
+def test_run_with_cache_against_a_frozen_prefix(model, task):
+    clean, _, _ = task
+    cache = sl.KeyValueCache.init_cache(model.config, batch_size=3)
+    with torch.no_grad():
+        model(clean[:, :4], past_kv_cache=cache)
+    cache.freeze()
+    logits, acts = model.run_with_cache(clean[:, 4:], past_kv_cache=cache, names_filter="blocks.1.hook_resid_post")
+    full_logits, full = model.run_with_cache(clean, names_filter="blocks.1.hook_resid_post")
+    assert torch.allclose(logits, full_logits[:, 4:], atol=1e-5)
+    assert torch.allclose(acts["blocks.1.hook_resid_post"], full["blocks.1.hook_resid_post"][:, 4:], atol=1e-5)
