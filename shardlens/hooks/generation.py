@@ -71,22 +71,22 @@ class KeyValueCache:
     def repeat(self, times: int) -> "KeyValueCache":
         """A frozen copy whose batch is this batch repeated `times` times, one after another
         (for running many variants against one cached prefix)."""
-        from transformers import DynamicCache
-
-        copy = DynamicCache(config=getattr(self.hf_cache, "config", None)) if _takes_config() else DynamicCache()
-        for index, layer in enumerate(self.hf_cache.layers):
-            copy.update(layer.keys.repeat(times, 1, 1, 1), layer.values.repeat(times, 1, 1, 1), index)
+        copy = self._copy(lambda t: t.detach().repeat(times, 1, 1, 1))
         return KeyValueCache(copy, self.previous_attention_mask.repeat(times, 1), frozen=True)
 
     def for_run(self) -> Any:
         """The transformers cache to hand to one run: itself, or a copy when frozen."""
         if not self.frozen:
             return self.hf_cache
+        return self._copy(lambda t: t.detach().clone())
+
+    def _copy(self, transform: Any) -> Any:
+        """A new transformers cache holding transform(keys) and transform(values) of each layer."""
         from transformers import DynamicCache
 
         copy = DynamicCache(config=getattr(self.hf_cache, "config", None)) if _takes_config() else DynamicCache()
         for index, layer in enumerate(self.hf_cache.layers):
-            copy.update(layer.keys.detach().clone(), layer.values.detach().clone(), index)
+            copy.update(transform(layer.keys), transform(layer.values), index)
         return copy
 
 

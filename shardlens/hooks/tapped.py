@@ -14,7 +14,7 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
 from shardlens.hooks.hook_points import HookedRootModule, HookPoint
 from shardlens.hooks.names import is_glob
-from shardlens.hooks.taps import ModelParts, ModelPoints, OutputTap, Tap, model_taps, module_point_name, module_taps
+from shardlens.hooks.taps import ModelParts, ModelPoints, OutputTap, Tap, head_weights, model_taps, module_point_name, module_taps
 
 MODULE_PREFIX = "module:"
 
@@ -105,9 +105,7 @@ class TappedModel(HookedRootModule):
 
     def w_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
-        o_proj = self._o_proj(layer)
-        weight = o_proj.weight if self.layout.block.o_proj_kind == "conv1d" else o_proj.weight.T
-        return weight.unflatten(0, (self.config.num_attention_heads, -1))
+        return head_weights(self._o_proj(layer), self.config.num_attention_heads, self.layout.block.o_proj_kind)
 
     def b_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""

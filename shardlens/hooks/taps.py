@@ -162,6 +162,12 @@ class NormTap(Tap):
         return normalized if weight is None else normalized * weight
 
 
+def head_weights(o_proj: nn.Module, n_heads: int, kind: str) -> Tensor:
+    """The attention output projection's weights per head, [head, d_head, d_model]."""
+    weight = o_proj.weight if kind == "conv1d" else o_proj.weight.T  # [head * d_head, d_model]
+    return weight.unflatten(0, (n_heads, -1))
+
+
 class ResultTap(Tap):
     """hook_result: each head's output through W_O, [batch, pos, head, d_model]; the
     projection's output becomes the sum over heads plus the bias."""
@@ -175,8 +181,7 @@ class ResultTap(Tap):
 
     def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
         z = args[0].unflatten(-1, (self.n_heads, -1))  # [batch, pos, head, d_head]
-        weight = module.weight if self.kind == "conv1d" else module.weight.T  # [head * d_head, d_model]
-        w_o = weight.unflatten(0, (self.n_heads, -1))  # [head, d_head, d_model]
+        w_o = head_weights(module, self.n_heads, self.kind)
         result = self.point(torch.einsum("bphd,hdm->bphm", z, w_o))
         out = result.sum(-2)
         return out if module.bias is None else out + module.bias
