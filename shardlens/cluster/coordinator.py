@@ -34,6 +34,17 @@ class StackEntry:
     per_stage: tuple
 
 
+@dataclass(frozen=True)
+class KVSession:
+    """A key/value session kept on the first replica's stages: its id, whether a run may
+    extend it, and how many times a run repeats its batch (frozen sessions only)."""
+
+    session: str
+    frozen: bool = False
+    repeat: int = 1
+    held: int = 0  # tokens the session holds before this run
+
+
 def needs_backward(spec: HookSpec) -> bool:
     return spec.dir == "bwd" or (isinstance(spec.op, FwdBwd) and bool(spec.op.bwd))
 
@@ -192,18 +203,21 @@ class Coordinator:
         sources: Optional[dict] = None,
         metric: Optional[Metric] = None,
         split: bool = True,
+        kv: Optional[KVSession] = None,
     ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
         """One batch through the pipeline: (logits, loss or metric, what the specs stored).
 
         The batch is split into microbatches, spread over the replicas (split=False keeps
         it whole: specs that select batch rows need the whole batch); with backward=True the
-        batch's mean next-token loss, or `metric`, is backpropagated stage by stage.
+        batch's mean next-token loss, or `metric`, is backpropagated stage by stage. With
+        `kv`, the batch holds only new tokens, runs whole on the first replica (whose stages
+        hold the session's keys and values) and `attention_mask` covers the cached tokens too.
         """
         attempt = 0
         while True:
             try:
                 self._restore()
-                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split)
+                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv)
             except Exception as error:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise
@@ -216,12 +230,15 @@ class Coordinator:
         size = self.microbatch_size or -(-n // self.replicas)
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def _run_once(self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric], split: bool) -> tuple:
+    def _run_once(
+        self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric], split: bool,
+        kv: Optional[KVSession] = None,
+    ) -> tuple:
         run = next(self._runs)
-        chunks = self._microbatches(tokens.shape[0], split)
-        jobs = [(f"{run}.{m}", (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
+        chunks = self._microbatches(tokens.shape[0], split and kv is None)
+        jobs = [(f"{run}.{m}", 0 if kv else (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
         try:
-            outs = self._forward(jobs, tokens, mask, backward, sources, metric)
+            outs = self._forward(jobs, tokens, mask, backward, sources, metric, kv)
             if metric is None:
                 loss_weights = _loss_weights(tokens, mask, chunks)
             else:  # a metric is a mean over examples
@@ -231,12 +248,18 @@ class Coordinator:
             taken = self._get([self.backend.call(row_w, "take", bid) for bid, r, _ in jobs for row_w in self.workers[r]])
         except BaseException:
             self._get_quietly([self.backend.call(w, "drop", bid) for bid, r, _ in jobs for w in self.workers[r]])
+            if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
+                self._get_quietly([self.backend.call(w, "kv_truncate", kv.session, kv.held) for w in self.workers[0]])
             raise
         logits = torch.cat([o.logits for o in outs])
         loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
         return logits, loss, _merge(taken, len(jobs), len(self.stage_names))
 
-    def _forward(self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric]) -> list[StageIO]:
+    def _forward(
+        self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric],
+        kv: Optional[KVSession] = None,
+    ) -> list[StageIO]:
+        session = {} if kv is None else dict(kv_cache=kv.session, kv_frozen=kv.frozen, kv_repeat=kv.repeat)
         last = []
         for batch_id, r, chunk in jobs:
             io: Any = StageIO(
@@ -245,7 +268,7 @@ class Coordinator:
             )
             for s, worker in enumerate(self.workers[r]):
                 stage_sources = _sources_for(sources, self.stage_names[s], chunk)
-                io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources)
+                io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources, **session)
             last.append(io)
         return self._get(last)
 
@@ -280,6 +303,13 @@ class Coordinator:
             merged.update(result)
         return merged
 
+    def kv_entries(self, session: str) -> dict[int, tuple[Tensor, Tensor]]:
+        """A key/value session's keys and values, by layer, gathered from the first replica's stages."""
+        merged: dict[int, tuple[Tensor, Tensor]] = {}
+        for entries in self._get([self.backend.call(w, "kv_entries", session) for w in self.workers[0]]):
+            merged.update(entries)
+        return merged
+
     def end_session(self, session: str) -> None:
         self._get_quietly([self.backend.call(w, "drop", session) for w in self.workers[0]])
 
@@ -299,6 +329,8 @@ def _loss_weights(tokens: Tensor, mask: Optional[Tensor], chunks: list[slice]) -
         valid = (mask[:, :-1].bool() & mask[:, 1:].bool()).sum(-1)
         counts = [int(valid[c].sum()) for c in chunks]
     total = sum(counts)
+    if total == 0:  # nothing to predict (one-token inputs): the loss is a mean of empty sums
+        return [1.0 / len(chunks)] * len(chunks)
     return [count / total for count in counts]
 
 

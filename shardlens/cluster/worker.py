@@ -57,7 +57,7 @@ class StageWorker:
         self._results: dict[str, dict[str, Tensor]] = {}
         self._graphs: dict[str, Any] = {}
         self._kv_caches: dict[str, Any] = {}  # generation sessions: this stage's past keys and values
-        self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0}
+        self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0, "tokens": 0}  # tokens: batch x new positions run
 
     def ping(self) -> str:
         """This worker's incarnation: a new value after a restart."""
@@ -87,26 +87,70 @@ class StageWorker:
     # ------------------------------------------------------------------ running
 
     def forward(
-        self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None, kv_cache: Optional[str] = None,
+        self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None,
+        kv_cache: Optional[str] = None, kv_frozen: bool = False, kv_repeat: int = 1,
     ) -> StageIO:
-        """Run one (micro)batch through the stage; keep the graph for backward if asked. With
-        `kv_cache` (a session id), the stage keeps its layers' keys and values across calls."""
+        """Run one (micro)batch through the stage; keep the graph for backward if asked.
+
+        With `kv_cache` (a session id) the stage keeps its layers' keys and values across
+        calls, `io` holds only the new tokens and its attention mask covers the cached ones
+        too. A frozen session is not extended: the run gets a copy, its batch repeated
+        `kv_repeat` times."""
         start = time.perf_counter()
         self._ctx.cache = self._results.setdefault(batch_id, {})
         self._ctx.sources = sources or {}
         io = _to(io, self.device)
-        cache = None
-        if kv_cache is not None:
-            from transformers import DynamicCache
-
-            cache = self._kv_caches.setdefault(kv_cache, DynamicCache(config=self.stage.config))
+        cache = None if kv_cache is None else self._session_cache(kv_cache, io, kv_frozen, kv_repeat)
         with torch.set_grad_enabled(keep_graph):
             out = self._guard(batch_id, lambda: self.stage(io, cache))
         if keep_graph:
             self._graphs[batch_id], self.stage._pending = self.stage._pending, None
         self._times["forward_s"] += time.perf_counter() - start
         self._times["forwards"] += 1
+        self._times["tokens"] += (out.logits if out.logits is not None else out.hidden).shape[:2].numel()
         return _to(out, "cpu", detach=True)
+
+    def _session_cache(self, session: str, io: StageIO, frozen: bool, repeat: int) -> Any:
+        """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
+        from transformers import DynamicCache
+
+        from shardlens.hooks.generation import copy_hf_cache
+
+        cache = self._kv_caches.setdefault(session, DynamicCache(config=self.stage.config))
+        held = cache.get_seq_length(self._first_layer)
+        new = (io.input_ids if io.input_ids is not None else io.hidden).shape[1]
+        if io.attention_mask is None or io.attention_mask.shape[1] != held + new:
+            covered = None if io.attention_mask is None else io.attention_mask.shape[1]
+            raise WorkerError(
+                f"stage {self.index}, replica {self.replica}: key/value session {session} holds {held} tokens, so a run of "
+                f"{new} new tokens needs an attention mask over {held + new}; got {covered}. A worker that restarted "
+                "has lost its sessions: build the cache again"
+            )
+        if not frozen:
+            return cache
+        return copy_hf_cache(cache, lambda t: t.detach().repeat(repeat, 1, 1, 1), self.stage.config)
+
+    def kv_truncate(self, session: str, length: int) -> None:
+        """Cut a key/value session back to its first `length` tokens (undoing a failed run)."""
+        cache = self._kv_caches.get(session)
+        if cache is None:
+            return
+        for layer in self.stage.blocks:
+            entry = cache.layers[int(layer)]
+            if getattr(entry, "keys", None) is not None and entry.keys.shape[-2] > length:
+                entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
+
+    @property
+    def _first_layer(self) -> int:
+        return min(int(layer) for layer in self.stage.blocks)
+
+    def kv_entries(self, session: str) -> dict[int, tuple[Tensor, Tensor]]:
+        """This stage's past keys and values of a session, by layer, each [batch, pos, n_kv_heads, d_head] (CPU)."""
+        cache = self._kv_caches.get(session)
+        if cache is None:
+            raise WorkerError(f"stage {self.index}, replica {self.replica} holds no key/value session {session}")
+        layers = [int(layer) for layer in self.stage.blocks]
+        return {layer: (cache.layers[layer].keys.transpose(1, 2).cpu(), cache.layers[layer].values.transpose(1, 2).cpu()) for layer in layers}
 
     def backward(self, batch_id: str, grad: Optional[Tensor]) -> Optional[Tensor]:
         """Backpropagate the batch's graph from `grad` (None or a scalar weight on the last

@@ -81,21 +81,22 @@ class KeyValueCache:
         return self._copy(lambda t: t.detach().clone())
 
     def _copy(self, transform: Any) -> Any:
-        """A new transformers cache holding transform(keys) and transform(values) of each layer."""
-        from transformers import DynamicCache
-
-        copy = DynamicCache(config=getattr(self.hf_cache, "config", None)) if _takes_config() else DynamicCache()
-        for index, layer in enumerate(self.hf_cache.layers):
-            copy.update(transform(layer.keys), transform(layer.values), index)
-        return copy
+        return copy_hf_cache(self.hf_cache, transform)
 
 
-def _takes_config() -> bool:
+def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None) -> Any:
+    """A new transformers cache (of `config`'s layer types, when given) holding
+    transform(keys) and transform(values) of each layer of `hf_cache` that holds any."""
     import inspect
 
     from transformers import DynamicCache
 
-    return "config" in inspect.signature(DynamicCache.__init__).parameters
+    takes_config = "config" in inspect.signature(DynamicCache.__init__).parameters
+    copy = DynamicCache(config=config) if takes_config and config is not None else DynamicCache()
+    for index, layer in enumerate(hf_cache.layers):
+        if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
+            copy.update(transform(layer.keys), transform(layer.values), index)
+    return copy
 
 
 def sample(logits: Tensor, *, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:

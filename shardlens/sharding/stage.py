@@ -95,10 +95,11 @@ class Stage(TappedModel):
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
             logits = self.unembed(self.final_norm(hidden))
+            mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the new tokens' columns
             if io.metric is not None:
-                loss = io.metric(logits, io.attention_mask, io.labels)
+                loss = io.metric(logits, mask, io.labels)
             else:
-                loss = next_token_loss(logits, io.labels, io.attention_mask) if io.labels is not None else None
+                loss = next_token_loss(logits, io.labels, mask) if io.labels is not None else None
             out = replace(out, hidden=None, logits=logits, loss=loss)
         if torch.is_grad_enabled():
             self._pending = (leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))

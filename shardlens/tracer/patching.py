@@ -5,7 +5,9 @@ Many patch variants run per forward pass: the corrupted batch is repeated along 
 axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). On a HookedModel
 the variants of one layer run from that layer's cached corrupted resid_pre: the layers
 before it are the corrupted run's, so they are not computed again. On a Tracer the runs
-are spread over the replicas, one run per replica at a time.
+are spread over the replicas, one run per replica at a time. Head cells patched only at
+later positions run against a frozen key/value cache of the shared prefix (HookedModel, or a
+Tracer with one replica).
 """
 
 from __future__ import annotations
@@ -72,12 +74,25 @@ def _run_one(model: Any, layer: Optional[int], start_from: dict, tokens: Tensor,
 
 def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, over: Sequence[str], positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
-    of the corrupted prefix (computed once); the patches move to suffix coordinates."""
+    of the corrupted prefix (computed once); the patches move to suffix coordinates. On a
+    Tracer the prefix's keys and values stay on the stages (of the first replica)."""
     from shardlens.hooks.generation import KeyValueCache
 
-    cache = KeyValueCache.init_cache(model.config, corrupt.device, corrupt.shape[0])
+    if is_tracer(model):
+        cache = model.init_kv_cache(corrupt.shape[0])
+    else:
+        cache = KeyValueCache.init_cache(model.config, corrupt.device, corrupt.shape[0])
+    try:
+        return _suffix_runs(model, cache, corrupt, mask, prefix, runs, positions, clean_cache)
+    finally:
+        if is_tracer(model):
+            cache.close()
+
+
+def _suffix_runs(model: Any, cache: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     with torch.no_grad():
         model(corrupt[:, :prefix], attention_mask=None if mask is None else mask[:, :prefix], past_kv_cache=cache)
+    cache.freeze()
     shifted = [p % corrupt.shape[1] - prefix for p in positions]
     batch = corrupt.shape[0]
     out = []
@@ -116,9 +131,10 @@ def sweep(
         over: ("layer", "pos") or ("layer", "head") (head needs points such as hook_z).
         positions: with over=("layer", "head"), patch each head only at these positions.
         max_batch: rows per forward pass (variants x examples).
-        reuse_prefix: on a HookedModel with head cells at `positions`, run the tokens before
-            the earliest patched position once (a frozen key/value cache) and only the rest
-            for every variant.
+        reuse_prefix: with head cells at `positions`, run the tokens before the earliest
+            patched position once (a frozen key/value cache) and only the rest for every
+            variant: on a HookedModel, and on a Tracer with one replica (with several, the
+            whole runs spread over the replicas instead).
 
     Returns:
         SweepResult: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
@@ -142,11 +158,12 @@ def sweep(
             specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
             mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
             runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
-    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not is_tracer(model) else 0
-    if is_tracer(model):  # the runs spread over the replicas
-        all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
-    elif prefix > 0:
+    spread = is_tracer(model) and model.coordinator.replicas > 1
+    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not spread else 0
+    if prefix > 0:
         all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, over, positions, clean_cache)
+    elif is_tracer(model):  # the runs spread over the replicas
+        all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
     else:
         all_logits = [_run_one(model, layer, start_from, tokens, mask, specs) for layer, _, tokens, mask, specs in runs]
     values = []

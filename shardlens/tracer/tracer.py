@@ -11,7 +11,9 @@ import torch
 from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
+from shardlens.cluster.coordinator import KVSession
 from shardlens.errors import HookNameError
+from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
 from shardlens.hooks.hook_points import HookTarget
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.names import NamesFilter, names_predicate
@@ -21,6 +23,54 @@ from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
 
 _RETURN_TYPES = ("logits", "loss", "both", "metric", None)
+
+
+class StageKeyValueCache(KeyValueCache):
+    """A Tracer's key/value cache: each stage of the first replica keeps its own layers'
+    keys and values under `session`; this handle holds only the attention mask so far, the
+    frozen flag, and how many times a run repeats the cached batch.
+
+    Example:
+        >>> cache = tracer.init_kv_cache(batch_size=2)
+        >>> tracer(prefix, past_kv_cache=cache); cache.freeze()
+        >>> logits, acts = tracer.run_with_cache(suffix, past_kv_cache=cache)   # only the suffix runs
+        >>> cache.close()                                                          # the stages forget it
+    """
+
+    def __init__(self, coordinator: Coordinator, session: str, previous_attention_mask: Tensor, frozen: bool = False, times: int = 1):
+        super().__init__(None, previous_attention_mask, frozen)
+        self.coordinator, self.session, self.times = coordinator, session, times
+
+    @property
+    def entries(self) -> list[KeyValueCacheEntry]:
+        """Every layer's past keys and values, fetched from the stages (of the cached batch,
+        not repeated)."""
+        by_layer = self.coordinator.kv_entries(self.session)
+        return [KeyValueCacheEntry(*by_layer[layer]) for layer in sorted(by_layer)]
+
+    def repeat(self, times: int) -> "StageKeyValueCache":
+        """A frozen view whose batch is this batch repeated `times` times (the stages copy
+        their entries per run; nothing is copied now)."""
+        if not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int; got {times!r}")
+        return StageKeyValueCache(self.coordinator, self.session, self.previous_attention_mask.repeat(times, 1), True, self.times * times)
+
+    def for_run(self) -> Any:
+        raise TypeError("a Tracer's key/value cache lives on its stages: pass it as past_kv_cache= to the Tracer")
+
+    @property
+    def kv(self) -> KVSession:
+        return KVSession(self.session, self.frozen, self.times, self.seq_len)
+
+    def close(self) -> None:
+        """Make the stages forget this cache's keys and values (and every repeat of it)."""
+        self.coordinator.end_session(self.session)
+
+    def __enter__(self) -> "StageKeyValueCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
 
 class Tracer:
@@ -199,35 +249,68 @@ class Tracer:
             attention_mask = None
         return tokens.cpu(), None if attention_mask is None else attention_mask.cpu()
 
+    def init_kv_cache(self, batch_size: int = 1) -> StageKeyValueCache:
+        """An empty key/value cache kept on the stages (see StageKeyValueCache): pass it as
+        past_kv_cache= to a run, freeze() it to share a prefix between runs, close() it to
+        free the stages' memory."""
+        import uuid
+
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        return StageKeyValueCache(self.coordinator, f"kv.{uuid.uuid4().hex[:12]}", torch.zeros(batch_size, 0, dtype=torch.long))
+
+    def _kv_mask(self, cache: Any, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The attention mask of a cache's tokens and these new ones (checked against the cache)."""
+        if not isinstance(cache, StageKeyValueCache) or cache.coordinator is not self.coordinator:
+            raise TypeError(f"past_kv_cache must be a cache of this Tracer (tracer.init_kv_cache()); got {type(cache).__name__}")
+        if tokens.shape[0] != cache.previous_attention_mask.shape[0]:
+            raise ValueError(
+                f"the key/value cache holds a batch of {cache.previous_attention_mask.shape[0]}, the input {tokens.shape[0]}: "
+                "use cache.repeat(k) to run k variants per cached example"
+            )
+        if cache.seq_len == 0 and cache.frozen:
+            raise ValueError("the key/value cache is frozen and empty: run the prefix through it before freezing it")
+        new_mask = torch.ones_like(tokens) if mask is None else mask.long()
+        return torch.cat([cache.previous_attention_mask, new_mask], dim=1)
+
     def _run(
         self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict],
-        metric: Optional[Metric] = None, split: bool = True,
+        metric: Optional[Metric] = None, split: bool = True, past_kv_cache: Optional[StageKeyValueCache] = None,
     ) -> tuple:
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
         if return_type == "metric" and metric is None:
             raise ValueError("return_type='metric' needs metric=sl.metrics....")
         tokens, mask = self._tokens(input, attention_mask)
+        run_mask = mask if past_kv_cache is None else self._kv_mask(past_kv_cache, tokens, mask)
         logits, loss, results = self.coordinator.run(
-            tokens, attention_mask=mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
-            metric=metric, split=split,
+            tokens, attention_mask=run_mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
+            metric=metric, split=split, kv=None if past_kv_cache is None else past_kv_cache.kv,
         )
+        if past_kv_cache is not None and not past_kv_cache.frozen:
+            past_kv_cache.previous_attention_mask = run_mask
         output = {"logits": logits, "loss": loss, "metric": loss, "both": (logits, loss), None: None}[return_type]
         return output, results, mask
 
-    def __call__(self, input: Any, return_type: Any = "logits", attention_mask: Optional[Tensor] = None, metric: Optional[Metric] = None) -> Any:
-        return self._run(input, attention_mask, return_type, False, None, metric)[0]
+    def __call__(
+        self, input: Any, return_type: Any = "logits", attention_mask: Optional[Tensor] = None, metric: Optional[Metric] = None,
+        past_kv_cache: Optional[StageKeyValueCache] = None,
+    ) -> Any:
+        """Run the pipeline (see HookedModel.forward); with `past_kv_cache` only `input`, the
+        new tokens, runs, attending to the cached ones (the cache grows unless frozen)."""
+        return self._run(input, attention_mask, return_type, False, None, metric, past_kv_cache=past_kv_cache)[0]
 
     def run_with_hooks(
         self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",
         attention_mask: Optional[Tensor] = None, store: Optional[dict] = None, sources: Optional[dict] = None,
-        metric: Optional[Metric] = None, split: bool = True,
+        metric: Optional[Metric] = None, split: bool = True, past_kv_cache: Optional[StageKeyValueCache] = None,
     ) -> Any:
         """One run with temporary specs; what reading specs read goes into `store`. A
         backward pass (from the loss, or `metric`) runs when a gradient spec is active.
-        split=False runs the batch whole on one replica (for specs that select batch rows)."""
+        split=False runs the batch whole on one replica (for specs that select batch rows);
+        past_kv_cache: see __call__."""
         with self.hooks(fwd_hooks, bwd_hooks):
-            output, results, _ = self._run(input, attention_mask, return_type, False, sources, metric, split)
+            output, results, _ = self._run(input, attention_mask, return_type, False, sources, metric, split, past_kv_cache)
         if results and store is None:
             raise ValueError("reading specs produced results but run_with_hooks got no store={}: use run_with_cache, or pass store")
         if store is not None:
@@ -270,17 +353,19 @@ class Tracer:
         self, input: Any, *, names_filter: NamesFilter = None, incl_bwd: bool = False, return_type: Any = "logits",
         attention_mask: Optional[Tensor] = None, device: Union[str, torch.device, None] = None,
         remove_batch_dim: bool = False, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None,
-        metric: Optional[Metric] = None, split: bool = True,
+        metric: Optional[Metric] = None, split: bool = True, past_kv_cache: Optional[StageKeyValueCache] = None,
     ) -> tuple[Any, ActivationCache]:
         """Run and return (output, ActivationCache) gathered from every stage. incl_bwd
         backpropagates the batch's mean next-token loss (or `metric`) and caches
-        ``<name>_grad``."""
+        ``<name>_grad``. With `past_kv_cache` (tracer.init_kv_cache()) only `input`, the new
+        tokens, runs against the cached ones, on the first replica, and the cache holds the
+        new positions only."""
         selected = names_predicate(names_filter, self.coordinator.hook_names)
         names = tuple(n for n in self.coordinator.hook_names if selected(n))
         caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
         with self.hooks(fwd_hooks, bwd_hooks):
             with self.hooks(caching):
-                output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, split)
+                output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, split, past_kv_cache)
         if remove_batch_dim:
             if next(iter(results.values())).shape[0] != 1:
                 raise ValueError("remove_batch_dim=True needs a batch of one example")

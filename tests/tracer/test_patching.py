@@ -178,3 +178,21 @@ def test_run_with_cache_against_a_frozen_prefix(model, task):
     full_logits, full = model.run_with_cache(clean, names_filter="blocks.1.hook_resid_post")
     assert torch.allclose(logits, full_logits[:, 4:], atol=1e-5)
     assert torch.allclose(acts["blocks.1.hook_resid_post"], full["blocks.1.hook_resid_post"][:, 4:], atol=1e-5)
+
+
+def test_a_tracer_sweep_reuses_the_prefix_on_its_stages(tiny_checkpoints, model, task):
+    clean, corrupt, metric = task
+    kwargs = dict(points="z", metric=metric, over=("layer", "head"), positions=[4, 5], max_batch=12)
+    expected = patching.sweep(model, clean, corrupt, reuse_prefix=False, **kwargs)
+    tokens = {}
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        for reuse in (False, True):
+            before = tracer.stats()[0]["tokens"]
+            got = patching.sweep(tracer, clean, corrupt, reuse_prefix=reuse, **kwargs)
+            tokens[reuse] = tracer.stats()[0]["tokens"] - before
+            assert torch.allclose(got.grid, expected.grid, atol=1e-5)
+            assert got.baseline == pytest.approx(expected.baseline, abs=1e-6)
+        assert tracer.coordinator.workers[0][0]._kv_caches == {}  # the sweep's prefix cache was freed
+    batch = clean.shape[0]
+    variants = model.config.num_hidden_layers * model.config.num_attention_heads * batch  # rows of the patched runs
+    assert tokens[False] - tokens[True] == variants * 4 - batch * 4  # 4 prefix positions run once, not per variant

@@ -245,3 +245,72 @@ def test_steering_and_reading_while_generating_across_stages(tiny_checkpoints, r
         got = tracer.generate(tokens, max_new_tokens=4, fwd_hooks=[steer, read], store=store, stop_at_eos=False)
     assert torch.equal(got, expected)
     assert sorted(store) == [f"hook_logits.step{k}" for k in range(4)] and store["hook_logits.step3"].shape[1] == 1
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama_gqa"])
+def test_a_frozen_prefix_on_the_stages_gives_the_full_forward(tiny_checkpoints, reference, tokens, name):
+    model = reference[name]
+    full_logits, full = model.run_with_cache(tokens, names_filter=RESID_POST)
+    with Tracer.from_pretrained(tiny_checkpoints[name], stages=2, backend="local") as tracer:
+        with tracer.init_kv_cache(batch_size=4) as cache:
+            tracer(tokens[:, :5], past_kv_cache=cache)
+            cache.freeze()
+            for _ in range(2):  # a frozen cache is not extended: the second run sees the same prefix
+                logits, acts = tracer.run_with_cache(tokens[:, 5:], past_kv_cache=cache, names_filter=RESID_POST)
+                assert torch.allclose(logits, full_logits[:, 5:], atol=1e-5)
+                for key in full:
+                    assert torch.allclose(acts[key], full[key][:, 5:], atol=1e-5), key
+            assert cache.seq_len == 5
+            entries = cache.entries
+            n_kv = getattr(model.config, "num_key_value_heads", model.config.num_attention_heads)
+            assert len(entries) == model.config.num_hidden_layers and entries[-1].past_keys.shape[:3] == (4, 5, n_kv)
+            forwards = sum(s["forwards"] for s in tracer.stats())
+        with pytest.raises(Exception, match="holds no key/value session"):
+            cache.entries  # closed: the stages forgot it
+    assert forwards == 2 * 3  # the prefix and two suffix runs, on each of the 2 stages
+
+
+def test_a_kv_cache_on_the_stages_grows_with_padding_and_repeats(tiny_checkpoints, reference, tokens):
+    from shardlens.hooks.model import next_token_loss
+
+    mask = torch.ones_like(tokens)
+    mask[1, :3] = 0
+    full = reference["llama_gqa"](tokens, attention_mask=mask)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=3, backend="local", allow_code=True) as tracer:
+        cache = tracer.init_kv_cache(batch_size=4)
+        tracer(tokens[:, :4], attention_mask=mask[:, :4], past_kv_cache=cache)
+        with pytest.raises(RemoteHookError):  # a failed run leaves the cache as it was
+            tracer.run_with_hooks(tokens[:, 4:7], past_kv_cache=cache, fwd_hooks=[("blocks.1.hook_resid_post", lambda x, hook: 1 / 0)])
+        logits = tracer(tokens[:, 4:7], past_kv_cache=cache)  # the cache grows: 4 + 3 tokens
+        real = mask[:, 4:7].bool()
+        assert cache.seq_len == 7 and torch.allclose(logits[real], full[:, 4:7][real], atol=1e-5)
+        cache.freeze()
+        twice = tracer(tokens[:, 7:].repeat(2, 1), past_kv_cache=cache.repeat(2))
+        assert torch.allclose(twice, full[:, 7:].repeat(2, 1, 1), atol=1e-5)
+        loss = tracer(tokens[:, 7:], past_kv_cache=cache, return_type="loss")
+        assert torch.allclose(loss, next_token_loss(full[:, 7:], tokens[:, 7:], None), atol=1e-5)
+        with pytest.raises(ValueError, match="use cache.repeat"):
+            tracer(tokens[:2, 7:], past_kv_cache=cache)
+        with pytest.raises(TypeError, match="cache of this Tracer"):
+            tracer(tokens[:, 7:], past_kv_cache=sl.KeyValueCache.init_cache(reference["llama_gqa"].config, batch_size=4))
+
+
+def test_a_kv_cache_lost_with_its_worker_fails_clearly(tiny_checkpoints, tokens):
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
+        cache = tracer.init_kv_cache(batch_size=4)
+        tracer(tokens[:, :5], past_kv_cache=cache)
+        tracer.coordinator.end_session(cache.session)  # what a restarted worker has: no session
+        with pytest.raises(sl.WorkerError, match="holds 0 tokens.*build the cache again"):
+            tracer(tokens[:, 5:], past_kv_cache=cache)
+
+
+def test_a_frozen_prefix_on_ray_stages(ray_session, tiny_checkpoints, reference, tokens):
+    full = reference["llama_gqa"](tokens)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray") as tracer:
+        cache = tracer.init_kv_cache(batch_size=4)
+        tracer(tokens[:, :6], past_kv_cache=cache)
+        cache.freeze()
+        logits = tracer(tokens[:, 6:].repeat(3, 1), past_kv_cache=cache.repeat(3))
+        assert cache.entries[0].past_keys.shape[:2] == (4, 6)
+        cache.close()
+    assert torch.allclose(logits, full[:, 6:].repeat(3, 1, 1), atol=1e-5)
