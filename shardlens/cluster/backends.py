@@ -28,8 +28,24 @@ class LocalBackend:
 
     name = "local"
 
-    def make_workers(self, specs: list[dict]) -> list[Any]:
-        return [StageWorker(**spec) for spec in specs]
+    def __init__(self) -> None:
+        self.count = 0
+
+    def make_workers(self, specs: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
+        """One StageWorker per spec (constructor keywords); `needs` (cluster resources) do not apply here."""
+        workers = [StageWorker(**spec) for spec in specs]
+        self.count += len(workers)
+        return workers
+
+    def placement(self) -> list[str]:
+        """Where each worker runs: this process."""
+        return ["local"] * self.count
+
+    def unrecoverable(self) -> Optional[str]:
+        return None
+
+    def lost_nodes(self) -> str:
+        return "no node lost"
 
     def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> _Done:
         args = tuple(self._value(a) for a in args)
@@ -63,9 +79,13 @@ class LocalBackend:
 
 
 class RayBackend:
-    """Workers as Ray actors in a placement group (one bundle per worker), restarted by Ray
-    when they die. Starts a local Ray instance when none is running and no address is given;
-    shuts down only what it started."""
+    """Workers as Ray actors in one placement group (a bundle per worker, holding its CPUs,
+    GPUs, the host memory its weights take, and its stage's custom resources), restarted by
+    Ray when they die. Bundles are spread over the cluster's nodes (Ray's SPREAD strategy:
+    different nodes where possible, each where its resources fit, the least loaded first).
+    When a node dies, Ray places its bundles again on nodes that can hold them and restarts
+    the actors there. Starts a local Ray instance when none is running and no address is
+    given; shuts down only what it started."""
 
     name = "ray"
 
@@ -81,23 +101,88 @@ class RayBackend:
         self.gpus, self.max_restarts = gpus_per_worker, max_restarts
         self.group = None
         self.actors: list[Any] = []
+        self.labels: list[str] = []  # "stage s, replica r" of each actor, for messages
+        self.needs: list[dict] = []  # each actor's custom resources
+        self.nodes_used: dict[str, str] = {}  # node id -> "address (custom resources)" of nodes that held our bundles
 
-    def make_workers(self, specs: list[dict]) -> list[Any]:
+    def make_workers(self, specs: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
+        """One actor per spec (StageWorker keywords). needs[i]: the worker's custom
+        resources, and "memory", the bytes of host memory its weights take."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        needs = [dict(n) for n in needs] if needs is not None else [{} for _ in specs]
+        self.labels = [f"stage {spec.get('index')}, replica {spec.get('replica', 0)}" for spec in specs]
+        self.needs = [{k: v for k, v in n.items() if k != "memory"} for n in needs]
+        self._check_offered()
         cpus = min(1.0, self.ray.cluster_resources().get("CPU", 1.0) / len(specs))
-        bundle = {"CPU": cpus, **({"GPU": self.gpus} if self.gpus else {})}
-        self.group = placement_group([dict(bundle) for _ in specs], strategy="PACK")
-        self.ray.get(self.group.ready(), timeout=300)
+        bundles = []
+        for need in needs:
+            memory = int(need.pop("memory", 0))
+            bundles.append({"CPU": cpus, **({"GPU": self.gpus} if self.gpus else {}), **({"memory": memory} if memory else {}), **need})
+        self.group = placement_group(bundles, strategy="SPREAD")
+        try:
+            self.ray.get(self.group.ready(), timeout=300)
+        except self.ray.exceptions.GetTimeoutError:
+            raise WorkerError(f"the cluster could not place the workers' bundles within 300 s: {bundles}") from None
+        self._note_nodes()
         actor_class = self.ray.remote(StageWorker)
         for i, spec in enumerate(specs):
             options = dict(
                 num_cpus=cpus, num_gpus=self.gpus, max_restarts=self.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
             )
+            if bundles[i].get("memory"):
+                options["memory"] = bundles[i]["memory"]
+            options["resources"] = dict(self.needs[i])
             self.actors.append(actor_class.options(**options).remote(**spec))
         return list(self.actors)
+
+    def _check_offered(self) -> None:
+        """Refuse custom resources that no node of the cluster offers (else the placement waits forever)."""
+        offered = self.ray.cluster_resources()
+        for label, need in zip(self.labels, self.needs):
+            missing = {k: v for k, v in need.items() if offered.get(k, 0) < v}
+            if missing:
+                custom = _custom(offered)
+                raise WorkerError(f"{label} needs {missing}, which the cluster does not offer; its custom resources are {custom}")
+
+    def _bundle_nodes(self) -> dict[int, str]:
+        from ray.util.placement_group import placement_group_table
+
+        return {int(k): v for k, v in placement_group_table(self.group).get("bundles_to_node_id", {}).items()}
+
+    def _note_nodes(self) -> None:
+        """Remember the nodes that hold our bundles, described while they are alive."""
+        if self.group is None:
+            return
+        held = set(self._bundle_nodes().values()) - set(self.nodes_used)
+        for node in self.ray.nodes():
+            if node["NodeID"] in held:
+                custom = _custom(node["Resources"])
+                self.nodes_used[node["NodeID"]] = f"{node['NodeManagerAddress']} ({', '.join(custom) or 'no custom resources'})"
+
+    def placement(self) -> list[str]:
+        """The address of the node each worker's bundle is on now."""
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in self.ray.nodes()}
+        where = self._bundle_nodes()
+        self._note_nodes()
+        return [ips.get(where.get(i, ""), "unplaced") for i in range(len(self.actors))]
+
+    def unrecoverable(self) -> Optional[str]:
+        """Why a lost worker cannot come back (a custom resource it needs is on no live
+        node), naming the nodes of ours that were lost; None while it might."""
+        alive = [n for n in self.ray.nodes() if n["Alive"]]
+        for label, need in zip(self.labels, self.needs):
+            if need and not any(all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in alive):
+                return f"{label} needs {need}, which no live node offers; {self.lost_nodes()}"
+        return None
+
+    def lost_nodes(self) -> str:
+        """The nodes that held our workers and are dead now, with their custom resources."""
+        dead = {n["NodeID"] for n in self.ray.nodes() if not n["Alive"]}
+        lost = [text for node, text in self.nodes_used.items() if node in dead]
+        return ("lost node " + "; ".join(lost)) if lost else "no node of ours was lost"
 
     def call(self, worker: Any, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(worker, method).remote(*args, **kwargs)
@@ -110,7 +195,8 @@ class RayBackend:
             raise (cause if isinstance(cause, BaseException) else error) from None
 
     def is_lost(self, error: BaseException) -> bool:
-        return isinstance(error, (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError))
+        lost = (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError, self.ray.exceptions.ObjectLostError)
+        return isinstance(error, lost)
 
     def kill(self, workers: list[Any]) -> None:
         for worker in workers:
@@ -127,6 +213,11 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def _custom(resources: dict) -> list[str]:
+    """The custom resources among a node's or cluster's resources."""
+    return sorted(k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:"))
 
 
 def make_backend(name: str, address: Optional[str], gpus_per_worker: float = 0.0) -> Any:

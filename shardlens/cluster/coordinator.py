@@ -76,12 +76,14 @@ class Coordinator:
             dict(source=str(source), plan_json=plan.to_json(), index=s, replica=r, device=device, threads=worker_threads, allow_code=allow_code)
             for r in range(replicas) for s in range(n)
         ]
-        flat = backend.make_workers(specs)
+        needs = [{**plan.stages[s].resources, "memory": plan.stages[s].host_bytes} for r in range(replicas) for s in range(n)]
+        flat = backend.make_workers(specs, needs)
         self.workers = [flat[r * n:(r + 1) * n] for r in range(replicas)]
         self.stage_names: list[list[str]] = self._get([backend.call(w, "hook_names") for w in self.workers[0]])
         self.incarnations = self._get([backend.call(w, "ping") for row in self.workers for w in row])
         self.stack: list[StackEntry] = []
         self._runs = itertools.count()
+        self.recoveries = 0  # runs retried after a worker was lost
 
     def _get(self, handles: Any) -> Any:
         return self.backend.get(handles)
@@ -182,14 +184,23 @@ class Coordinator:
         self.incarnations = current
 
     def _wait_for_workers(self, timeout: float = 120.0) -> None:
+        """Until every worker answers again (Ray restarts lost ones, on another node when
+        theirs died); fails at once when one cannot come back (see unrecoverable)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 self._restore()
                 return
             except Exception as error:
-                if not self.backend.is_lost(error) or time.monotonic() > deadline:
-                    raise WorkerError(f"a stage worker was lost and did not come back within {timeout:.0f} s: {error}") from error
+                if not self.backend.is_lost(error):
+                    raise
+                reason = self.backend.unrecoverable()
+                if reason is not None:
+                    raise WorkerError(f"a stage worker was lost and cannot be restarted: {reason}") from None
+                if time.monotonic() > deadline:
+                    raise WorkerError(
+                        f"a stage worker was lost and did not come back within {timeout:.0f} s ({self.backend.lost_nodes()}): {error}"
+                    ) from error
                 time.sleep(0.5)
 
     # ------------------------------------------------------------------ runs
@@ -222,6 +233,7 @@ class Coordinator:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise
                 attempt += 1
+                self.recoveries += 1
                 self._wait_for_workers()
 
     def _microbatches(self, n: int, split: bool) -> list[slice]:
@@ -312,6 +324,12 @@ class Coordinator:
 
     def end_session(self, session: str) -> None:
         self._get_quietly([self.backend.call(w, "drop", session) for w in self.workers[0]])
+
+    def placement(self) -> list[dict]:
+        """Where each worker runs: replica, stage, and node (its address; "local" in this process)."""
+        nodes = self.backend.placement()
+        n = len(self.stage_names)
+        return [{"replica": i // n, "stage": i % n, "node": node} for i, node in enumerate(nodes)]
 
     def stats(self) -> list[dict]:
         return self._get([self.backend.call(w, "stats") for row in self.workers for w in row])

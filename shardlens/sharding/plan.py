@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import torch
@@ -34,6 +35,8 @@ class StageSpec:
         device_map: stage module path -> device ("embed", "blocks.7", "final_norm", ...).
         bytes: parameter bytes the stage holds, in the plan's dtype.
         embed, head: whether it holds the embeddings / the final norm and unembedding.
+        resources: custom cluster resources the stage's worker needs ({"node_a": 1} pins it
+            to the nodes that advertise node_a); empty: any node where it fits.
     """
 
     index: int
@@ -43,11 +46,18 @@ class StageSpec:
     bytes: int
     embed: bool
     head: bool
+    resources: dict = field(default_factory=dict)
+
+    @property
+    def host_bytes(self) -> int:
+        """Parameter bytes the stage keeps in host memory (all of them unless it has GPUs)."""
+        return 0 if any(isinstance(d, int) for d in self.devices) else self.bytes
 
     def to_dict(self) -> dict:
         return {
             "index": self.index, "layers": [self.layers.start, self.layers.stop], "devices": list(self.devices),
             "device_map": dict(self.device_map), "bytes": self.bytes, "embed": self.embed, "head": self.head,
+            "resources": dict(self.resources),
         }
 
     @classmethod
@@ -55,7 +65,7 @@ class StageSpec:
         devices = tuple(data["devices"])
         return cls(
             index=data["index"], layers=range(*data["layers"]), devices=devices, device_map=dict(data["device_map"]),
-            bytes=data["bytes"], embed=data["embed"], head=data["head"],
+            bytes=data["bytes"], embed=data["embed"], head=data["head"], resources=dict(data.get("resources", {})),
         )
 
 
@@ -76,6 +86,7 @@ class ShardPlan:
         stages: int,
         max_memory: Optional[dict] = None,
         dtype: Union[torch.dtype, str] = torch.float32,
+        stage_resources: Optional[Sequence[dict]] = None,
     ) -> "ShardPlan":
         """Plan `stages` stages of a model.
 
@@ -86,10 +97,14 @@ class ShardPlan:
                 ({0: "40GiB", 1: "40GiB"}: each stage has two GPUs of 40 GiB). None: each
                 stage on one device, "cpu" (build_stage(device=...) can place it elsewhere).
             dtype: the parameter dtype the stages will hold.
+            stage_resources: one dict per stage of custom cluster resources its worker
+                needs: [{"node_a": 1}, {"node_b": 1}] puts stage 0 on a node that advertises
+                node_a and stage 1 on one with node_b. None: no requirement (a Ray cluster
+                then spreads the stages over its nodes, see the Ray backend).
 
         Raises:
             ShardPlanError: unknown architecture; more stages than layers; a stage that
-                does not fit max_memory.
+                does not fit max_memory; stage_resources of the wrong length or form.
         """
         config = _config(config_or_path)
         layout = layout_for(config)
@@ -103,6 +118,7 @@ class ShardPlan:
             raise ShardPlanError(f"stages must be a positive int; got {stages!r}")
         if stages > n_layers:
             raise ShardPlanError(f"stages={stages} but the model has {n_layers} layers: each stage needs at least one")
+        resources = _stage_resources(stage_resources, stages)
         skeleton = meta_model(config, dtype)
         sizes = _part_bytes(skeleton, layout, n_layers, dtype)
         ranges = balance(sizes["blocks"], stages, first_extra=sizes["embed"], last_extra=sizes["head"])
@@ -112,7 +128,7 @@ class ShardPlan:
             size = sum(sizes["blocks"][i] for i in layers) + first * sizes["embed"] + last * sizes["head"]
             modules = stage_modules(skeleton, layout, layers, first=first, last=last)
             devices, device_map = _device_map(modules, layout, max_memory, size, index, layers)
-            specs.append(StageSpec(index, layers, devices, device_map, size, first, last))
+            specs.append(StageSpec(index, layers, devices, device_map, size, first, last, resources[index]))
         return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs))
 
     def to_json(self) -> str:
@@ -131,16 +147,41 @@ class ShardPlan:
         return getattr(torch, self.dtype)
 
     def describe(self) -> str:
-        """A table of the stages (stage, layers, devices, GB); printed and returned."""
-        rows = [("stage", "layers", "devices", "GB")]
+        """A table of the stages (stage, layers, devices, GB, and the resources asked for
+        when any stage asks); printed and returned."""
+        pinned = any(s.resources for s in self.stages)
+        rows = [("stage", "layers", "devices", "GB") + ("resources",) * pinned]
         for s in self.stages:
             parts = [f"{s.layers.start}-{s.layers.stop - 1}"] + ["embed"] * s.embed + ["head"] * s.head
-            rows.append((str(s.index), " + ".join(parts), ", ".join(map(str, s.devices)), f"{s.bytes / 1e9:.4g}"))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            row = (str(s.index), " + ".join(parts), ", ".join(map(str, s.devices)), f"{s.bytes / 1e9:.4g}")
+            rows.append(row + (", ".join(f"{k}={v:g}" for k, v in s.resources.items()),) * pinned)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         text = f"{self.model_type}, {self.n_layers} layers, {self.dtype}\n" + "\n".join(lines)
         print(text)
         return text
+
+
+def _stage_resources(stage_resources: Optional[Sequence[dict]], stages: int) -> list[dict]:
+    if stage_resources is None:
+        return [{} for _ in range(stages)]
+    if isinstance(stage_resources, dict) or not isinstance(stage_resources, Sequence) or len(stage_resources) != stages:
+        raise ShardPlanError(
+            f"stage_resources must be a list of {stages} dicts, one per stage (e.g. [{{'node_a': 1}}, ...]); got {stage_resources!r}"
+        )
+    checked = []
+    for index, wanted in enumerate(stage_resources):
+        if not isinstance(wanted, dict) or not all(
+            isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for k, v in wanted.items()
+        ):
+            raise ShardPlanError(f"stage_resources[{index}] must map resource names to positive numbers; got {wanted!r}")
+        reserved = sorted(set(wanted) & {"CPU", "GPU", "memory", "object_store_memory"})
+        if reserved:
+            raise ShardPlanError(
+                f"stage_resources[{index}] names {reserved}: the plan sets CPUs, GPUs and memory itself; give only custom resources"
+            )
+        checked.append(dict(wanted))
+    return checked
 
 
 def _config(config_or_path: Any) -> Any:

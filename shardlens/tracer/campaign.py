@@ -25,7 +25,8 @@ import yaml
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": str, "model": dict, "cluster": dict, "data": dict, "metric": dict, "experiments": list, "output": dict, "schedule": str},
     "model": {"source": str, "dtype": str},
-    "cluster": {"backend": str, "address": (str, type(None)), "stages": int, "replicas": int, "microbatch_size": (int, type(None)), "max_memory": (dict, type(None))},
+    "cluster": {"backend": str, "address": (str, type(None)), "stages": int, "replicas": int, "microbatch_size": (int, type(None)), "max_memory": (dict, type(None)),
+                "stage_resources": (list, type(None))},
     "data": {"path": str, "clean": str, "corrupt": str, "answer": str, "wrong": str, "batch_size": int, "limit": (int, type(None))},
     "metric": {"kind": str},
     "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list},
@@ -276,7 +277,7 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
         _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
         backend=cluster.get("backend", "ray"), address=cluster.get("address"),
         dtype=getattr(torch, campaign.model.get("dtype", "float32")), max_memory=cluster.get("max_memory"),
-        microbatch_size=cluster.get("microbatch_size"),
+        microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
     )
     try:
         extract_hooks = {}

@@ -38,7 +38,17 @@ def _hooks(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from shardlens.sharding import ShardPlan
 
-    plan = ShardPlan.for_model(args.model, stages=args.stages, max_memory=parse_max_memory(args.max_memory), dtype=args.dtype)
+    resources = None
+    if args.stage_resources is not None:
+        import json
+
+        try:
+            resources = json.loads(args.stage_resources)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--stage-resources must be JSON, e.g. '[{{\"node_a\": 1}}, {{\"node_b\": 1}}]': {error}") from None
+    plan = ShardPlan.for_model(
+        args.model, stages=args.stages, max_memory=parse_max_memory(args.max_memory), dtype=args.dtype, stage_resources=resources,
+    )
     plan.describe()
     if args.json:
         print(plan.to_json())
@@ -175,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--stages", type=int, default=1, help="number of stages (default: 1)")
     plan.add_argument("--max-memory", help="each stage's device budgets, e.g. 0=40GiB,1=40GiB")
     plan.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16, float16 (default: float32)")
+    plan.add_argument("--stage-resources", help='per stage, the custom Ray resources its workers need, as JSON: \'[{"node_a": 1}, {"node_b": 1}]\'')
     plan.add_argument("--json", action="store_true", help="also print the plan as JSON")
     plan.set_defaults(run=_plan)
 

@@ -107,6 +107,7 @@ class Tracer:
         allow_code: bool = False,
         device: Optional[str] = None,
         worker_threads: Optional[int] = None,
+        stage_resources: Optional[Sequence[dict]] = None,
     ) -> "Tracer":
         """Plan `stages` stages of the checkpoint at `path` and start `replicas` pipelines.
 
@@ -120,8 +121,11 @@ class Tracer:
             allow_code: accept plain Python callables as hooks (pickled to the workers).
             device: put every stage on this device ("cuda", "cpu") instead of the plan's map.
             worker_threads: torch threads per worker.
+            stage_resources: per stage, the custom Ray resources its workers need
+                ([{"node_a": 1}, {"node_b": 1}] pins stage 0 to a node advertising node_a,
+                stage 1 to one with node_b). None: Ray spreads the stages over the nodes.
         """
-        plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype)
+        plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype, stage_resources=stage_resources)
         gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
         workers = make_backend(backend, address, gpus_per_worker=gpus)
         try:
@@ -158,6 +162,11 @@ class Tracer:
     def stats(self) -> list[dict]:
         """Each worker's memory and timings."""
         return self.coordinator.stats()
+
+    def placement(self) -> list[dict]:
+        """Where each worker runs: [{"replica", "stage", "node"}], node being the Ray node's
+        address ("local" on the local backend)."""
+        return self.coordinator.placement()
 
     # ------------------------------------------------------------------ hooks
 

@@ -96,3 +96,26 @@ def test_impossible_plans_say_why():
         ShardPlan.for_model(CONFIGS["llama_gqa"](), stages=2, max_memory={0: "10KB", 1: "10KB"})
     with pytest.raises(ShardPlanError, match="dtype"):
         ShardPlan.for_model(CONFIGS["gpt2"](), stages=1, dtype="float99")
+
+
+def test_stage_resources_pin_stages_and_travel_with_the_plan(capsys):
+    config = CONFIGS["llama_gqa"]()
+    plan = ShardPlan.for_model(config, stages=2, stage_resources=[{"node_a": 1}, {"node_b": 0.5, "ssd": 1}])
+    assert [s.resources for s in plan.stages] == [{"node_a": 1}, {"node_b": 0.5, "ssd": 1}]
+    assert ShardPlan.from_json(plan.to_json()) == plan
+    lines = plan.describe().splitlines()
+    assert lines[1].split()[-1] == "resources" and lines[3].endswith("node_b=0.5, ssd=1")
+    assert all(s.resources == {} for s in ShardPlan.for_model(config, stages=2).stages)
+    assert plan.stages[0].host_bytes == plan.stages[0].bytes  # a CPU stage keeps its weights in host memory
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([{"node_a": 1}], r"a list of 2 dicts, one per stage"),
+    ({"node_a": 1}, r"a list of 2 dicts"),
+    ([{"node_a": 1}, {"node_b": 0}], r"stage_resources\[1\] must map resource names to positive numbers"),
+    ([{"node_a": 1}, ["node_b"]], r"stage_resources\[1\] must map"),
+    ([{"CPU": 2}, {}], r"stage_resources\[0\] names \['CPU'\]: the plan sets CPUs, GPUs and memory itself"),
+])
+def test_bad_stage_resources_say_what_is_wrong(bad, message):
+    with pytest.raises(ShardPlanError, match=message):
+        ShardPlan.for_model(CONFIGS["llama_gqa"](), stages=2, stage_resources=bad)

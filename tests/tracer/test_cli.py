@@ -42,6 +42,8 @@ def test_hooks_plan_inspect(tmp_path, capsys):
     assert main(["plan", str(MODEL), "--stages", "2", "--max-memory", "0=1MB,1=1MB", "--json"]) == 0
     out = capsys.readouterr().out
     assert "0      0-0 + embed  0, 1" in out and '"model_type": "llama"' in out
+    assert main(["plan", str(MODEL), "--stages", "2", "--stage-resources", '[{"node_a": 1}, {"node_b": 1}]']) == 0
+    assert capsys.readouterr().out.splitlines()[-1].endswith("node_b=1")
     import torch
 
     import shardlens as sl
@@ -58,6 +60,8 @@ def test_hooks_plan_inspect(tmp_path, capsys):
     (["plan", "PLACEHOLDER", "--stages", "9"], "stages=9 but the model has 2 layers"),
     (["plan", "PLACEHOLDER", "--max-memory", "0:40GiB"], "DEVICE=SIZE"),
     (["inspect", "/no/such/dataset"], "shardlens inspect: error:"),
+    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", "[{node_a: 1}]"], "--stage-resources must be JSON"),
+    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", '[{"node_a": 1}]'], "stage_resources must be a list of 2 dicts"),
 ])
 def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
     from shardlens.tracer.demo import MODEL

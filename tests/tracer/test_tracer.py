@@ -314,3 +314,10 @@ def test_a_frozen_prefix_on_ray_stages(ray_session, tiny_checkpoints, reference,
         assert cache.entries[0].past_keys.shape[:2] == (4, 6)
         cache.close()
     assert torch.allclose(logits, full[:, 6:].repeat(3, 1, 1), atol=1e-5)
+
+
+def test_resources_no_node_offers_are_refused_before_any_worker_starts(ray_session, tiny_checkpoints):
+    with pytest.raises(sl.WorkerError, match=r"stage 1, replica 0 needs \{'node_z': 1\}, which the cluster does not offer"):
+        Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="ray", stage_resources=[{}, {"node_z": 1}])
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
+        assert tracer.placement() == [{"replica": 0, "stage": 0, "node": "local"}, {"replica": 0, "stage": 1, "node": "local"}]
