@@ -21,6 +21,7 @@ from shardlens.errors import WorkerError
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
 from shardlens.hooks.specs import HookSpec
+from shardlens.cluster.worker import unpack
 from shardlens.sharding import ShardPlan, StageIO
 
 
@@ -151,7 +152,7 @@ class Coordinator:
                     for worker in workers:
                         io = self.backend.call(worker, "forward", f"variant.{level}.{start}", io)
                     ends.append(io)
-                logits += [out.logits for out in self._get(ends)]
+                logits += [unpack(out.logits).clone() for out in self._get(ends)]
             finally:
                 self._get_quietly([self.backend.call(w, "pop", level) for (row,) in rows for w in row])
                 self._get_quietly([self.backend.call(w, "drop", f"variant.{level}.{start}") for (row,) in rows for w in row])
@@ -263,7 +264,7 @@ class Coordinator:
             if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
                 self._get_quietly([self.backend.call(w, "kv_truncate", kv.session, kv.held) for w in self.workers[0]])
             raise
-        logits = torch.cat([o.logits for o in outs])
+        logits = torch.cat([unpack(o.logits) for o in outs])
         loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
         return logits, loss, _merge(taken, len(jobs), len(self.stage_names))
 
@@ -306,13 +307,13 @@ class Coordinator:
         io: Any = StageIO(input_ids=tokens, attention_mask=attention_mask)
         for worker in self.workers[0]:
             io = self.backend.call(worker, "forward", session, io, kv_cache=session)
-        return self._get(io).logits
+        return unpack(self._get(io).logits).clone()
 
     def take(self, session: str) -> dict[str, Tensor]:
         """What the first replica's reading specs stored under `session` (and forget it)."""
         merged: dict[str, Tensor] = {}
         for result in self._get([self.backend.call(w, "take", session) for w in self.workers[0]]):
-            merged.update(result)
+            merged.update({name: unpack(packed).clone() for name, packed in result.items()})
         return merged
 
     def kv_entries(self, session: str) -> dict[int, tuple[Tensor, Tensor]]:
@@ -360,9 +361,10 @@ def _sources_for(sources: dict, names: list[str], chunk: slice) -> dict:
 
 
 def _merge(taken: list[dict], n_jobs: int, n_stages: int) -> dict[str, Tensor]:
-    """Per-microbatch, per-stage results -> one tensor per entry, microbatches concatenated."""
+    """Per-microbatch, per-stage packed results -> one new tensor per entry, microbatches
+    concatenated (the one copy of each value the driver makes)."""
     per_job = [dict() for _ in range(n_jobs)]
     for i, result in enumerate(taken):
         per_job[i // n_stages].update(result)
     names = per_job[0].keys() if per_job else []
-    return {name: torch.cat([job[name] for job in per_job]) for name in names}
+    return {name: torch.cat([unpack(job[name]) for job in per_job]) for name in names}

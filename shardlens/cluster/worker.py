@@ -91,6 +91,8 @@ class StageWorker:
         kv_cache: Optional[str] = None, kv_frozen: bool = False, kv_repeat: int = 1,
     ) -> StageIO:
         """Run one (micro)batch through the stage; keep the graph for backward if asked.
+        Returns the StageIO for the next stage, on the CPU; a last stage's logits are packed
+        (see `pack`: they go to the driver).
 
         With `kv_cache` (a session id) the stage keeps its layers' keys and values across
         calls, `io` holds only the new tokens and its attention mask covers the cached ones
@@ -108,7 +110,8 @@ class StageWorker:
         self._times["forward_s"] += time.perf_counter() - start
         self._times["forwards"] += 1
         self._times["tokens"] += (out.logits if out.logits is not None else out.hidden).shape[:2].numel()
-        return _to(out, "cpu", detach=True)
+        out = _to(out, "cpu", detach=True)
+        return out if out.logits is None else replace(out, logits=pack(out.logits))  # for the driver: see pack
 
     def _session_cache(self, session: str, io: StageIO, frozen: bool, repeat: int) -> Any:
         """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
@@ -164,9 +167,9 @@ class StageWorker:
         self._times["backward_s"] += time.perf_counter() - start
         return None if grad_in is None else grad_in.detach().cpu()
 
-    def take(self, batch_id: str) -> dict[str, Tensor]:
-        """What the stage's reading specs stored for a batch (CPU tensors); forgets them."""
-        return {name: t.detach().cpu() for name, t in self._results.pop(batch_id, {}).items()}
+    def take(self, batch_id: str) -> dict[str, "Packed"]:
+        """What the stage's reading specs stored for a batch, packed (see `pack`); forgets them."""
+        return {name: pack(t) for name, t in self._results.pop(batch_id, {}).items()}
 
     def drop(self, batch_id: str) -> None:
         self._results.pop(batch_id, None)
@@ -195,6 +198,33 @@ class StageWorker:
                 raise
             self.drop(batch_id)
             raise RemoteHookError(hook, self.index, self.replica, batch_id, f"{type(error).__name__}: {error}") from None
+
+
+Packed = tuple  # (torch dtype name, numpy array of the tensor's bytes)
+
+
+def pack(tensor: Tensor) -> Packed:
+    """A CPU tensor as a numpy array (and its torch dtype): Ray moves numpy arrays between
+    processes without pickling their bytes, and the receiver reads them in place from the
+    object store, where a pickled tensor would be copied twice. bf16, which numpy lacks,
+    travels as its 16-bit patterns."""
+    tensor = tensor.detach().cpu().contiguous()
+    dtype = str(tensor.dtype).removeprefix("torch.")
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return dtype, tensor.numpy()
+
+
+def unpack(packed: Packed) -> Tensor:
+    """The tensor of `pack`. It may share the object store's read-only memory: copy it
+    (torch.cat, clone) before handing it to anyone who could write to it."""
+    import warnings
+
+    dtype, array = packed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        tensor = torch.from_numpy(array)
+    return tensor.view(getattr(torch, dtype)) if dtype == "bfloat16" else tensor
 
 
 def _to(io: StageIO, device: Union[str, torch.device], *, detach: bool = False) -> StageIO:

@@ -5,6 +5,7 @@ import torch
 
 import shardlens as sl
 from shardlens.cluster import StageWorker
+from shardlens.cluster.worker import pack, unpack
 from shardlens.errors import RemoteHookError
 from shardlens.sharding import ShardPlan, StageIO
 
@@ -44,7 +45,7 @@ def test_forward_backward_take(workers, tokens, tiny_checkpoints):
     io = last.forward("b0", first.forward("b0", StageIO(input_ids=tokens, labels=tokens), keep_graph=True), keep_graph=True)
     grad = last.backward("b0", torch.tensor(1.0))
     assert first.backward("b0", grad) is None
-    results = {**first.take("b0"), **last.take("b0")}
+    results = {name: unpack(packed) for name, packed in {**first.take("b0"), **last.take("b0")}.items()}
     model = sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
     loss, expected = model.run_with_cache(tokens, return_type="loss", names_filter=sl.HookSpec(sl.points("resid_pre"), ops.Cache()).resolve(model.hook_names()), incl_bwd=True)
     assert torch.allclose(io.loss, loss, atol=1e-6)
@@ -71,3 +72,10 @@ def test_code_specs_need_allow_code(tiny_checkpoints):
     with pytest.raises(ValueError, match="allow_code=True"):
         worker.install(1, [text])
     StageWorker(source, plan.to_json(), 0, allow_code=True).install(1, [text])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
+def test_packed_results_come_back_exactly(dtype):
+    tensor = (torch.randn(3, 4, 5) * 100).to(dtype)
+    back = unpack(pack(tensor[:, 1:]))  # a view, not contiguous
+    assert back.dtype == dtype and torch.equal(back, tensor[:, 1:])
