@@ -8,6 +8,7 @@ ObjectRef as an argument: Ray passes the value from worker to worker without the
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Optional
 
 from shardlens.cluster.worker import StageWorker
@@ -96,7 +97,7 @@ class RayBackend:
         self.started = False
         if not ray.is_initialized():
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            self._connect(address)
             self.started = address is None
         self.gpus, self.max_restarts = gpus_per_worker, max_restarts
         self.group = None
@@ -104,6 +105,19 @@ class RayBackend:
         self.labels: list[str] = []  # "stage s, replica r" of each actor, for messages
         self.needs: list[dict] = []  # each actor's custom resources
         self.nodes_used: dict[str, str] = {}  # node id -> "address (custom resources)" of nodes that held our bundles
+
+    def _connect(self, address: Optional[str], attempts: int = 3) -> None:
+        """ray.init; a Ray Client address ("ray://...") is tried again when the head's client
+        server fails to start the session's own server process, which happens now and then."""
+        for attempt in range(1, attempts + 1):
+            try:
+                self.ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=False)
+                return
+            except ConnectionError as error:  # ConnectionAbortedError: "Starting Ray client server failed"
+                self.ray.shutdown()
+                if not (address or "").startswith("ray://") or attempt == attempts:
+                    raise WorkerError(f"could not connect to the Ray cluster at {address} ({attempt} attempt{'s' * (attempt > 1)}): {error}") from error
+                time.sleep(2.0)
 
     def make_workers(self, specs: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
         """One actor per spec (StageWorker keywords). needs[i]: the worker's custom

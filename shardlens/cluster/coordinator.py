@@ -17,11 +17,11 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+from shardlens.cluster.worker import unpack
 from shardlens.errors import WorkerError
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
 from shardlens.hooks.specs import HookSpec
-from shardlens.cluster.worker import unpack
 from shardlens.sharding import ShardPlan, StageIO
 
 

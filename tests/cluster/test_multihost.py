@@ -72,8 +72,14 @@ def drive(cluster: NetnsCluster, node: object, task: str, request: Path, timeout
     if not result_path.exists():
         raise AssertionError(f"the driver wrote no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     result = json.loads(result_path.read_text())
-    assert "crash" not in result, result.get("crash")
+    assert "crash" not in result, result["crash"] + ray_logs(cluster, "ray_client_server*")
     return result
+
+
+def ray_logs(cluster: NetnsCluster, pattern: str) -> str:
+    """The tails of the cluster's Ray log files matching `pattern`, for a failure message."""
+    tails = [f"--- {path}\n{path.read_text(errors='replace')[-1500:]}" for path in sorted(Path(cluster.root).rglob(pattern))]
+    return "\n" + "\n".join(tails)
 
 
 def expected(tiny_checkpoints, tokens):
