@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -17,6 +17,26 @@ from shardlens.hooks.tapped import TappedModel
 
 ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
 _RETURN_TYPES = ("logits", "loss", "both", "metric", None)
+
+
+def token_ids(input: Any, attention_mask: Optional[Tensor], tokenizer: Callable[[], Any]) -> tuple[Tensor, Optional[Tensor]]:
+    """Token ids [batch, pos] and the attention mask (None when there is none) of `input`:
+    integer ids ([batch, pos] or [pos]) or text, encoded with padding by `tokenizer()` (which
+    raises when there is no tokenizer)."""
+    if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
+        encoded = tokenizer()(input, return_tensors="pt", padding=True)
+        tokens, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    elif isinstance(input, Tensor):
+        if input.dtype.is_floating_point or input.dtype == torch.bool:
+            raise TypeError(f"token ids must be an integer tensor; got dtype {input.dtype}")
+        tokens = input[None] if input.ndim == 1 else input
+        if tokens.ndim != 2:
+            raise ValueError(f"token ids must be [batch, pos] or [pos]; got shape {tuple(input.shape)}")
+    else:
+        raise TypeError(f"input must be token ids (a tensor) or text; got {type(input).__name__}")
+    if attention_mask is not None and attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+    return tokens, attention_mask
 
 
 def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
@@ -223,23 +243,9 @@ class HookedModel(TappedModel):
         }
 
     def _inputs(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
-            encoded = self._tokenizer_or_raise("text input")(input, return_tensors="pt", padding=True)
-            tokens, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-        elif isinstance(input, Tensor):
-            if input.dtype.is_floating_point or input.dtype == torch.bool:
-                raise TypeError(f"token ids must be an integer tensor; got dtype {input.dtype}")
-            tokens = input[None] if input.ndim == 1 else input
-            if tokens.ndim != 2:
-                raise ValueError(f"token ids must be [batch, pos] or [pos]; got shape {tuple(input.shape)}")
-        else:
-            raise TypeError(f"input must be token ids (a tensor) or text; got {type(input).__name__}")
+        tokens, attention_mask = token_ids(input, attention_mask, lambda: self._tokenizer_or_raise("text input"))
         device = self.model.get_input_embeddings().weight.device
-        if attention_mask is not None:
-            if attention_mask.shape != tokens.shape:
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
-            attention_mask = attention_mask.to(device)
-        return tokens.to(device), attention_mask
+        return tokens.to(device), None if attention_mask is None else attention_mask.to(device)
 
     def _tokenizer_or_raise(self, what: str) -> Any:
         if self.tokenizer is None:

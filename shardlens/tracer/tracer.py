@@ -16,6 +16,7 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
 from shardlens.hooks.hook_points import HookTarget
 from shardlens.hooks.metrics import Metric
+from shardlens.hooks.model import token_ids
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
@@ -242,21 +243,18 @@ class Tracer:
     # ------------------------------------------------------------------ running
 
     def _tokens(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
-            if self.tokenizer is None:
-                raise ValueError("text input needs a tokenizer; this checkpoint has none: pass token ids")
-            if self.tokenizer.pad_token is None:
-                self.tokenizer.pad_token = self.tokenizer.eos_token
-            encoded = self.tokenizer(input, return_tensors="pt", padding=True)
-            return encoded["input_ids"], encoded["attention_mask"]
-        if not isinstance(input, Tensor) or input.dtype.is_floating_point:
-            raise TypeError(f"input must be integer token ids [batch, pos] or text; got {type(input).__name__}")
-        tokens = input[None] if input.ndim == 1 else input
-        if attention_mask is not None and attention_mask.shape != tokens.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
+        """Token ids and attention mask on the CPU; a mask of all ones becomes None."""
+        tokens, attention_mask = token_ids(input, attention_mask, self._tokenizer)
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None
         return tokens.cpu(), None if attention_mask is None else attention_mask.cpu()
+
+    def _tokenizer(self) -> Any:
+        if self.tokenizer is None:
+            raise ValueError("text input needs a tokenizer; this checkpoint has none: pass token ids")
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        return self.tokenizer
 
     def init_kv_cache(self, batch_size: int = 1) -> StageKeyValueCache:
         """An empty key/value cache kept on the stages (see StageKeyValueCache): pass it as

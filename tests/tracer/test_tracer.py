@@ -321,3 +321,13 @@ def test_resources_no_node_offers_are_refused_before_any_worker_starts(ray_sessi
         Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="ray", stage_resources=[{}, {"node_z": 1}])
     with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
         assert tracer.placement() == [{"replica": 0, "stage": 0, "node": "local"}, {"replica": 0, "stage": 1, "node": "local"}]
+
+
+def test_bad_input_is_refused_as_on_a_hooked_model(tiny_checkpoints, tokens):
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
+        with pytest.raises(TypeError, match="token ids must be an integer tensor; got dtype torch.float32"):
+            tracer(tokens.float())
+        with pytest.raises(ValueError, match=r"token ids must be \[batch, pos\] or \[pos\]; got shape \(2, 4, 9\)"):
+            tracer(tokens[None].expand(2, -1, -1))
+        with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 8\), tokens \(4, 9\)"):
+            tracer(tokens, attention_mask=torch.ones(4, 8, dtype=torch.long))
