@@ -139,7 +139,7 @@ class RayBackend:
             self.ray.get(self.group.ready(), timeout=300)
         except self.ray.exceptions.GetTimeoutError:
             raise WorkerError(f"the cluster could not place the workers' bundles within 300 s: {bundles}") from None
-        self._note_nodes()
+        self._note_nodes(self._bundle_nodes(), self.ray.nodes())
         actor_class = self.ray.remote(StageWorker)
         for i, spec in enumerate(specs):
             options = dict(
@@ -156,7 +156,7 @@ class RayBackend:
         """Refuse custom resources that no node of the cluster offers (else the placement waits forever)."""
         offered = self.ray.cluster_resources()
         for label, need in zip(self.labels, self.needs):
-            missing = {k: v for k, v in need.items() if offered.get(k, 0) < v}
+            missing = _missing(offered, need)
             if missing:
                 custom = _custom(offered)
                 raise WorkerError(f"{label} needs {missing}, which the cluster does not offer; its custom resources are {custom}")
@@ -166,21 +166,20 @@ class RayBackend:
 
         return {int(k): v for k, v in placement_group_table(self.group).get("bundles_to_node_id", {}).items()}
 
-    def _note_nodes(self) -> None:
-        """Remember the nodes that hold our bundles, described while they are alive."""
-        if self.group is None:
-            return
-        held = set(self._bundle_nodes().values()) - set(self.nodes_used)
-        for node in self.ray.nodes():
+    def _note_nodes(self, where: dict[int, str], nodes: list[dict]) -> None:
+        """Remember the nodes that hold our bundles (`where`: bundle -> node id), described
+        while they are alive (`nodes`: ray.nodes())."""
+        held = set(where.values()) - set(self.nodes_used)
+        for node in nodes:
             if node["NodeID"] in held:
                 custom = _custom(node["Resources"])
                 self.nodes_used[node["NodeID"]] = f"{node['NodeManagerAddress']} ({', '.join(custom) or 'no custom resources'})"
 
     def placement(self) -> list[str]:
         """The address of the node each worker's bundle is on now."""
-        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in self.ray.nodes()}
-        where = self._bundle_nodes()
-        self._note_nodes()
+        nodes, where = self.ray.nodes(), self._bundle_nodes()
+        self._note_nodes(where, nodes)
+        ips = {node["NodeID"]: node["NodeManagerAddress"] for node in nodes}
         return [ips.get(where.get(i, ""), "unplaced") for i in range(len(self.actors))]
 
     def unrecoverable(self) -> Optional[str]:
@@ -188,7 +187,7 @@ class RayBackend:
         node), naming the nodes of ours that were lost; None while it might."""
         alive = [n for n in self.ray.nodes() if n["Alive"]]
         for label, need in zip(self.labels, self.needs):
-            if need and not any(all(n["Resources"].get(k, 0) >= v for k, v in need.items()) for n in alive):
+            if need and all(_missing(n["Resources"], need) for n in alive):
                 return f"{label} needs {need}, which no live node offers; {self.lost_nodes()}"
         return None
 
@@ -227,6 +226,11 @@ class RayBackend:
         if self.started:
             self.ray.shutdown()
             self.started = False
+
+
+def _missing(resources: dict, need: dict) -> dict:
+    """What of `need` (resource -> amount) `resources` lacks."""
+    return {k: v for k, v in need.items() if resources.get(k, 0) < v}
 
 
 def _custom(resources: dict) -> list[str]:

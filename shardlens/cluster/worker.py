@@ -119,7 +119,9 @@ class StageWorker:
 
         from shardlens.hooks.generation import copy_hf_cache
 
-        cache = self._kv_caches.setdefault(session, DynamicCache(config=self.stage.config))
+        if session not in self._kv_caches:
+            self._kv_caches[session] = DynamicCache(config=self.stage.config)
+        cache = self._kv_caches[session]
         held = cache.get_seq_length(self._first_layer)
         new = (io.input_ids if io.input_ids is not None else io.hidden).shape[1]
         if io.attention_mask is None or io.attention_mask.shape[1] != held + new:

@@ -72,7 +72,7 @@ def _run_one(model: Any, layer: Optional[int], start_from: dict, tokens: Tensor,
         return model.run_from(layer, start_from[layer].repeat(tokens.shape[0] // start_from[layer].shape[0], 1, 1), mask)
 
 
-def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, over: Sequence[str], positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
+def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
     of the corrupted prefix (computed once); the patches move to suffix coordinates. On a
     Tracer the prefix's keys and values stay on the stages (of the first replica)."""
@@ -161,7 +161,7 @@ def sweep(
     spread = is_tracer(model) and model.coordinator.replicas > 1
     prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not spread else 0
     if prefix > 0:
-        all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, over, positions, clean_cache)
+        all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, positions, clean_cache)
     elif is_tracer(model):  # the runs spread over the replicas
         all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
     else:

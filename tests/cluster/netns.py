@@ -159,12 +159,6 @@ class NetnsCluster:
         prefix = [] if node is None else ["ip", "netns", "exec", self.members[node].namespace]
         return subprocess.Popen(prefix + list(command), env=self.env(), text=True, **kwargs)
 
-    def python(self, node: Optional[str], script: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-        """Run a Python script (text) in a node's namespace, from the repository root."""
-        path = Path(self.root) / f"script{random.randrange(10**9)}.py"
-        path.write_text(script)
-        return self.run(node, [sys.executable, str(path), *args], timeout=timeout, cwd=str(Path(__file__).parents[2]))
-
     def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
         """Until the head sees `count` live nodes."""
         probe = f"import ray; ray.init(address='{self.address}', log_to_driver=False); print(sum(n['Alive'] for n in ray.nodes()))"
