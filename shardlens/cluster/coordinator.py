@@ -250,16 +250,20 @@ class Coordinator:
         run = next(self._runs)
         chunks = self._microbatches(tokens.shape[0], split and kv is None)
         jobs = [(f"{run}.{m}", 0 if kv else (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
+        takes: list = []
         try:
-            outs = self._forward(jobs, tokens, mask, backward, sources, metric, kv)
+            outs, takes = self._forward(jobs, tokens, mask, backward, sources, metric, kv)
+            outs = self._get(outs)
             if metric is None:
                 loss_weights = _loss_weights(tokens, mask, chunks)
             else:  # a metric is a mean over examples
                 loss_weights = [(c.stop - c.start) / tokens.shape[0] for c in chunks]
-            if backward:
+            if backward:  # gradients are stored during backward: take only after it
                 self._backward(jobs, loss_weights)
-            taken = self._get([self.backend.call(row_w, "take", bid) for bid, r, _ in jobs for row_w in self.workers[r]])
+                takes = [self.backend.call(w, "take", bid) for bid, r, _ in jobs for w in self.workers[r]]
+            taken = self._get(takes)
         except BaseException:
+            self._get_quietly(takes)
             self._get_quietly([self.backend.call(w, "drop", bid) for bid, r, _ in jobs for w in self.workers[r]])
             if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
                 self._get_quietly([self.backend.call(w, "kv_truncate", kv.session, kv.held) for w in self.workers[0]])
@@ -271,9 +275,13 @@ class Coordinator:
     def _forward(
         self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric],
         kv: Optional[KVSession] = None,
-    ) -> list[StageIO]:
+    ) -> tuple[list, list]:
+        """Sends every microbatch through its replica's stages; returns the handles of the last
+        stages' outputs and, without backward, of each stage's take for the microbatch, queued
+        right behind its forward so that results stream to the driver while later
+        microbatches compute (and leave the workers' memory as early as they can)."""
         session = {} if kv is None else dict(kv_cache=kv.session, kv_frozen=kv.frozen, kv_repeat=kv.repeat)
-        last = []
+        last, takes = [], []
         for batch_id, r, chunk in jobs:
             io: Any = StageIO(
                 input_ids=tokens[chunk], attention_mask=None if mask is None else mask[chunk], labels=tokens[chunk],
@@ -282,8 +290,10 @@ class Coordinator:
             for s, worker in enumerate(self.workers[r]):
                 stage_sources = _sources_for(sources, self.stage_names[s], chunk)
                 io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources, **session)
+                if not backward:
+                    takes.append(self.backend.call(worker, "take", batch_id))
             last.append(io)
-        return self._get(last)
+        return last, takes
 
     def _backward(self, jobs: list, weights: list[float]) -> None:
         ends = []

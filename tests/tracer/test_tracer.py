@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import shardlens as sl
+from shardlens.cluster.worker import StageWorker
 from shardlens.errors import RemoteHookError
 from shardlens.hooks import HookNameError
 from shardlens.tracer import Tracer
@@ -55,6 +56,23 @@ def test_ray_backend_equals_one_process(ray_session, tiny_checkpoints, reference
         loss, cache = tracer.run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True)
     assert torch.allclose(loss, loss_ref, atol=1e-6)
     assert_matches(cache, cache_ref)
+
+
+def test_forward_only_results_leave_each_stage_microbatch_by_microbatch(tiny_checkpoints, reference, tokens, monkeypatch):
+    held = []  # how many microbatches' results a stage holds when the next forward starts
+    forward = StageWorker.forward
+
+    def counting(self, batch_id, *args, **kwargs):
+        held.append(len(self._results))
+        return forward(self, batch_id, *args, **kwargs)
+
+    monkeypatch.setattr(StageWorker, "forward", counting)
+    logits_ref, cache_ref = reference["gpt2"].run_with_cache(tokens, names_filter=RESID_POST)
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", microbatch_size=1) as tracer:
+        logits, cache = tracer.run_with_cache(tokens, names_filter=RESID_POST)
+    assert torch.allclose(logits, logits_ref, atol=1e-5)
+    assert_matches(cache, cache_ref)
+    assert held == [0] * 8  # 4 microbatches x 2 stages, each taken before the next forward
 
 
 def test_padding_and_patching_across_stages(tiny_checkpoints, reference):
