@@ -1,3 +1,6 @@
+import os
+
+import pyarrow.parquet as pq
 import pytest
 
 from tests.tiny_models import CONFIGS, save_tiny_model
@@ -28,3 +31,19 @@ def ray_session():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def fsyncs(monkeypatch):
+    """Every os.fsync in the test, as (path, a complete Parquet file?, its published name
+    (the path without the leading "." and trailing ".tmp") already there?)."""
+    seen, real_fsync = [], os.fsync
+
+    def spy(descriptor):
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        final = os.path.join(os.path.dirname(path), os.path.basename(path)[1:].removesuffix(".tmp"))
+        seen.append((path, pq.ParquetFile(path).metadata.num_rows > 0, os.path.exists(final)))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    return seen

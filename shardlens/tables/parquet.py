@@ -3,7 +3,8 @@
 Layout: ``<path>/hook=<name>/part-<writer>-<n>.parquet``, one directory per hook point (its
 tables have their own shapes). `hook` is the hive partition key, not a column in the files.
 Each part is written under a hidden temporary name (".part-…", which dataset discovery
-skips) and renamed once complete, so a reader never sees half a part. Tensor columns are
+skips) and renamed once complete, so a reader never sees half a part; on a local disk the
+part is fsynced before the rename, so that also holds after a crash. Tensor columns are
 not dictionary-encoded; parts are zstd-compressed. Paths may be local or any pyarrow
 filesystem URI (s3://bucket/prefix, …).
 """
@@ -102,6 +103,8 @@ class ParquetSink:
                 # computing them over every element costs more than the write itself.
                 use_dictionary=scalar_columns, write_statistics=scalar_columns,
             )
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                flush_to_disk(temporary)
             self.fs.move(temporary, final)
         except BaseException:
             _delete_quietly(self.fs, temporary)
@@ -118,6 +121,16 @@ class ParquetSink:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def flush_to_disk(path: Union[str, os.PathLike]) -> None:
+    """fsync a written part before its rename publishes it: otherwise a crash soon after
+    can leave the final name pointing at a file whose bytes never reached the disk."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

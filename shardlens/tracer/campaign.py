@@ -1,9 +1,10 @@
 """Campaigns: a YAML file of experiments over prompt data, run as resumable work units.
 
 A work unit is one (experiment, data batch). Its result is written as Parquet parts with
-deterministic names under a hidden temporary name and renamed when complete; a unit whose
-parts all exist is finished, so a rerun skips it: a campaign killed at any moment and run
-again yields the dataset an uninterrupted run would. After the last unit: summary.json,
+deterministic names under a hidden temporary name, synced to disk and renamed when
+complete; a unit whose parts all exist is finished, so a rerun skips it: a campaign killed
+at any moment (or a machine that crashed) and run again yields the dataset an
+uninterrupted run would. After the last unit: summary.json,
 summary.md and (with output.plots) plots/<experiment>.png. The schema is in the README.
 """
 
@@ -21,6 +22,8 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 import yaml
+
+from shardlens.tables.parquet import flush_to_disk
 
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": str, "model": dict, "cluster": dict, "data": dict, "metric": dict, "experiments": list, "output": dict, "schedule": str},
@@ -206,6 +209,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.tmp"
     pq.write_table(table, temporary, compression="zstd")
+    flush_to_disk(temporary)  # a part that exists counts as done when a campaign resumes
     os.replace(temporary, path)
 
 

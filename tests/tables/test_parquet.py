@@ -163,6 +163,17 @@ def test_a_write_that_fails_midway_leaves_no_visible_part(model, padded, tmp_pat
     assert sl.read_cache(tmp_path) == {}
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads file names from /proc")
+def test_each_part_reaches_the_disk_before_its_name_appears(model, padded, tmp_path, fsyncs):
+    seen = fsyncs
+    with sl.ParquetSink(tmp_path, layout="token") as sink:
+        parts = sink.write(model_cache(model, padded))
+    assert len(parts) == len(NAMES) and len(seen) == len(NAMES)
+    for part in parts:
+        temporary = os.path.join(os.path.dirname(part), f".{os.path.basename(part)}.tmp")
+        assert (temporary, True, False) in seen  # whole, synced, not yet published
+
+
 def test_token_layout_needs_a_position_axis():
     cache = sl.ActivationCache({"blocks.0.hook_x.stat": torch.zeros(2)})
     with pytest.raises(ValueError, match="needs a position axis"):

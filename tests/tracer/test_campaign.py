@@ -1,5 +1,6 @@
 """Campaign files: schema errors with lines, runs, and resuming after a kill."""
 
+import os
 import shutil
 from pathlib import Path
 
@@ -108,6 +109,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name].equals(expected[name]), name
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads file names from /proc")
+def test_every_part_reaches_the_disk_before_its_name_appears(tmp_path, fsyncs):
+    seen = fsyncs
+    run_campaign(write_campaign(tmp_path, GOOD), progress=False)
+    parts = list(visible_dataset(tmp_path / "out"))
+    published = [os.path.join(tmp_path, "out", os.path.dirname(p), f".{os.path.basename(p)}.tmp") for p in parts]
+    assert len(parts) == 15 and sorted(published) == sorted(path for path, _, _ in seen)
+    assert all(whole and not visible for _, whole, visible in seen)
 
 
 def test_data_without_a_needed_field_is_refused_before_any_work(tmp_path):
