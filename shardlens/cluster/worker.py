@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from shardlens.errors import RemoteHookError, WorkerError
+from shardlens.hooks.generation import copy_hf_cache, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan, StageIO, build_stage
@@ -117,7 +118,6 @@ class StageWorker:
         """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
         from transformers import DynamicCache
 
-        from shardlens.hooks.generation import copy_hf_cache
 
         if session not in self._kv_caches:
             self._kv_caches[session] = DynamicCache(config=self.stage.config)
@@ -140,10 +140,7 @@ class StageWorker:
         cache = self._kv_caches.get(session)
         if cache is None:
             return
-        for layer in self.stage.blocks:
-            entry = cache.layers[int(layer)]
-            if getattr(entry, "keys", None) is not None and entry.keys.shape[-2] > length:
-                entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
+        truncate_hf_cache(cache, length, [int(layer) for layer in self.stage.blocks])
 
     @property
     def _first_layer(self) -> int:

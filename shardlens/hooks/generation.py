@@ -8,6 +8,7 @@ extended by a run: many inputs can share one cached prefix.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -68,6 +69,11 @@ class KeyValueCache:
             self.previous_attention_mask = mask
         return mask
 
+    def truncate(self, length: int) -> None:
+        """Keep only the first `length` cached tokens (undoing a run that failed midway)."""
+        truncate_hf_cache(self.hf_cache, length)
+        self.previous_attention_mask = self.previous_attention_mask[:, :length]
+
     def repeat(self, times: int) -> "KeyValueCache":
         """A frozen copy whose batch is this batch repeated `times` times, one after another
         (for running many variants against one cached prefix)."""
@@ -82,6 +88,15 @@ class KeyValueCache:
 
     def _copy(self, transform: Any) -> Any:
         return copy_hf_cache(self.hf_cache, transform)
+
+
+def truncate_hf_cache(hf_cache: Any, length: int, layers: Optional[Iterable[int]] = None) -> None:
+    """Cut the keys and values of `layers` (default: all) of a transformers cache back to their
+    first `length` positions; layers holding fewer are left as they are."""
+    for index in range(len(hf_cache.layers)) if layers is None else layers:
+        entry = hf_cache.layers[index]
+        if getattr(entry, "keys", None) is not None and entry.keys.shape[-2] > length:
+            entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
 
 
 def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None) -> Any:

@@ -193,19 +193,23 @@ class HookedModel(TappedModel):
 
     def _run_with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, return_type: Any, metric: Any, kwargs: dict) -> Any:
         new_mask = torch.ones_like(tokens) if mask is None else mask
+        held = cache.seq_len
         full_mask = cache.append_attention_mask(new_mask)
         positions = positions_from_mask(full_mask)[:, -tokens.shape[1]:]
-        logits = self.model(
-            input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
-        ).logits
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if return_type == "metric":
-            return metric(logits, new_mask, tokens)
-        loss = next_token_loss(logits, tokens, new_mask)
-        return loss if return_type == "loss" else (logits, loss)
+        try:
+            logits = self.model(
+                input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
+            ).logits
+            if return_type in ("logits", None):
+                return logits if return_type else None
+            if return_type == "metric":
+                return metric(logits, new_mask, tokens)
+            loss = next_token_loss(logits, tokens, new_mask)
+            return loss if return_type == "loss" else (logits, loss)
+        except BaseException:  # the cache has grown (in the layers that ran): a failed run leaves it as it was
+            if not cache.frozen:
+                cache.truncate(held)
+            raise
 
     def generate(self, input: Any, **kwargs: Any) -> Tensor:
         """Generate tokens with hooks and specs active at every step (greedy by default);

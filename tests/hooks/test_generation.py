@@ -54,6 +54,24 @@ def test_a_frozen_prefix_cache_gives_the_full_forwards_logits(pair, tokens):
     assert cache.entries[1].past_values.shape[2] == n_kv
 
 
+def test_a_run_that_fails_midway_leaves_a_growing_cache_as_it_was(pair, tokens):
+    model, _ = pair
+    cache = sl.KeyValueCache.init_cache(model.config, batch_size=3)
+    last = model.config.num_hidden_layers - 1
+
+    def fail(x, hook):
+        raise RuntimeError("hook failed")
+
+    with torch.no_grad():
+        model(tokens[:, :3], past_kv_cache=cache)
+        with pytest.raises(RuntimeError, match="hook failed"):  # layers 0..last-1 ran first
+            model.run_with_hooks(tokens[:, 3:5], past_kv_cache=cache, fwd_hooks=[(f"blocks.{last}.hook_resid_mid", fail)])
+        assert cache.seq_len == 3 and all(entry.past_keys.shape[1] == 3 for entry in cache.entries)
+        logits = model(tokens[:, 3:], past_kv_cache=cache)
+        assert torch.allclose(logits, model(tokens)[:, 3:], atol=1e-5)
+    assert cache.seq_len == 6
+
+
 def test_steering_while_generating_equals_a_manual_loop(pair, tokens):
     model, _ = pair
     vector = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1)) * 3
