@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Optional, Union
 
 import pyarrow as pa
@@ -74,13 +74,28 @@ class ParquetSink:
         self.parts: list[str] = []
 
     def write(self, data: Union[ActivationCache, Mapping[str, pa.Table]]) -> list[str]:
-        """Write one part per hook point; returns the parts' paths once all are complete."""
+        """Write one part per hook point; returns the parts' paths once all are complete. All
+        or nothing: when one part fails, the parts this call already wrote are deleted."""
         tables = cache_to_tables(data, self.layout) if isinstance(data, ActivationCache) else dict(data)
         jobs = [(hook, table, self._next_name()) for hook, table in tables.items()]
+        written: list[str] = []
+        failure: Optional[BaseException] = None
         if self._pool is None:
-            written = [self._write_part(*job) for job in jobs]
+            for job in jobs:
+                try:
+                    written.append(self._write_part(*job))
+                except BaseException as error:
+                    failure = error
+                    break
         else:
-            written = list(self._pool.map(lambda job: self._write_part(*job), jobs))
+            futures = [self._pool.submit(self._write_part, *job) for job in jobs]
+            wait(futures)
+            written = [f.result() for f in futures if f.exception() is None]
+            failure = next((f.exception() for f in futures if f.exception() is not None), None)
+        if failure is not None:
+            for part in written:
+                _delete_quietly(self.fs, part)
+            raise failure
         self.parts += written
         return written
 
@@ -131,6 +146,13 @@ def flush_to_disk(path: Union[str, os.PathLike]) -> None:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def delete_parts(path: Union[str, os.PathLike], parts: Iterable[str]) -> None:
+    """Delete parts (as ParquetSink.write returned them) of the dataset at `path`."""
+    fs, _ = filesystem_and_root(path)
+    for part in parts:
+        _delete_quietly(fs, part)
 
 
 def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:

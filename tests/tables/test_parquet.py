@@ -174,6 +174,26 @@ def test_each_part_reaches_the_disk_before_its_name_appears(model, padded, tmp_p
         assert (temporary, True, False) in seen  # whole, synced, not yet published
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_write_whose_third_part_fails_leaves_none_of_its_parts(model, padded, tmp_path, monkeypatch, threads):
+    cache = model_cache(model, padded)
+    real_write, calls = pq.write_table, []
+
+    def third_fails(table, where, **kwargs):
+        calls.append(where)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        real_write(table, where, **kwargs)
+
+    with sl.ParquetSink(tmp_path, threads=threads) as sink:
+        first = sink.write(cache)
+        monkeypatch.setattr(parquet_module.pq, "write_table", third_fails)
+        with pytest.raises(OSError, match="disk full"):
+            sink.write(cache)
+    assert len(calls) >= 3
+    assert sorted(str(p) for p in tmp_path.rglob("*") if p.is_file()) == sorted(first)  # the earlier write stays whole
+
+
 def test_token_layout_needs_a_position_axis():
     cache = sl.ActivationCache({"blocks.0.hook_x.stat": torch.zeros(2)})
     with pytest.raises(ValueError, match="needs a position axis"):
