@@ -23,6 +23,7 @@ from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan, StageIO
+from shardlens.tables.parquet import delete_parts
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,20 @@ class KVSession:
     frozen: bool = False
     repeat: int = 1
     held: int = 0  # tokens the session holds before this run
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where a run's workers write what they cache, instead of handing it to the driver:
+    the Parquet dataset at `path` (every worker must reach it: a local path on one machine,
+    shared storage or an object store URI across nodes), in `layout`, as the dataset rows
+    `examples` (one per example of the batch) of `batch`, with `metadata` in every part."""
+
+    path: str
+    layout: str
+    examples: Tensor
+    batch: int = 0
+    metadata: Optional[dict] = None
 
 
 def needs_backward(spec: HookSpec) -> bool:
@@ -70,7 +85,7 @@ class Coordinator:
             raise ValueError(f"replicas must be a positive int; got {replicas!r}")
         if microbatch_size is not None and (not isinstance(microbatch_size, int) or microbatch_size < 1):
             raise ValueError(f"microbatch_size must be None or a positive int; got {microbatch_size!r}")
-        self.plan, self.backend, self.replicas = plan, backend, replicas
+        self.source, self.plan, self.backend, self.replicas = str(source), plan, backend, replicas
         self.microbatch_size, self.allow_code, self.retries = microbatch_size, allow_code, retries
         n = len(plan.stages)
         specs = [
@@ -216,7 +231,8 @@ class Coordinator:
         metric: Optional[Metric] = None,
         split: bool = True,
         kv: Optional[KVSession] = None,
-    ) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
+        write: Optional[Destination] = None,
+    ) -> tuple[Tensor, Tensor, Any]:
         """One batch through the pipeline: (logits, loss or metric, what the specs stored).
 
         The batch is split into microbatches, spread over the replicas (split=False keeps
@@ -224,12 +240,15 @@ class Coordinator:
         batch's mean next-token loss, or `metric`, is backpropagated stage by stage. With
         `kv`, the batch holds only new tokens, runs whole on the first replica (whose stages
         hold the session's keys and values) and `attention_mask` covers the cached tokens too.
+        With `write`, each worker writes what it stored for each microbatch straight into that
+        Parquet dataset, and the third value is the list of parts written; the parts of a run
+        that fails are deleted (a retried run writes its own).
         """
         attempt = 0
         while True:
             try:
                 self._restore()
-                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv)
+                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv, write)
             except Exception as error:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise
@@ -245,43 +264,48 @@ class Coordinator:
 
     def _run_once(
         self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric], split: bool,
-        kv: Optional[KVSession] = None,
+        kv: Optional[KVSession] = None, write: Optional[Destination] = None,
     ) -> tuple:
         run = next(self._runs)
         chunks = self._microbatches(tokens.shape[0], split and kv is None)
         jobs = [(f"{run}.{m}", 0 if kv else (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
         takes: list = []
         try:
-            outs, takes = self._forward(jobs, tokens, mask, backward, sources, metric, kv)
-            outs = self._get(outs)
+            outs = self._get(self._forward(jobs, tokens, mask, backward, sources, metric, takes, kv, write))
             if metric is None:
                 loss_weights = _loss_weights(tokens, mask, chunks)
             else:  # a metric is a mean over examples
                 loss_weights = [(c.stop - c.start) / tokens.shape[0] for c in chunks]
             if backward:  # gradients are stored during backward: take only after it
                 self._backward(jobs, loss_weights)
-                takes = [self.backend.call(w, "take", bid) for bid, r, _ in jobs for w in self.workers[r]]
+                for batch_id, r, chunk in jobs:
+                    takes.extend(self._collect(w, batch_id, chunk, mask, write) for w in self.workers[r])
             taken = self._get(takes)
         except BaseException:
-            self._get_quietly(takes)
+            written = self._get_each_quietly(takes)
+            if write is not None:
+                delete_parts(write.path, [part for parts in written if parts for part in parts])
             self._get_quietly([self.backend.call(w, "drop", bid) for bid, r, _ in jobs for w in self.workers[r]])
             if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
                 self._get_quietly([self.backend.call(w, "kv_truncate", kv.session, kv.held) for w in self.workers[0]])
             raise
         logits = torch.cat([unpack(o.logits) for o in outs])
         loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
+        if write is not None:
+            return logits, loss, [part for parts in taken for part in parts]
         return logits, loss, _merge(taken, len(jobs), len(self.stage_names))
 
     def _forward(
         self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric],
-        kv: Optional[KVSession] = None,
-    ) -> tuple[list, list]:
+        takes: list, kv: Optional[KVSession] = None, write: Optional[Destination] = None,
+    ) -> list:
         """Sends every microbatch through its replica's stages; returns the handles of the last
-        stages' outputs and, without backward, of each stage's take for the microbatch, queued
-        right behind its forward so that results stream to the driver while later
-        microbatches compute (and leave the workers' memory as early as they can)."""
+        stages' outputs. Without backward, it also appends to `takes` each stage's take (or
+        write) for the microbatch, queued right behind its forward, so that results stream
+        out while later microbatches compute (and leave the workers' memory as early as they
+        can)."""
         session = {} if kv is None else dict(kv_cache=kv.session, kv_frozen=kv.frozen, kv_repeat=kv.repeat)
-        last, takes = [], []
+        last = []
         for batch_id, r, chunk in jobs:
             io: Any = StageIO(
                 input_ids=tokens[chunk], attention_mask=None if mask is None else mask[chunk], labels=tokens[chunk],
@@ -291,9 +315,18 @@ class Coordinator:
                 stage_sources = _sources_for(sources, self.stage_names[s], chunk)
                 io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources, **session)
                 if not backward:
-                    takes.append(self.backend.call(worker, "take", batch_id))
+                    takes.append(self._collect(worker, batch_id, chunk, mask, write))
             last.append(io)
-        return last, takes
+        return last
+
+    def _collect(self, worker: Any, batch_id: str, chunk: slice, mask: Optional[Tensor], write: Optional[Destination]) -> Any:
+        """The call that gets one worker's results for a microbatch: take them, or write them."""
+        if write is None:
+            return self.backend.call(worker, "take", batch_id)
+        return self.backend.call(
+            worker, "write", batch_id, write.path, layout=write.layout, examples=write.examples[chunk],
+            attention_mask=None if mask is None else mask[chunk], batch=write.batch, metadata=write.metadata,
+        )
 
     def _backward(self, jobs: list, weights: list[float]) -> None:
         ends = []
@@ -309,6 +342,16 @@ class Coordinator:
             self._get(handles)
         except Exception:
             pass
+
+    def _get_each_quietly(self, handles: list) -> list:
+        """Each handle's value, None for those that failed."""
+        values = []
+        for handle in handles:
+            try:
+                values.append(self._get(handle))
+            except Exception:
+                values.append(None)
+        return values
 
     def step(self, tokens: Tensor, attention_mask: Tensor, session: str) -> Tensor:
         """One generation step on the first replica: the new tokens through every stage, each

@@ -22,6 +22,8 @@ from shardlens.hooks.generation import copy_hf_cache, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan, StageIO, build_stage
+from shardlens.tables.cache import ActivationCache
+from shardlens.tables.parquet import ParquetSink
 
 
 class StageWorker:
@@ -169,6 +171,20 @@ class StageWorker:
     def take(self, batch_id: str) -> dict[str, "Packed"]:
         """What the stage's reading specs stored for a batch, packed (see `pack`); forgets them."""
         return {name: pack(t) for name, t in self._results.pop(batch_id, {}).items()}
+
+    def write(
+        self, batch_id: str, path: str, *, layout: str, examples: Tensor, attention_mask: Optional[Tensor], batch: int,
+        metadata: Optional[dict],
+    ) -> list[str]:
+        """Write what the stage's reading specs stored for a batch (the rows `examples` of the
+        dataset) into the Parquet dataset at `path`, one part per hook point (see
+        ParquetSink), and forget it; returns the parts' paths."""
+        results = self._results.pop(batch_id, {})
+        if not results:
+            return []
+        cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
+        with ParquetSink(path, metadata=metadata, layout=layout, threads=1) as sink:
+            return sink.write(cache)
 
     def drop(self, batch_id: str) -> None:
         self._results.pop(batch_id, None)

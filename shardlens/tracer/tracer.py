@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Optional, Union
 
@@ -11,7 +12,7 @@ import torch
 from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
-from shardlens.cluster.coordinator import KVSession
+from shardlens.cluster.coordinator import Destination, KVSession
 from shardlens.errors import HookNameError
 from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
 from shardlens.hooks.hook_points import HookTarget
@@ -283,6 +284,7 @@ class Tracer:
     def _run(
         self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict],
         metric: Optional[Metric] = None, split: bool = True, past_kv_cache: Optional[StageKeyValueCache] = None,
+        write: Optional[Callable[[int, Optional[Tensor]], Destination]] = None,
     ) -> tuple:
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
@@ -293,6 +295,7 @@ class Tracer:
         logits, loss, results = self.coordinator.run(
             tokens, attention_mask=run_mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
             metric=metric, split=split, kv=None if past_kv_cache is None else past_kv_cache.kv,
+            write=None if write is None else write(tokens.shape[0], mask),
         )
         if past_kv_cache is not None and not past_kv_cache.frozen:
             past_kv_cache.previous_attention_mask = run_mask
@@ -306,6 +309,43 @@ class Tracer:
         """Run the pipeline (see HookedModel.forward); with `past_kv_cache` only `input`, the
         new tokens, runs, attending to the cached ones (the cache grows unless frozen)."""
         return self._run(input, attention_mask, return_type, False, None, metric, past_kv_cache=past_kv_cache)[0]
+
+    def write_cache(
+        self, input: Any, path: Union[str, os.PathLike], *, names_filter: NamesFilter = None, layout: str = "example",
+        incl_bwd: bool = False, return_type: Any = "logits", attention_mask: Optional[Tensor] = None,
+        examples: Optional[Tensor] = None, batch: int = 0, metadata: Optional[Mapping[str, Any]] = None,
+        fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None, metric: Optional[Metric] = None,
+    ) -> tuple[Any, list[str]]:
+        """run_with_cache for caches too big for the driver: each worker writes what it cached
+        straight into the Parquet dataset at `path` (as ParquetSink does: path/hook=<name>/
+        part-*.parquet, one part per hook point per microbatch, readable with sl.read_cache),
+        and the values never pass through this process. Returns (output, the parts written).
+
+        Every worker must reach `path`: a local path when all run on this machine, shared
+        storage or an object store URI (s3://...) across nodes. `examples` are the batch's
+        rows in the dataset (default 0..batch-1; give each batch its own when writing many
+        into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
+        metadata after the model, dtype, shard plan and hook names. A run that fails leaves
+        no part of its own behind.
+        """
+        if layout not in ("example", "token"):
+            raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+        selected = names_predicate(names_filter, self.coordinator.hook_names)
+        names = tuple(n for n in self.coordinator.hook_names if selected(n))
+        caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
+        fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": json.loads(self.plan.to_json()),
+                  "hooks": list(names), **(metadata or {})}
+
+        def destination(n: int, mask: Optional[Tensor]) -> Destination:
+            rows = torch.arange(n) if examples is None else torch.as_tensor(examples).long().cpu()
+            if rows.shape != (n,):
+                raise ValueError(f"examples must hold one index per example of the batch ({n}); got shape {tuple(rows.shape)}")
+            return Destination(os.fspath(path), layout, rows, batch, fields)
+
+        with self.hooks(fwd_hooks, bwd_hooks):
+            with self.hooks(caching):
+                output, parts, _ = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, write=destination)
+        return output, parts
 
     def run_with_hooks(
         self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",

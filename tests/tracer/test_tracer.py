@@ -1,8 +1,10 @@
 """Tracer on both backends against the one-process HookedModel."""
 
+import json
 import os
 import time
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -91,6 +93,47 @@ def test_padding_and_patching_across_stages(tiny_checkpoints, reference):
                                            fwd_hooks=[Spec("blocks.1.hook_resid_pre", ops.Patch(from_cache="clean"))])
     real = mask.bool()
     assert torch.allclose(logits[real], expected_logits[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, layout", [("local", "token"), ("ray", "example")])
+def test_workers_write_the_cache_straight_into_a_dataset(request, tiny_checkpoints, reference, tmp_path, backend, layout):
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    tokens = torch.randint(3, 97, (4, 9), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones(4, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :7] = 0
+    loss_ref, cache_ref = expected(reference, "llama_gqa", tokens, attention_mask=mask)
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend=backend, microbatch_size=2) as tracer:
+        loss, parts = tracer.write_cache(
+            tokens, tmp_path / "acts", names_filter=RESID_POST, layout=layout, incl_bwd=True, return_type="loss",
+            attention_mask=mask, examples=torch.arange(4) + 10, batch=3, metadata={"run": "t"},
+        )
+    assert torch.allclose(loss, loss_ref, atol=1e-6)
+    hook_points = [name for name in cache_ref if not name.endswith("_grad")]
+    assert len(parts) == len(hook_points) * 2  # one part per hook point per microbatch
+    assert sorted(parts) == sorted(str(p) for p in (tmp_path / "acts").rglob("*.parquet"))
+    cache = sl.read_cache(tmp_path / "acts")
+    assert cache.examples.tolist() == [10, 11, 12, 13] and sorted(cache) == sorted(cache_ref)
+    real = mask.bool()
+    for name, value in cache_ref.items():
+        assert torch.allclose(cache[name][real], value[real], atol=1e-5), name
+    fields = json.loads(pq.read_schema(parts[0]).metadata[b"shardlens"])
+    assert fields["model"] == str(tiny_checkpoints["llama_gqa"]) and fields["run"] == "t" and fields["hooks"] == hook_points
+    batches = pq.read_table(parts[0]).column("batch").to_pylist()
+    assert set(batches) == {3}
+
+
+def test_a_failed_run_leaves_no_part_the_workers_wrote(tiny_checkpoints, tokens, tmp_path):
+    bad = Spec("blocks.2.attn.hook_pattern", ops.Patch(torch.ones(5)))  # fails on stage 1, after stage 0 wrote
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local", microbatch_size=1) as tracer:
+        with pytest.raises(RemoteHookError):
+            tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, fwd_hooks=[bad])
+        assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+        with pytest.raises(ValueError, match="one index per example of the batch \\(4\\)"):
+            tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, examples=[1, 2])
+        with pytest.raises(ValueError, match="layout must be 'example' or 'token'; got 'rows'"):
+            tracer.write_cache(tokens, tmp_path, layout="rows")
 
 
 def worker_hooks(tracer):
