@@ -42,6 +42,7 @@ def plain_forwards(folder: str, tokens: torch.Tensor, microbatch: int, start_at:
     started at the wall-clock time `start_at` (so that two such processes overlap)."""
     torch.set_num_threads(1)
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     model = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     with torch.no_grad():
         model(tokens[:microbatch], output_hidden_states=True)  # warm-up

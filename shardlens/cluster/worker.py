@@ -120,7 +120,6 @@ class StageWorker:
         """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
         from transformers import DynamicCache
 
-
         if session not in self._kv_caches:
             self._kv_caches[session] = DynamicCache(config=self.stage.config)
         cache = self._kv_caches[session]

@@ -310,6 +310,13 @@ class Tracer:
         new tokens, runs, attending to the cached ones (the cache grows unless frozen)."""
         return self._run(input, attention_mask, return_type, False, None, metric, past_kv_cache=past_kv_cache)[0]
 
+    def _caching(self, names_filter: NamesFilter, incl_bwd: bool) -> tuple[tuple[str, ...], list[HookSpec]]:
+        """The hook points `names_filter` selects, and the specs that cache them (and their gradients)."""
+        selected = names_predicate(names_filter, self.coordinator.hook_names)
+        names = tuple(n for n in self.coordinator.hook_names if selected(n))
+        caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
+        return names, caching
+
     def write_cache(
         self, input: Any, path: Union[str, os.PathLike], *, names_filter: NamesFilter = None, layout: str = "example",
         incl_bwd: bool = False, return_type: Any = "logits", attention_mask: Optional[Tensor] = None,
@@ -330,9 +337,7 @@ class Tracer:
         """
         if layout not in ("example", "token"):
             raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
-        selected = names_predicate(names_filter, self.coordinator.hook_names)
-        names = tuple(n for n in self.coordinator.hook_names if selected(n))
-        caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
+        names, caching = self._caching(names_filter, incl_bwd)
         fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": json.loads(self.plan.to_json()),
                   "hooks": list(names), **(metadata or {})}
 
@@ -407,9 +412,7 @@ class Tracer:
         ``<name>_grad``. With `past_kv_cache` (tracer.init_kv_cache()) only `input`, the new
         tokens, runs against the cached ones, on the first replica, and the cache holds the
         new positions only."""
-        selected = names_predicate(names_filter, self.coordinator.hook_names)
-        names = tuple(n for n in self.coordinator.hook_names if selected(n))
-        caching = [HookSpec(names, Cache())] + ([HookSpec(names, CacheGrad())] if incl_bwd else []) if names else []
+        _, caching = self._caching(names_filter, incl_bwd)
         with self.hooks(fwd_hooks, bwd_hooks):
             with self.hooks(caching):
                 output, results, mask = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, split, past_kv_cache)
