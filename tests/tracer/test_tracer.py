@@ -124,6 +124,16 @@ def test_workers_write_the_cache_straight_into_a_dataset(request, tiny_checkpoin
     assert set(batches) == {3}
 
 
+def test_a_bf16_cache_written_by_the_workers_reads_back_bit_for_bit(tiny_checkpoints, tokens, tmp_path):
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", dtype=torch.bfloat16, microbatch_size=3) as tracer:
+        logits, cache = tracer.run_with_cache(tokens, names_filter=RESID_POST)
+        written_logits, _ = tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, layout="token")
+    back = sl.read_cache(tmp_path)
+    assert torch.equal(written_logits, logits) and sorted(back) == sorted(cache)
+    for name, value in cache.items():
+        assert back[name].dtype == torch.bfloat16 and torch.equal(back[name], value), name
+
+
 def test_a_failed_run_leaves_no_part_the_workers_wrote(tiny_checkpoints, tokens, tmp_path):
     bad = Spec("blocks.2.attn.hook_pattern", ops.Patch(torch.ones(5)))  # fails on stage 1, after stage 0 wrote
     with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local", microbatch_size=1) as tracer:
