@@ -232,8 +232,10 @@ class Coordinator:
         split: bool = True,
         kv: Optional[KVSession] = None,
         write: Optional[Destination] = None,
-    ) -> tuple[Tensor, Tensor, Any]:
+        logits: bool = True,
+    ) -> tuple[Optional[Tensor], Tensor, Any]:
         """One batch through the pipeline: (logits, loss or metric, what the specs stored).
+        With logits=False the last stages send no logits back (the first value is None).
 
         The batch is split into microbatches, spread over the replicas (split=False keeps
         it whole: specs that select batch rows need the whole batch); with backward=True the
@@ -248,7 +250,7 @@ class Coordinator:
         while True:
             try:
                 self._restore()
-                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv, write)
+                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv, write, logits)
             except Exception as error:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise
@@ -264,14 +266,14 @@ class Coordinator:
 
     def _run_once(
         self, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric], split: bool,
-        kv: Optional[KVSession] = None, write: Optional[Destination] = None,
+        kv: Optional[KVSession] = None, write: Optional[Destination] = None, keep_logits: bool = True,
     ) -> tuple:
         run = next(self._runs)
         chunks = self._microbatches(tokens.shape[0], split and kv is None)
         jobs = [(f"{run}.{m}", 0 if kv else (run + m) % self.replicas, chunk) for m, chunk in enumerate(chunks)]
         takes: list = []
         try:
-            outs = self._get(self._forward(jobs, tokens, mask, backward, sources, metric, takes, kv, write))
+            outs = self._get(self._forward(jobs, tokens, mask, backward, sources, metric, takes, kv, write, keep_logits))
             if metric is None:
                 loss_weights = _loss_weights(tokens, mask, chunks)
             else:  # a metric is a mean over examples
@@ -289,7 +291,7 @@ class Coordinator:
             if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
                 self._get_quietly([self.backend.call(w, "kv_truncate", kv.session, kv.held) for w in self.workers[0]])
             raise
-        logits = torch.cat([unpack(o.logits) for o in outs])
+        logits = torch.cat([unpack(o.logits) for o in outs]) if keep_logits else None
         loss = sum(w * o.loss for w, o in zip(loss_weights, outs))
         if write is not None:
             return logits, loss, [part for parts in taken for part in parts]
@@ -297,7 +299,7 @@ class Coordinator:
 
     def _forward(
         self, jobs: list, tokens: Tensor, mask: Optional[Tensor], backward: bool, sources: dict, metric: Optional[Metric],
-        takes: list, kv: Optional[KVSession] = None, write: Optional[Destination] = None,
+        takes: list, kv: Optional[KVSession] = None, write: Optional[Destination] = None, keep_logits: bool = True,
     ) -> list:
         """Sends every microbatch through its replica's stages; returns the handles of the last
         stages' outputs. Without backward, it also appends to `takes` each stage's take (or
@@ -313,7 +315,9 @@ class Coordinator:
             )
             for s, worker in enumerate(self.workers[r]):
                 stage_sources = _sources_for(sources, self.stage_names[s], chunk)
-                io = self.backend.call(worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources, **session)
+                io = self.backend.call(
+                    worker, "forward", batch_id, io, keep_graph=backward, sources=stage_sources, keep_logits=keep_logits, **session
+                )
                 if not backward:
                     takes.append(self._collect(worker, batch_id, chunk, mask, write))
             last.append(io)

@@ -91,11 +91,12 @@ class StageWorker:
 
     def forward(
         self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None,
-        kv_cache: Optional[str] = None, kv_frozen: bool = False, kv_repeat: int = 1,
+        kv_cache: Optional[str] = None, kv_frozen: bool = False, kv_repeat: int = 1, keep_logits: bool = True,
     ) -> StageIO:
         """Run one (micro)batch through the stage; keep the graph for backward if asked.
         Returns the StageIO for the next stage, on the CPU; a last stage's logits are packed
-        (see `pack`: they go to the driver).
+        (see `pack`: they go to the driver), or left out with keep_logits=False (when only the
+        loss or metric is wanted: logits are the largest thing a run can send back).
 
         With `kv_cache` (a session id) the stage keeps its layers' keys and values across
         calls, `io` holds only the new tokens and its attention mask covers the cached ones
@@ -113,6 +114,8 @@ class StageWorker:
         self._times["forward_s"] += time.perf_counter() - start
         self._times["forwards"] += 1
         self._times["tokens"] += (out.logits if out.logits is not None else out.hidden).shape[:2].numel()
+        if out.logits is not None and not keep_logits:
+            out = replace(out, logits=None)
         out = _to(out, "cpu", detach=True)
         return out if out.logits is None else replace(out, logits=pack(out.logits))  # for the driver: see pack
 

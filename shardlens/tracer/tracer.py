@@ -295,7 +295,7 @@ class Tracer:
         logits, loss, results = self.coordinator.run(
             tokens, attention_mask=run_mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
             metric=metric, split=split, kv=None if past_kv_cache is None else past_kv_cache.kv,
-            write=None if write is None else write(tokens.shape[0], mask),
+            write=None if write is None else write(tokens.shape[0], mask), logits=return_type in ("logits", "both"),
         )
         if past_kv_cache is not None and not past_kv_cache.frozen:
             past_kv_cache.previous_attention_mask = run_mask
@@ -327,6 +327,8 @@ class Tracer:
         straight into the Parquet dataset at `path` (as ParquetSink does: path/hook=<name>/
         part-*.parquet, one part per hook point per microbatch, readable with sl.read_cache),
         and the values never pass through this process. Returns (output, the parts written).
+        The logits do come back when `return_type` asks for them: pass "loss", "metric" or
+        None to keep them off the driver too.
 
         Every worker must reach `path`: a local path when all run on this machine, shared
         storage or an object store URI (s3://...) across nodes. `examples` are the batch's

@@ -77,6 +77,27 @@ def test_forward_only_results_leave_each_stage_microbatch_by_microbatch(tiny_che
     assert held == [0] * 8  # 4 microbatches x 2 stages, each taken before the next forward
 
 
+def test_logits_come_back_only_when_asked_for(tiny_checkpoints, reference, tokens, monkeypatch):
+    sent = []  # whether each last-stage forward sent logits to the driver
+    forward = StageWorker.forward
+
+    def recording(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        if self.index == 1:
+            sent.append(out.logits is not None)
+        return out
+
+    monkeypatch.setattr(StageWorker, "forward", recording)
+    loss_ref, cache_ref = expected(reference, "gpt2", tokens)
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", microbatch_size=2) as tracer:
+        loss, cache = tracer.run_with_cache(tokens, return_type="loss", names_filter=RESID_POST, incl_bwd=True)
+        assert sent == [False, False]
+        assert torch.allclose(loss, loss_ref, atol=1e-6)
+        assert_matches(cache, cache_ref)
+        logits, loss = tracer(tokens, return_type="both")
+        assert sent[2:] == [True, True] and torch.allclose(logits, reference["gpt2"](tokens), atol=1e-5)
+
+
 def test_padding_and_patching_across_stages(tiny_checkpoints, reference):
     tokens = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(3))
     mask = torch.ones(3, 8, dtype=torch.long)
