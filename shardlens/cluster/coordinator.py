@@ -232,10 +232,10 @@ class Coordinator:
         split: bool = True,
         kv: Optional[KVSession] = None,
         write: Optional[Destination] = None,
-        logits: bool = True,
+        keep_logits: bool = True,
     ) -> tuple[Optional[Tensor], Tensor, Any]:
         """One batch through the pipeline: (logits, loss or metric, what the specs stored).
-        With logits=False the last stages send no logits back (the first value is None).
+        With keep_logits=False the last stages send no logits back (the first value is None).
 
         The batch is split into microbatches, spread over the replicas (split=False keeps
         it whole: specs that select batch rows need the whole batch); with backward=True the
@@ -250,7 +250,7 @@ class Coordinator:
         while True:
             try:
                 self._restore()
-                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv, write, logits)
+                return self._run_once(tokens, attention_mask, backward, sources or {}, metric, split, kv, write, keep_logits)
             except Exception as error:
                 if not self.backend.is_lost(error) or attempt >= self.retries:
                     raise

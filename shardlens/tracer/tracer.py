@@ -295,7 +295,7 @@ class Tracer:
         logits, loss, results = self.coordinator.run(
             tokens, attention_mask=run_mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
             metric=metric, split=split, kv=None if past_kv_cache is None else past_kv_cache.kv,
-            write=None if write is None else write(tokens.shape[0], mask), logits=return_type in ("logits", "both"),
+            write=None if write is None else write(tokens.shape[0], mask), keep_logits=return_type in ("logits", "both"),
         )
         if past_kv_cache is not None and not past_kv_cache.frozen:
             past_kv_cache.previous_attention_mask = run_mask
