@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 from shardlens.cluster.worker import StageWorker
 from shardlens.errors import WorkerError
+from shardlens.sharding.plan import BUILT_IN_RESOURCES
 
 
 class _Done:
@@ -235,7 +236,7 @@ def _missing(resources: dict, need: dict) -> dict:
 
 def _custom(resources: dict) -> list[str]:
     """The custom resources among a node's or cluster's resources."""
-    return sorted(k for k in resources if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith("node:"))
+    return sorted(k for k in resources if k not in BUILT_IN_RESOURCES and not k.startswith("node:"))
 
 
 def make_backend(name: str, address: Optional[str], gpus_per_worker: float = 0.0) -> Any:

@@ -126,7 +126,7 @@ class StageWorker:
         if session not in self._kv_caches:
             self._kv_caches[session] = DynamicCache(config=self.stage.config)
         cache = self._kv_caches[session]
-        held = cache.get_seq_length(self._first_layer)
+        held = cache.get_seq_length(self._layers[0])
         new = (io.input_ids if io.input_ids is not None else io.hidden).shape[1]
         if io.attention_mask is None or io.attention_mask.shape[1] != held + new:
             covered = None if io.attention_mask is None else io.attention_mask.shape[1]
@@ -144,19 +144,19 @@ class StageWorker:
         cache = self._kv_caches.get(session)
         if cache is None:
             return
-        truncate_hf_cache(cache, length, [int(layer) for layer in self.stage.blocks])
+        truncate_hf_cache(cache, length, self._layers)
 
     @property
-    def _first_layer(self) -> int:
-        return min(int(layer) for layer in self.stage.blocks)
+    def _layers(self) -> list[int]:
+        """The (global) indices of the stage's layers, in order."""
+        return sorted(int(layer) for layer in self.stage.blocks)
 
     def kv_entries(self, session: str) -> dict[int, tuple[Tensor, Tensor]]:
         """This stage's past keys and values of a session, by layer, each [batch, pos, n_kv_heads, d_head] (CPU)."""
         cache = self._kv_caches.get(session)
         if cache is None:
             raise WorkerError(f"stage {self.index}, replica {self.replica} holds no key/value session {session}")
-        layers = [int(layer) for layer in self.stage.blocks]
-        return {layer: (cache.layers[layer].keys.transpose(1, 2).cpu(), cache.layers[layer].values.transpose(1, 2).cpu()) for layer in layers}
+        return {layer: (cache.layers[layer].keys.transpose(1, 2).cpu(), cache.layers[layer].values.transpose(1, 2).cpu()) for layer in self._layers}
 
     def backward(self, batch_id: str, grad: Optional[Tensor]) -> Optional[Tensor]:
         """Backpropagate the batch's graph from `grad` (None or a scalar weight on the last

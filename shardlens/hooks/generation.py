@@ -62,9 +62,13 @@ class KeyValueCache:
     def __getitem__(self, layer: int) -> KeyValueCacheEntry:
         return self.entries[layer]
 
+    def extended_mask(self, attention_mask: Tensor) -> Tensor:
+        """The mask of the cached tokens and these new ones (the cache is left as it is)."""
+        return torch.cat([self.previous_attention_mask.to(attention_mask.device), attention_mask.long()], dim=1)
+
     def append_attention_mask(self, attention_mask: Tensor) -> Tensor:
         """The mask of the cached tokens and these new ones; kept unless the cache is frozen."""
-        mask = torch.cat([self.previous_attention_mask.to(attention_mask.device), attention_mask.long()], dim=1)
+        mask = self.extended_mask(attention_mask)
         if not self.frozen:
             self.previous_attention_mask = mask
         return mask

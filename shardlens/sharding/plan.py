@@ -131,11 +131,14 @@ class ShardPlan:
             specs.append(StageSpec(index, layers, devices, device_map, size, first, last, resources[index]))
         return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs))
 
-    def to_json(self) -> str:
-        return json.dumps({
+    def to_dict(self) -> dict:
+        return {
             "model_type": self.model_type, "n_layers": self.n_layers, "dtype": self.dtype,
             "stages": [s.to_dict() for s in self.stages],
-        })
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
 
     @classmethod
     def from_json(cls, text: str) -> "ShardPlan":
@@ -162,6 +165,9 @@ class ShardPlan:
         return text
 
 
+BUILT_IN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})  # Ray's own; the plan sets them
+
+
 def _stage_resources(stage_resources: Optional[Sequence[dict]], stages: int) -> list[dict]:
     if stage_resources is None:
         return [{} for _ in range(stages)]
@@ -175,7 +181,7 @@ def _stage_resources(stage_resources: Optional[Sequence[dict]], stages: int) -> 
             isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for k, v in wanted.items()
         ):
             raise ShardPlanError(f"stage_resources[{index}] must map resource names to positive numbers; got {wanted!r}")
-        reserved = sorted(set(wanted) & {"CPU", "GPU", "memory", "object_store_memory"})
+        reserved = sorted(set(wanted) & BUILT_IN_RESOURCES)
         if reserved:
             raise ShardPlanError(
                 f"stage_resources[{index}] names {reserved}: the plan sets CPUs, GPUs and memory itself; give only custom resources"

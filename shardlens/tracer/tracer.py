@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -278,13 +277,12 @@ class Tracer:
             )
         if cache.seq_len == 0 and cache.frozen:
             raise ValueError("the key/value cache is frozen and empty: run the prefix through it before freezing it")
-        new_mask = torch.ones_like(tokens) if mask is None else mask.long()
-        return torch.cat([cache.previous_attention_mask, new_mask], dim=1)
+        return cache.extended_mask(torch.ones_like(tokens) if mask is None else mask)
 
     def _run(
         self, input: Any, attention_mask: Optional[Tensor], return_type: Any, backward: bool, sources: Optional[dict],
         metric: Optional[Metric] = None, split: bool = True, past_kv_cache: Optional[StageKeyValueCache] = None,
-        write: Optional[Callable[[int, Optional[Tensor]], Destination]] = None,
+        write: Optional[Callable[[int], Destination]] = None,
     ) -> tuple:
         if return_type not in _RETURN_TYPES:
             raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
@@ -295,7 +293,7 @@ class Tracer:
         logits, loss, results = self.coordinator.run(
             tokens, attention_mask=run_mask, backward=backward or self.coordinator.needs_backward(), sources=sources,
             metric=metric, split=split, kv=None if past_kv_cache is None else past_kv_cache.kv,
-            write=None if write is None else write(tokens.shape[0], mask), keep_logits=return_type in ("logits", "both"),
+            write=None if write is None else write(tokens.shape[0]), keep_logits=return_type in ("logits", "both"),
         )
         if past_kv_cache is not None and not past_kv_cache.frozen:
             past_kv_cache.previous_attention_mask = run_mask
@@ -340,10 +338,10 @@ class Tracer:
         if layout not in ("example", "token"):
             raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
         names, caching = self._caching(names_filter, incl_bwd)
-        fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": json.loads(self.plan.to_json()),
+        fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": self.plan.to_dict(),
                   "hooks": list(names), **(metadata or {})}
 
-        def destination(n: int, mask: Optional[Tensor]) -> Destination:
+        def destination(n: int) -> Destination:  # n: the batch size, known once the input is read
             rows = torch.arange(n) if examples is None else torch.as_tensor(examples).long().cpu()
             if rows.shape != (n,):
                 raise ValueError(f"examples must hold one index per example of the batch ({n}); got shape {tuple(rows.shape)}")
