@@ -150,14 +150,16 @@ class NetnsCluster:
     def env(self) -> dict:
         return {**os.environ, **RAY_ENV}
 
+    def _in(self, node: Optional[str], command: list) -> list:
+        """`command` run in a node's namespace (None: the root namespace)."""
+        return list(command) if node is None else ["ip", "netns", "exec", self.members[node].namespace, *command]
+
     def run(self, node: Optional[str], command: list, timeout: float = 300, **kwargs: object) -> subprocess.CompletedProcess:
         """Run a command in a node's namespace (None: the root namespace) with the cluster's environment."""
-        prefix = [] if node is None else ["ip", "netns", "exec", self.members[node].namespace]
-        return subprocess.run(prefix + list(command), capture_output=True, text=True, timeout=timeout, env=self.env(), **kwargs)
+        return subprocess.run(self._in(node, command), capture_output=True, text=True, timeout=timeout, env=self.env(), **kwargs)
 
     def popen(self, node: Optional[str], command: list, **kwargs: object) -> subprocess.Popen:
-        prefix = [] if node is None else ["ip", "netns", "exec", self.members[node].namespace]
-        return subprocess.Popen(prefix + list(command), env=self.env(), text=True, **kwargs)
+        return subprocess.Popen(self._in(node, command), env=self.env(), text=True, **kwargs)
 
     def wait_for_nodes(self, count: int, timeout: float = 60) -> None:
         """Until the head sees `count` live nodes."""

@@ -66,14 +66,21 @@ def driver_command(task: str, request: Path) -> list[str]:
     return [sys.executable, "-m", "tests.cluster.driver", task, str(request)]
 
 
-def drive(cluster: NetnsCluster, node: object, task: str, request: Path, timeout: float = 240) -> dict:
-    done = cluster.run(node, driver_command(task, request), timeout=timeout, cwd=str(REPO))
+def read_result(request: Path, missing: str, crashed: str = "") -> dict:
+    """What the driver wrote for `request`; fails with `missing` when it wrote nothing, and
+    with its traceback (then `crashed`) when it crashed."""
     result_path = Path(json.loads(request.read_text())["result"])
     if not result_path.exists():
-        raise AssertionError(f"the driver wrote no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        raise AssertionError(missing)
     result = json.loads(result_path.read_text())
-    assert "crash" not in result, result["crash"] + ray_logs(cluster, "ray_client_server*")
+    assert "crash" not in result, result["crash"] + crashed
     return result
+
+
+def drive(cluster: NetnsCluster, node: object, task: str, request: Path, timeout: float = 240) -> dict:
+    done = cluster.run(node, driver_command(task, request), timeout=timeout, cwd=str(REPO))
+    missing = f"the driver wrote no result (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return read_result(request, missing, ray_logs(cluster, "ray_client_server*"))
 
 
 def ray_logs(cluster: NetnsCluster, pattern: str) -> str:
@@ -192,9 +199,7 @@ def finish(process: subprocess.Popen, request: Path, tmp_path: Path, timeout: fl
     except subprocess.TimeoutExpired:
         process.kill()
         raise AssertionError(f"the driver did not finish:\n{(tmp_path / 'driver.log').read_text()[-4000:]}") from None
-    result = json.loads(Path(json.loads(request.read_text())["result"]).read_text())
-    assert "crash" not in result, result.get("crash")
-    return result
+    return read_result(request, f"the driver wrote no result:\n{(tmp_path / 'driver.log').read_text()[-4000:]}")
 
 
 def test_a_lost_node_fails_over_to_a_surviving_one(fresh_cluster, tiny_checkpoints, tokens_file, tmp_path):
