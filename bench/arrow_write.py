@@ -2,8 +2,9 @@
 
 1 GiB of fp16 activations (random normal, as [batch, pos, d_model] entries of 4 hook
 points per batch) written (a) through sl.ParquetSink (layout "example", zstd, parts under
-temporary names then renamed) and (b) as raw bytes with numpy's tofile. Each write is
-followed by fsync of what it wrote, so both are timed to the disk. Prints MB/s and the ratio.
+temporary names then fsynced and renamed; timed until the sink is closed, so every part
+its writer threads took on is on disk) and (b) as raw bytes with numpy's tofile, then
+fsync. Two alternating rounds; prints each one's best MB/s and the ratio.
 
     .venv/bin/python bench/arrow_write.py [--gib 1.0] [--dir /tmp]
 """

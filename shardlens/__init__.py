@@ -3,7 +3,7 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import HookNameError, RemoteHookError, ShardPlanError, WorkerError
+from shardlens.errors import HookNameError, ParquetWriteError, RemoteHookError, ShardPlanError, WorkerError
 from shardlens.hooks import metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
@@ -35,6 +35,7 @@ __all__ = [
     "KeyValueCache",
     "LensHandle",
     "ParquetSink",
+    "ParquetWriteError",
     "Points",
     "RemoteHookError",
     "ShardPlan",

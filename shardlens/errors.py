@@ -49,3 +49,24 @@ class RemoteHookError(RuntimeError):
 
 class WorkerError(RuntimeError):
     """A stage worker failed outside any hook (lost, out of memory, …): what and where."""
+
+
+class ParquetWriteError(OSError):
+    """Writes of a ParquetSink that failed: which, and why. None of their parts were kept.
+
+    An OSError, as the failure of a buffered file's write is. `.unwritten` holds the data
+    of every write the sink did not carry out, in the order they were given, so nothing
+    computed is lost; `.writes` numbers them (the sink's first write is 1). The cause is
+    the first failure's exception.
+    """
+
+    def __init__(self, message: str, *, writes: tuple = (), unwritten: tuple = ()):
+        super().__init__(message)
+        self.message, self.writes, self.unwritten = message, tuple(writes), tuple(unwritten)
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):
+        # The unwritten data stays in the process that has it; what failed travels.
+        return (type(self), (self.message,), {"writes": self.writes})

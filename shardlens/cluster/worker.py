@@ -185,7 +185,7 @@ class StageWorker:
         if not results:
             return []
         cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
-        with ParquetSink(path, metadata=metadata, layout=layout, threads=1) as sink:
+        with ParquetSink(path, metadata=metadata, layout=layout, threads=1, max_pending=0) as sink:
             return sink.write(cache)
 
     def drop(self, batch_id: str) -> None:

@@ -1,4 +1,5 @@
-"""Parquet datasets of caches: a streaming sink, and reading back with filters pushed down.
+"""Parquet datasets of caches: a streaming sink that writes in the background, and reading
+back with filters pushed down.
 
 Layout: ``<path>/hook=<name>/part-<writer>-<n>.parquet``, one directory per hook point (its
 tables have their own shapes). `hook` is the hive partition key, not a column in the files.
@@ -13,16 +14,19 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor, wait
-from typing import Any, Optional, Union
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
 
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from shardlens.tables.arrow import cache_to_tables, schema_metadata, tables_to_cache
+from shardlens.errors import ParquetWriteError
+from shardlens.tables.arrow import LAYOUTS, cache_to_tables, schema_metadata, tables_to_cache
 from shardlens.tables.cache import ActivationCache
 
 PARTITION = "hook"
@@ -36,15 +40,38 @@ def filesystem_and_root(path: Union[str, os.PathLike]) -> tuple[pafs.FileSystem,
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+@dataclass
+class _Write:
+    """One write in flight: its data (held until it is on disk), its parts and their jobs."""
+
+    number: int
+    data: Any
+    paths: list[str]
+    jobs: list[Future] = field(default_factory=list)
+
+
 class ParquetSink:
-    """Appends caches (or per-hook tables) to a hive-partitioned Parquet dataset.
+    """Appends caches (or per-hook tables) to a hive-partitioned Parquet dataset, writing in
+    the background while the caller computes the next batch.
+
+    `write` turns a cache into one table per hook point (zero-copy for contiguous CPU
+    tensors), hands the tables to `threads` writer threads and returns; pyarrow encodes
+    without holding the GIL. Each write is all or nothing: when one of its parts fails,
+    the parts it already wrote are deleted. A failure is raised, as ParquetWriteError
+    (whose `.unwritten` holds the data), by the sink's next write, flush or close.
+
+    Until a write's parts are on disk the sink holds its data: do not change its tensors in
+    place before flush(). A torch in-place change is caught and fails that write.
 
     Args:
         path: the dataset's root, local or a pyarrow filesystem URI.
         metadata: JSON-serialisable fields stored in every part's schema metadata (model id,
             dtype, shard plan, specs, …), with the shardlens version.
         layout: "example" or "token" (see shardlens.tables.arrow).
-        threads: parts written at once (pyarrow encodes without holding the GIL).
+        threads: parts written at once. Three keep two cores encoding while a third part
+            waits for its fsync.
+        max_pending: writes that may be in flight before `write` waits for the oldest; 0
+            makes each write return only once its parts are published.
         compression: the Parquet codec ("zstd"; "none" trades size for speed).
 
     Example:
@@ -52,6 +79,7 @@ class ParquetSink:
         ...     for batch in batches:
         ...         _, cache = model.run_with_cache(batch)
         ...         sink.write(cache)
+        ... # leaving the block waits for every part, and raises any failure
     """
 
     def __init__(
@@ -60,74 +88,65 @@ class ParquetSink:
         *,
         metadata: Optional[Mapping[str, Any]] = None,
         layout: str = "example",
-        threads: int = 2,
+        threads: int = 3,
+        max_pending: int = 2,
         compression: str = "zstd",
     ):
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+        if threads < 1 or max_pending < 0:
+            raise ValueError(f"ParquetSink needs threads >= 1 and max_pending >= 0; got threads={threads}, max_pending={max_pending}")
         self.fs, self.root = filesystem_and_root(path)
         self.fs.create_dir(self.root, recursive=True)
         self.metadata = schema_metadata(metadata)
         self.layout = layout
         self.compression = compression
+        self.max_pending = max_pending
         self._writer = uuid.uuid4().hex[:12]
         self._count = 0
-        self._pool = ThreadPoolExecutor(max_workers=threads) if threads > 1 else None
-        self.parts: list[str] = []
+        self._writes = 0
+        self._pool: Optional[ThreadPoolExecutor] = ThreadPoolExecutor(threads, thread_name_prefix="ParquetSink")
+        self._in_flight: deque[_Write] = deque()
+        self._failed: list[tuple[_Write, BaseException]] = []
+        self.parts: list[str] = []  # published parts, in the order of their writes
 
     def write(self, data: Union[ActivationCache, Mapping[str, pa.Table]]) -> list[str]:
-        """Write one part per hook point; returns the parts' paths once all are complete. All
-        or nothing: when one part fails, the parts this call already wrote are deleted."""
-        tables = cache_to_tables(data, self.layout) if isinstance(data, ActivationCache) else dict(data)
-        jobs = [(hook, table, self._next_name()) for hook, table in tables.items()]
-        written: list[str] = []
-        failure: Optional[BaseException] = None
+        """Queue one part per hook point of `data`; returns the paths the parts will have.
+
+        Waits first while `max_pending` writes are in flight. Raises the failures of earlier
+        writes (this one is then not queued, and is on the error's `.unwritten` too)."""
         if self._pool is None:
-            for job in jobs:
-                try:
-                    written.append(self._write_part(*job))
-                except BaseException as error:
-                    failure = error
-                    break
-        else:
-            futures = [self._pool.submit(self._write_part, *job) for job in jobs]
-            wait(futures)
-            written = [f.result() for f in futures if f.exception() is None]
-            failure = next((f.exception() for f in futures if f.exception() is not None), None)
-        if failure is not None:
-            for part in written:
-                _delete_quietly(self.fs, part)
-            raise failure
-        self.parts += written
-        return written
+            raise ValueError(f"ParquetSink at {self.root} is closed; open a new one to write more")
+        self._settle(keep=max(self.max_pending - 1, 0))
+        self._raise_failures(also=data)
+        tables = cache_to_tables(data, self.layout) if isinstance(data, ActivationCache) else dict(data)
+        unchanged = _in_place_check(data, self.layout)
+        self._writes += 1
+        write = _Write(self._writes, data, [])
+        for hook, table in tables.items():
+            path, temporary = self._next_paths(hook)
+            write.paths.append(path)
+            write.jobs.append(self._pool.submit(self._write_part, table, path, temporary, unchanged))
+        self._in_flight.append(write)
+        if self.max_pending == 0:
+            self._settle(keep=0)
+            self._raise_failures()
+        return list(write.paths)
 
-    def _next_name(self) -> str:
-        self._count += 1
-        return f"part-{self._writer}-{self._count:06d}.parquet"
-
-    def _write_part(self, hook: str, table: pa.Table, name: str) -> str:
-        if PARTITION in table.column_names:
-            table = table.drop_columns([PARTITION])  # the partition key lives in the path
-        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
-        directory = f"{self.root}/{PARTITION}={hook}"
-        self.fs.create_dir(directory, recursive=True)
-        final, temporary = f"{directory}/{name}", f"{directory}/.{name}.tmp"
-        try:
-            scalar_columns = [c for c in table.column_names if c != "value"]
-            pq.write_table(
-                table, temporary, filesystem=self.fs, compression=self.compression,
-                # Dictionaries and min/max statistics mean nothing for tensor values, and
-                # computing them over every element costs more than the write itself.
-                use_dictionary=scalar_columns, write_statistics=scalar_columns,
-            )
-            if isinstance(self.fs, pafs.LocalFileSystem):
-                flush_to_disk(temporary)
-            self.fs.move(temporary, final)
-        except BaseException:
-            _delete_quietly(self.fs, temporary)
-            raise
-        return final
+    def flush(self) -> list[str]:
+        """Wait until every write so far is on disk; returns all parts published. Raises
+        ParquetWriteError naming the writes that failed."""
+        self._settle(keep=0)
+        self._raise_failures()
+        return list(self.parts)
 
     def close(self) -> None:
-        if self._pool is not None:
+        """flush(), then stop the writer threads (also when flush raises)."""
+        if self._pool is None:
+            return
+        try:
+            self.flush()
+        finally:
             self._pool.shutdown()
             self._pool = None
 
@@ -136,6 +155,86 @@ class ParquetSink:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def _next_paths(self, hook: str) -> tuple[str, str]:
+        self._count += 1
+        name = f"part-{self._writer}-{self._count:06d}.parquet"
+        directory = f"{self.root}/{PARTITION}={hook}"
+        return f"{directory}/{name}", f"{directory}/.{name}.tmp"
+
+    def _write_part(self, table: pa.Table, final: str, temporary: str, unchanged: Callable[[], None]) -> str:
+        if PARTITION in table.column_names:
+            table = table.drop_columns([PARTITION])  # the partition key lives in the path
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        try:
+            scalar_columns = [c for c in table.column_names if c != "value"]
+            pq.write_table(
+                table, temporary, filesystem=self.fs, compression=self.compression,
+                # Dictionaries and min/max statistics mean nothing for tensor values, and
+                # computing them over every element costs more than the write itself.
+                use_dictionary=scalar_columns, write_statistics=scalar_columns,
+            )
+            unchanged()
+            if isinstance(self.fs, pafs.LocalFileSystem):
+                flush_to_disk(temporary)
+            self.fs.move(temporary, final)
+        except BaseException:
+            _delete_quietly(self.fs, temporary)
+            raise
+        return final
+
+    def _settle(self, keep: int) -> None:
+        """Account for finished writes, oldest first, waiting until at most `keep` are in flight."""
+        while self._in_flight and (len(self._in_flight) > keep or all(j.done() for j in self._in_flight[0].jobs)):
+            write = self._in_flight[0]
+            wait(write.jobs)
+            self._in_flight.popleft()  # only now: an interrupted wait leaves it to the next call
+            failure = next((j.exception() for j in write.jobs if j.exception() is not None), None)
+            if failure is None:
+                self.parts += write.paths
+            else:
+                for job in write.jobs:
+                    if job.exception() is None:
+                        _delete_quietly(self.fs, job.result())
+                self._failed.append((write, failure))
+
+    def _raise_failures(self, also: Any = None) -> None:
+        if not self._failed:
+            return
+        failed, self._failed = self._failed, []
+        numbers = [w.number for w, _ in failed]
+        first = failed[0][1]
+        which = f"writes {', '.join(f'#{n}' for n in numbers)} failed and kept none of their parts" if len(numbers) > 1 \
+            else f"write #{numbers[0]} failed and kept none of its parts"
+        message = f"ParquetSink at {self.root}: {which}; the first failure: {type(first).__name__}: {first}. "
+        unwritten = [w.data for w, _ in failed]
+        if also is not None:
+            unwritten.append(also)
+            message += "This write was not queued either. "
+        message += "The data that was not written is on this error's .unwritten."
+        raise ParquetWriteError(message, writes=numbers, unwritten=unwritten) from first
+
+
+def _in_place_check(data: Any, layout: str) -> Callable[[], None]:
+    """A check that the tensors whose memory the tables of `data` share (contiguous CPU
+    tensors in layout "example"; others were copied) were not changed in place since now
+    (torch counts in-place changes in a tensor's version), so no part holds changed values."""
+    if not isinstance(data, ActivationCache) or layout != "example":
+        return lambda: None
+    versions = [
+        (name, tensor, tensor._version) for name, tensor in data.items() if tensor.device.type == "cpu" and tensor.is_contiguous()
+    ]
+
+    def unchanged() -> None:
+        changed = [name for name, tensor, version in versions if tensor._version != version]
+        if changed:
+            raise RuntimeError(
+                f"{', '.join(changed)} changed in place while being written; call the sink's "
+                "flush() before changing a written cache's tensors"
+            )
+
+    return unchanged
 
 
 def flush_to_disk(path: Union[str, os.PathLike]) -> None:

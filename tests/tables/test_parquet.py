@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -156,8 +158,9 @@ def test_a_write_that_fails_midway_leaves_no_visible_part(model, padded, tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(parquet_module.pq, "write_table", half_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(sl.ParquetWriteError, match="disk full") as failure:
         cache.to_parquet(tmp_path)
+    assert failure.value.unwritten[0] is cache and isinstance(failure.value.__cause__, OSError)
     leftovers = [f for _, _, files in os.walk(tmp_path) for f in files]
     assert leftovers == []
     assert sl.read_cache(tmp_path) == {}
@@ -174,9 +177,27 @@ def test_each_part_reaches_the_disk_before_its_name_appears(model, padded, tmp_p
         assert (temporary, True, False) in seen  # whole, synced, not yet published
 
 
+def files_under(path):
+    return sorted(str(p) for p in path.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def gated_writes(monkeypatch):
+    """pq.write_table in the sink waits for `gate` to be set; `started` lists where it was called."""
+    real_write, started, gate = pq.write_table, [], threading.Event()
+
+    def gated(table, where, **kwargs):
+        started.append(where)
+        assert gate.wait(timeout=60), "the test never opened the gate"
+        real_write(table, where, **kwargs)
+
+    monkeypatch.setattr(parquet_module.pq, "write_table", gated)
+    return started, gate
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_write_whose_third_part_fails_leaves_none_of_its_parts(model, padded, tmp_path, monkeypatch, threads):
-    cache = model_cache(model, padded)
+    cache, later = model_cache(model, padded), model_cache(model, padded, torch.float16)
     real_write, calls = pq.write_table, []
 
     def third_fails(table, where, **kwargs):
@@ -187,11 +208,151 @@ def test_a_write_whose_third_part_fails_leaves_none_of_its_parts(model, padded, 
 
     with sl.ParquetSink(tmp_path, threads=threads) as sink:
         first = sink.write(cache)
+        sink.flush()
         monkeypatch.setattr(parquet_module.pq, "write_table", third_fails)
-        with pytest.raises(OSError, match="disk full"):
+        sink.write(cache)  # queued: its failure is the next call's to report
+        with pytest.raises(sl.ParquetWriteError, match=r"write #2 failed.*OSError: disk full") as failure:
+            sink.flush()
+        assert failure.value.writes == (2,) and failure.value.unwritten[0] is cache
+        assert len(calls) == len(NAMES)
+        assert files_under(tmp_path) == sorted(first)  # the earlier write stays whole
+        monkeypatch.setattr(parquet_module.pq, "write_table", real_write)
+        third = sink.write(later)  # a failure, once reported, does not stop the sink
+    assert files_under(tmp_path) == sorted(first + third)
+    assert sink.parts == first + third
+
+
+def test_write_returns_before_its_parts_are_written_and_flush_waits(model, padded, tmp_path, gated_writes):
+    started, gate = gated_writes
+    cache = model_cache(model, padded)
+    with sl.ParquetSink(tmp_path, layout="token") as sink:
+        parts = sink.write(cache)
+        assert len(parts) == len(NAMES) and not any(os.path.exists(p) for p in parts)
+        gate.set()
+        assert sink.flush() == parts
+        assert all(os.path.exists(p) for p in parts)
+    assert_same_real_values(sl.read_cache(tmp_path), cache, token_layout=True)
+
+
+def test_write_waits_while_max_pending_writes_are_in_flight(model, padded, tmp_path, gated_writes):
+    started, gate = gated_writes
+    cache = model_cache(model, padded)
+    sink = sl.ParquetSink(tmp_path, threads=1, max_pending=1)
+    second_returned = threading.Event()
+
+    def two_writes():
+        sink.write(cache)
+        sink.write(cache)
+        second_returned.set()
+
+    writer = threading.Thread(target=two_writes)
+    writer.start()
+    try:
+        assert not second_returned.wait(timeout=0.5)  # the first write holds the only slot
+        assert len(started) == 1
+    finally:
+        gate.set()
+        writer.join()
+        sink.close()
+    assert second_returned.is_set() and len(sink.parts) == 2 * len(NAMES)
+
+
+def disk_full(*args, **kwargs):
+    raise OSError("disk full")
+
+
+def test_with_max_pending_0_a_write_reports_its_own_failure(model, padded, tmp_path, monkeypatch):
+    cache = model_cache(model, padded)
+    monkeypatch.setattr(parquet_module.pq, "write_table", disk_full)
+    with sl.ParquetSink(tmp_path, max_pending=0) as sink:
+        with pytest.raises(sl.ParquetWriteError, match="write #1 failed") as failure:
             sink.write(cache)
-    assert len(calls) >= 3
-    assert sorted(str(p) for p in tmp_path.rglob("*") if p.is_file()) == sorted(first)  # the earlier write stays whole
+    assert failure.value.unwritten == (cache,) and files_under(tmp_path) == []
+
+
+def test_flush_reports_every_failed_write_once(model, padded, tmp_path, monkeypatch):
+    first, second = model_cache(model, padded), model_cache(model, padded, torch.float16)
+    gate = threading.Event()
+
+    def disk_full_once_both_are_queued(*args, **kwargs):
+        assert gate.wait(timeout=60)
+        disk_full()
+
+    with sl.ParquetSink(tmp_path, max_pending=2) as sink:
+        monkeypatch.setattr(parquet_module.pq, "write_table", disk_full_once_both_are_queued)
+        sink.write(first)
+        sink.write(second)
+        gate.set()
+        with pytest.raises(sl.ParquetWriteError, match="writes #1, #2 failed and kept none of their parts") as failure:
+            sink.flush()
+        assert failure.value.writes == (1, 2) and failure.value.unwritten == (first, second)
+        assert sink.flush() == []  # reported once
+    assert files_under(tmp_path) == []
+
+
+def test_a_write_after_an_unreported_failure_is_not_queued_and_is_kept(model, padded, tmp_path, monkeypatch):
+    first, second = model_cache(model, padded), model_cache(model, padded, torch.bfloat16)
+    real_write = pq.write_table
+    with sl.ParquetSink(tmp_path, max_pending=1) as sink:
+        monkeypatch.setattr(parquet_module.pq, "write_table", disk_full)
+        sink.write(first)
+        monkeypatch.setattr(parquet_module.pq, "write_table", real_write)
+        with pytest.raises(sl.ParquetWriteError, match="not queued either") as failure:
+            sink.write(second)  # waits for the first (max_pending=1), which failed
+    assert failure.value.unwritten == (first, second) and failure.value.writes == (1,)
+    assert files_under(tmp_path) == []
+
+
+def test_changing_a_tensor_in_place_before_it_is_written_fails_that_write(model, padded, tmp_path, gated_writes):
+    started, gate = gated_writes
+    cache = model_cache(model, padded)
+    sink = sl.ParquetSink(tmp_path, layout="example")
+    sink.write(cache)
+    cache["blocks.1.hook_resid_post"].mul_(2)
+    gate.set()
+    with pytest.raises(sl.ParquetWriteError, match=r"blocks.1.hook_resid_post changed in place.*flush\(\)"):
+        sink.close()
+    assert files_under(tmp_path) == []
+
+
+def test_layout_token_copies_the_values_so_changing_them_after_write_is_harmless(model, padded, tmp_path, gated_writes):
+    started, gate = gated_writes
+    cache = model_cache(model, padded)
+    expected = {name: tensor.clone() for name, tensor in cache.items()}
+    with sl.ParquetSink(tmp_path, layout="token") as sink:
+        sink.write(cache)
+        for tensor in cache.values():
+            tensor.zero_()
+        gate.set()
+    assert_same_real_values(sl.read_cache(tmp_path), sl.ActivationCache(expected, attention_mask=cache.attention_mask), token_layout=True)
+
+
+def test_leaving_the_block_on_an_error_still_publishes_what_was_written(model, padded, tmp_path):
+    cache = model_cache(model, padded)
+    with pytest.raises(KeyError, match="the user's own error"):
+        with sl.ParquetSink(tmp_path, layout="token") as sink:
+            parts = sink.write(cache)
+            raise KeyError("the user's own error")
+    assert files_under(tmp_path) == sorted(parts)
+    assert_same_real_values(sl.read_cache(tmp_path), cache, token_layout=True)
+
+
+def test_a_closed_sink_and_bad_arguments_are_refused_clearly(model, padded, tmp_path):
+    sink = sl.ParquetSink(tmp_path)
+    sink.close()
+    sink.close()  # closing twice is harmless
+    with pytest.raises(ValueError, match="is closed; open a new one"):
+        sink.write(model_cache(model, padded))
+    with pytest.raises(ValueError, match=r"threads >= 1 and max_pending >= 0; got threads=0, max_pending=2"):
+        sl.ParquetSink(tmp_path, threads=0)
+    with pytest.raises(ValueError, match="layout must be 'example' or 'token'; got 'rows'"):
+        sl.ParquetSink(tmp_path, layout="rows")
+
+
+def test_a_write_error_crosses_processes_without_its_data(model, padded):
+    error = sl.ParquetWriteError("write #3 failed", writes=(3,), unwritten=(model_cache(model, padded),))
+    back = pickle.loads(pickle.dumps(error))
+    assert isinstance(back, OSError) and str(back) == "write #3 failed" and back.writes == (3,) and back.unwritten == ()
 
 
 def test_token_layout_needs_a_position_axis():
