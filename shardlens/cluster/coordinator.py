@@ -243,8 +243,9 @@ class Coordinator:
         `kv`, the batch holds only new tokens, runs whole on the first replica (whose stages
         hold the session's keys and values) and `attention_mask` covers the cached tokens too.
         With `write`, each worker writes what it stored for each microbatch straight into that
-        Parquet dataset, and the third value is the list of parts written; the parts of a run
-        that fails are deleted (a retried run writes its own).
+        Parquet dataset, in the background while it runs on, and the third value is the list
+        of parts written once all are on disk; the parts of a run that fails are deleted (a
+        retried run writes its own).
         """
         attempt = 0
         while True:
@@ -283,9 +284,13 @@ class Coordinator:
                 for batch_id, r, chunk in jobs:
                     takes.extend(self._collect(w, batch_id, chunk, mask, write) for w in self.workers[r])
             taken = self._get(takes)
+            if write is not None:
+                self._get(self._finish_writes(jobs, write))
         except BaseException:
             written = self._get_each_quietly(takes)
             if write is not None:
+                # Wait for the writes in flight first, so that no part appears after the delete.
+                self._get_each_quietly(self._finish_writes(jobs, write))
                 delete_parts(write.path, [part for parts in written if parts for part in parts])
             self._get_quietly([self.backend.call(w, "drop", bid) for bid, r, _ in jobs for w in self.workers[r]])
             if kv is not None and not kv.frozen:  # the stages before the failure have grown the session
@@ -331,6 +336,11 @@ class Coordinator:
             worker, "write", batch_id, write.path, layout=write.layout, examples=write.examples[chunk],
             attention_mask=None if mask is None else mask[chunk], batch=write.batch, metadata=write.metadata,
         )
+
+    def _finish_writes(self, jobs: list, write: Destination) -> list:
+        """The calls that wait for the parts the run's workers are still writing."""
+        replicas = sorted({r for _, r, _ in jobs})
+        return [self.backend.call(w, "finish_writes", write.path) for r in replicas for w in self.workers[r]]
 
     def _backward(self, jobs: list, weights: list[float]) -> None:
         ends = []

@@ -60,6 +60,7 @@ class StageWorker:
         self._results: dict[str, dict[str, Tensor]] = {}
         self._graphs: dict[str, Any] = {}
         self._kv_caches: dict[str, Any] = {}  # generation sessions: this stage's past keys and values
+        self._sinks: dict[str, ParquetSink] = {}  # dataset path -> the sink of the run writing there
         self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0, "tokens": 0}  # tokens: batch x new positions run
 
     def ping(self) -> str:
@@ -178,15 +179,27 @@ class StageWorker:
         self, batch_id: str, path: str, *, layout: str, examples: Tensor, attention_mask: Optional[Tensor], batch: int,
         metadata: Optional[dict],
     ) -> list[str]:
-        """Write what the stage's reading specs stored for a batch (the rows `examples` of the
-        dataset) into the Parquet dataset at `path`, one part per hook point (see
-        ParquetSink), and forget it; returns the parts' paths."""
+        """Queue what the stage's reading specs stored for a batch (the rows `examples` of the
+        dataset) for the Parquet dataset at `path`, one part per hook point (see
+        ParquetSink), and forget it; returns the paths the parts will have. They are written
+        in the background while the stage runs its next microbatch; finish_writes(path)
+        waits for them. Raises the failure of an earlier write of the run."""
         results = self._results.pop(batch_id, {})
         if not results:
             return []
         cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
-        with ParquetSink(path, metadata=metadata, layout=layout, threads=1, max_pending=0) as sink:
-            return sink.write(cache)
+        if path not in self._sinks:
+            self._sinks[path] = ParquetSink(path, metadata=metadata, layout=layout, threads=1)
+        return self._sinks[path].write(cache)
+
+    def finish_writes(self, path: str) -> list[str]:
+        """Wait until every part queued for `path` is published, and close that sink; returns
+        the parts. A failed write raises ParquetWriteError (none of its parts stay)."""
+        sink = self._sinks.pop(path, None)
+        if sink is None:
+            return []
+        sink.close()
+        return sink.parts
 
     def drop(self, batch_id: str) -> None:
         self._results.pop(batch_id, None)

@@ -324,7 +324,9 @@ class Tracer:
         """run_with_cache for caches too big for the driver: each worker writes what it cached
         straight into the Parquet dataset at `path` (as ParquetSink does: path/hook=<name>/
         part-*.parquet, one part per hook point per microbatch, readable with sl.read_cache),
-        and the values never pass through this process. Returns (output, the parts written).
+        and the values never pass through this process. A stage writes in the background
+        while it runs its next microbatch. Returns (output, the parts written) once all the
+        parts are on disk.
         The logits do come back when `return_type` asks for them: pass "loss", "metric" or
         None to keep them off the driver too.
 

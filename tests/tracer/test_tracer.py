@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 import time
 
 import pyarrow.parquet as pq
@@ -12,6 +13,7 @@ import shardlens as sl
 from shardlens.cluster.worker import StageWorker
 from shardlens.errors import RemoteHookError
 from shardlens.hooks import HookNameError
+from shardlens.tables import parquet as parquet_module
 from shardlens.tracer import Tracer
 
 Spec, ops = sl.HookSpec, sl.ops
@@ -165,6 +167,49 @@ def test_a_failed_run_leaves_no_part_the_workers_wrote(tiny_checkpoints, tokens,
             tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, examples=[1, 2])
         with pytest.raises(ValueError, match="layout must be 'example' or 'token'; got 'rows'"):
             tracer.write_cache(tokens, tmp_path, layout="rows")
+
+
+def test_a_stage_runs_its_next_microbatch_while_it_writes_the_last(tiny_checkpoints, tokens, tmp_path, monkeypatch):
+    # Every part waits until stage 0 starts microbatch 1: with writes that held the stage
+    # until its parts were on disk, the run could not go on.
+    second_started, real_write, real_forward = threading.Event(), pq.write_table, StageWorker.forward
+
+    def forward(self, batch_id, *args, **kwargs):
+        if self.index == 0 and batch_id.endswith(".1"):
+            second_started.set()
+        return real_forward(self, batch_id, *args, **kwargs)
+
+    def write_table(*args, **kwargs):
+        assert second_started.wait(timeout=30), "the stage waited for its writes before going on"
+        real_write(*args, **kwargs)
+
+    monkeypatch.setattr(StageWorker, "forward", forward)
+    monkeypatch.setattr(parquet_module.pq, "write_table", write_table)
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", microbatch_size=2) as tracer:
+        _, cache = tracer.run_with_cache(tokens, names_filter=RESID_POST)
+        _, parts = tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST)
+    assert sorted(parts) == sorted(str(p) for p in tmp_path.rglob("*.parquet"))
+    back = sl.read_cache(tmp_path)
+    assert sorted(back) == sorted(cache) and all(torch.equal(back[name], cache[name]) for name in cache)
+
+
+def test_a_part_that_fails_in_the_background_fails_the_run_and_leaves_no_part(tiny_checkpoints, tokens, tmp_path, monkeypatch):
+    real_write, calls = pq.write_table, []
+
+    def second_part_fails(*args, **kwargs):
+        calls.append(args[1])
+        if len(calls) == 2:
+            raise OSError("disk full")
+        real_write(*args, **kwargs)
+
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", microbatch_size=2) as tracer:
+        monkeypatch.setattr(parquet_module.pq, "write_table", second_part_fails)
+        with pytest.raises(sl.ParquetWriteError, match="disk full"):
+            tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST)
+        assert len(calls) > 2 and [p for p in tmp_path.rglob("*") if p.is_file()] == []
+        monkeypatch.setattr(parquet_module.pq, "write_table", real_write)
+        _, parts = tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST)  # the workers' sinks were closed
+    assert sorted(parts) == sorted(str(p) for p in tmp_path.rglob("*") if p.is_file())
 
 
 def worker_hooks(tracer):
