@@ -65,6 +65,8 @@ class ParquetWriteError(OSError):
         self.message, self.writes, self.unwritten = message, tuple(writes), tuple(unwritten)
 
     def __str__(self) -> str:
+        if self.unwritten:
+            return f"{self.message} The data that was not written is on this error's .unwritten."
         return self.message
 
     def __reduce__(self):

@@ -207,12 +207,11 @@ class ParquetSink:
         first = failed[0][1]
         which = f"writes {', '.join(f'#{n}' for n in numbers)} failed and kept none of their parts" if len(numbers) > 1 \
             else f"write #{numbers[0]} failed and kept none of its parts"
-        message = f"ParquetSink at {self.root}: {which}; the first failure: {type(first).__name__}: {first}. "
+        message = f"ParquetSink at {self.root}: {which}; the first failure: {type(first).__name__}: {first}."
         unwritten = [w.data for w, _ in failed]
         if also is not None:
             unwritten.append(also)
-            message += "This write was not queued either. "
-        message += "The data that was not written is on this error's .unwritten."
+            message += " This write was not queued either."
         raise ParquetWriteError(message, writes=numbers, unwritten=unwritten) from first
 
 

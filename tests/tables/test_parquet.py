@@ -161,6 +161,7 @@ def test_a_write_that_fails_midway_leaves_no_visible_part(model, padded, tmp_pat
     with pytest.raises(sl.ParquetWriteError, match="disk full") as failure:
         cache.to_parquet(tmp_path)
     assert failure.value.unwritten[0] is cache and isinstance(failure.value.__cause__, OSError)
+    assert str(failure.value).endswith("The data that was not written is on this error's .unwritten.")
     leftovers = [f for _, _, files in os.walk(tmp_path) for f in files]
     assert leftovers == []
     assert sl.read_cache(tmp_path) == {}
