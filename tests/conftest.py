@@ -1,3 +1,4 @@
+import json
 import os
 
 import pyarrow.parquet as pq
@@ -35,15 +36,26 @@ def ray_session():
 
 @pytest.fixture
 def fsyncs(monkeypatch):
-    """Every os.fsync in the test, as (path, a complete Parquet file?, its published name
-    (the path without the leading "." and trailing ".tmp") already there?)."""
+    """Every os.fsync in the test, as (path, a complete file (a Parquet file with rows, or a
+    JSON document)?, its published name (the path without the leading "." and trailing
+    ".tmp") already there?)."""
     seen, real_fsync = [], os.fsync
 
     def spy(descriptor):
         path = os.readlink(f"/proc/self/fd/{descriptor}")
         final = os.path.join(os.path.dirname(path), os.path.basename(path)[1:].removesuffix(".tmp"))
-        seen.append((path, pq.ParquetFile(path).metadata.num_rows > 0, os.path.exists(final)))
+        whole = pq.ParquetFile(path).metadata.num_rows > 0 if final.endswith(".parquet") else _is_json(path)
+        seen.append((path, whole, os.path.exists(final)))
         real_fsync(descriptor)
 
     monkeypatch.setattr(os, "fsync", spy)
     return seen
+
+
+def _is_json(path: str) -> bool:
+    try:
+        with open(path) as f:
+            json.load(f)
+        return True
+    except ValueError:
+        return False

@@ -52,13 +52,19 @@ class Destination:
     """Where a run's workers write what they cache, instead of handing it to the driver:
     the Parquet dataset at `path` (every worker must reach it: a local path on one machine,
     shared storage or an object store URI across nodes), in `layout`, as the dataset rows
-    `examples` (one per example of the batch) of `batch`, with `metadata` in every part."""
+    `examples` (one per example of the batch) of `batch`, with `metadata` in every part.
+    With `name`, a microbatch's parts are named `<name>-<its first row>`, so that a batch
+    written again replaces its parts."""
 
     path: str
     layout: str
     examples: Tensor
     batch: int = 0
     metadata: Optional[dict] = None
+    name: Optional[str] = None
+
+    def part_name(self, chunk: slice) -> Optional[str]:
+        return None if self.name is None else f"{self.name}-{chunk.start:05d}"
 
 
 def needs_backward(spec: HookSpec) -> bool:
@@ -335,6 +341,7 @@ class Coordinator:
         return self.backend.call(
             worker, "write", batch_id, write.path, layout=write.layout, examples=write.examples[chunk],
             attention_mask=None if mask is None else mask[chunk], batch=write.batch, metadata=write.metadata,
+            name=write.part_name(chunk),
         )
 
     def _finish_writes(self, jobs: list, write: Destination) -> list:

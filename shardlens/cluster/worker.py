@@ -177,13 +177,13 @@ class StageWorker:
 
     def write(
         self, batch_id: str, path: str, *, layout: str, examples: Tensor, attention_mask: Optional[Tensor], batch: int,
-        metadata: Optional[dict],
+        metadata: Optional[dict], name: Optional[str] = None,
     ) -> list[str]:
         """Queue what the stage's reading specs stored for a batch (the rows `examples` of the
-        dataset) for the Parquet dataset at `path`, one part per hook point (see
-        ParquetSink), and forget it; returns the paths the parts will have. They are written
-        in the background while the stage runs its next microbatch; finish_writes(path)
-        waits for them. Raises the failure of an earlier write of the run."""
+        dataset) for the Parquet dataset at `path`, one part per hook point (see ParquetSink;
+        `name` names them), and forget it; returns the paths the parts will have. They are
+        written in the background while the stage runs its next microbatch;
+        finish_writes(path) waits for them. Raises the failure of an earlier write of the run."""
         results = self._results.pop(batch_id, {})
         if not results:
             return []
@@ -193,7 +193,7 @@ class StageWorker:
         cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
         if path not in self._sinks:
             self._sinks[path] = ParquetSink(path, metadata=metadata, layout=layout, threads=1)
-        return self._sinks[path].write(cache)
+        return self._sinks[path].write(cache, name=name)
 
     def finish_writes(self, path: str) -> list[str]:
         """Wait until every part queued for `path` is published, and close that sink; returns

@@ -46,7 +46,8 @@ class _Write:
 
     number: int
     data: Any
-    paths: list[str]
+    name: Optional[str]
+    paths: list[str] = field(default_factory=list)
     jobs: list[Future] = field(default_factory=list)
 
 
@@ -110,21 +111,28 @@ class ParquetSink:
         self._failed: list[tuple[_Write, BaseException]] = []
         self.parts: list[str] = []  # published parts, in the order of their writes
 
-    def write(self, data: Union[ActivationCache, Mapping[str, pa.Table]]) -> list[str]:
+    def write(self, data: Union[ActivationCache, Mapping[str, pa.Table]], *, name: Optional[str] = None) -> list[str]:
         """Queue one part per hook point of `data`; returns the paths the parts will have.
 
-        Waits first while `max_pending` writes are in flight. Raises the failures of earlier
-        writes (this one is then not queued, and is on the error's `.unwritten` too)."""
+        `name` names the parts (``<name>.parquet`` in each hook's directory), so that writing
+        the same data again under its name replaces its parts instead of adding to them; by
+        default each part gets a new name. Waits first while `max_pending` writes are in
+        flight. Raises the failures of earlier writes (this one is then not queued, and is on
+        the error's `.unwritten` too)."""
         if self._pool is None:
             raise ValueError(f"ParquetSink at {self.root} is closed; open a new one to write more")
+        if name is not None:
+            check_part_name(name)
         self._settle(keep=max(self.max_pending - 1, 0))
+        while name is not None and any(w.name == name for w in self._in_flight):
+            self._settle(keep=len(self._in_flight) - 1)  # one temporary file per name at a time
         self._raise_failures(also=data)
         tables = cache_to_tables(data, self.layout) if isinstance(data, ActivationCache) else dict(data)
         unchanged = _in_place_check(data, self.layout)
         self._writes += 1
-        write = _Write(self._writes, data, [])
+        write = _Write(self._writes, data, name)
         for hook, table in tables.items():
-            path, temporary = self._next_paths(hook)
+            path, temporary = self._next_paths(hook, name)
             write.paths.append(path)
             write.jobs.append(self._pool.submit(self._write_part, table, path, temporary, unchanged))
         self._in_flight.append(write)
@@ -156,9 +164,9 @@ class ParquetSink:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _next_paths(self, hook: str) -> tuple[str, str]:
+    def _next_paths(self, hook: str, name: Optional[str] = None) -> tuple[str, str]:
         self._count += 1
-        name = f"part-{self._writer}-{self._count:06d}.parquet"
+        name = f"part-{self._writer}-{self._count:06d}.parquet" if name is None else f"{name}.parquet"
         directory = f"{self.root}/{PARTITION}={hook}"
         return f"{directory}/{name}", f"{directory}/.{name}.tmp"
 
@@ -213,6 +221,12 @@ class ParquetSink:
             unwritten.append(also)
             message += " This write was not queued either."
         raise ParquetWriteError(message, writes=numbers, unwritten=unwritten) from first
+
+
+def check_part_name(name: str) -> None:
+    """Refuse a part name that is not a plain file name, or that dataset discovery skips."""
+    if not name or "/" in name or "\\" in name or name[0] in "._":
+        raise ValueError(f"a part name must be a file name that does not start with '.' or '_' (datasets skip those); got {name!r}")
 
 
 def _in_place_check(data: Any, layout: str) -> Callable[[], None]:

@@ -2,10 +2,14 @@
 
 A work unit is one (experiment, data batch). Its result is written as Parquet parts with
 deterministic names under a hidden temporary name, synced to disk and renamed when
-complete; a unit whose parts all exist is finished, so a rerun skips it: a campaign killed
-at any moment (or a machine that crashed) and run again yields the dataset an
-uninterrupted run would. After the last unit: summary.json,
-summary.md and (with output.plots) plots/<experiment>.png. The schema is in the README.
+complete. A sweep, atp or ig unit writes one part from the driver, and is finished once
+that part exists. An extract unit's activations never pass through the driver: the
+workers write them (Tracer.write_cache), and the unit is finished once its marker
+`<experiment>/_done/b<batch>.json` (listing its parts) exists; a rerun first removes what
+an interrupted run of the unit left. So a campaign killed at any moment (or a machine that
+crashed) and run again yields the dataset an uninterrupted run would. After the last
+unit: summary.json, summary.md and (with output.plots) plots/<experiment>.png. The schema
+is in the README.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -201,15 +206,25 @@ class Unit:
     rows: list = field(default_factory=list)
 
     @property
+    def name(self) -> str:
+        return f"part-b{self.batch:05d}"
+
+    @property
     def part(self) -> str:
-        return f"part-b{self.batch:05d}.parquet"
+        return f"{self.name}.parquet"
+
+    def marker(self, out: Path) -> Path:
+        """The file whose existence says that this extract unit is finished."""
+        return out / self.experiment["name"] / "_done" / f"b{self.batch:05d}.json"
 
 
-def _write_atomic(table: pa.Table, path: Path) -> None:
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a file under a hidden temporary name, sync it, then rename it to `path`:
+    a file that exists counts as done when a campaign resumes."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.parent / f".{path.name}.tmp"
-    pq.write_table(table, temporary, compression="zstd")
-    flush_to_disk(temporary)  # a part that exists counts as done when a campaign resumes
+    write(temporary)
+    flush_to_disk(temporary)
     os.replace(temporary, path)
 
 
@@ -224,11 +239,27 @@ def _metric(campaign: Campaign, tensors: dict) -> Any:
     return sl.metrics.loss()
 
 
-def _unit_done(unit: Unit, out: Path, hooks: Optional[list[str]]) -> bool:
+def _unit_done(unit: Unit, out: Path) -> bool:
+    if unit.experiment["kind"] == "extract":
+        return unit.marker(out).exists()
+    return (out / unit.experiment["name"] / unit.part).exists()
+
+
+def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], clean: torch.Tensor) -> None:
+    """The workers write the unit's activations; then its marker says it is finished."""
     directory = out / unit.experiment["name"]
-    if unit.experiment["kind"] != "extract":
-        return (directory / unit.part).exists()
-    return all((directory / f"hook={h}" / unit.part).exists() for h in hooks or [])
+    # What an interrupted run of this unit left (parts named for another microbatch size
+    # would not be replaced by this run's).
+    for leftover in [*directory.glob(f"hook=*/{unit.part}"), *directory.glob(f"hook=*/{unit.name}-*.parquet")]:
+        leftover.unlink()
+    first = unit.batch * campaign.data.get("batch_size", 16)
+    _, parts = tracer.write_cache(
+        clean, directory, names_filter=hooks, layout=unit.experiment.get("layout", "example"), return_type=None,
+        examples=torch.arange(len(unit.rows)) + first, batch=unit.batch, name=unit.name,
+        metadata={"campaign": campaign.name, "experiment": unit.experiment["name"]},
+    )
+    listing = json.dumps(sorted(os.path.relpath(part, directory) for part in parts), indent=1)
+    _write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
 
 
 def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]]) -> None:
@@ -238,11 +269,7 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     directory = out / experiment["name"]
     kind = experiment["kind"]
     if kind == "extract":
-        _, cache = tracer.run_with_cache(tensors["clean"], names_filter=hooks)
-        first = unit.batch * campaign.data.get("batch_size", 16)
-        cache = sl.ActivationCache(dict(cache), examples=torch.arange(len(unit.rows)) + first, batch=unit.batch)
-        for hook, table in cache.to_arrow(experiment.get("layout", "example")).items():
-            _write_atomic(table.drop_columns(["hook"]), directory / f"hook={hook}" / unit.part)
+        _extract(unit, tracer, campaign, out, hooks, tensors["clean"])
         return
     metric = _metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
@@ -259,7 +286,7 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     table = result.table
     table = table.append_column("batch", pa.array([unit.batch] * table.num_rows, pa.int32()))
     table = table.append_column("baseline", pa.array([result.baseline] * table.num_rows, pa.float64()))
-    _write_atomic(table, directory / unit.part)
+    _write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
 
 
 def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
@@ -290,7 +317,7 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
                 selected = names_predicate(experiment["points"], tracer.hook_names())
                 extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
         units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
-        todo = [u for u in units if not _unit_done(u, out, extract_hooks.get(u.experiment["name"]))]
+        todo = [u for u in units if not _unit_done(u, out)]
         start = time.perf_counter()
         with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
             for unit in todo:

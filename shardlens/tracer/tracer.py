@@ -22,6 +22,7 @@ from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
+from shardlens.tables.parquet import check_part_name
 
 _RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 
@@ -319,7 +320,8 @@ class Tracer:
         self, input: Any, path: Union[str, os.PathLike], *, names_filter: NamesFilter = None, layout: str = "example",
         incl_bwd: bool = False, return_type: Any = "logits", attention_mask: Optional[Tensor] = None,
         examples: Optional[Tensor] = None, batch: int = 0, metadata: Optional[Mapping[str, Any]] = None,
-        fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None, metric: Optional[Metric] = None,
+        name: Optional[str] = None, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), sources: Optional[dict] = None,
+        metric: Optional[Metric] = None,
     ) -> tuple[Any, list[str]]:
         """run_with_cache for caches too big for the driver: each worker writes what it cached
         straight into the Parquet dataset at `path` (as ParquetSink does: path/hook=<name>/
@@ -335,10 +337,14 @@ class Tracer:
         rows in the dataset (default 0..batch-1; give each batch its own when writing many
         into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
         metadata after the model, dtype, shard plan and hook names. A run that fails leaves
-        no part of its own behind.
+        no part of its own behind. With `name`, the parts are named `<name>-<the microbatch's
+        first row>.parquet`, so that writing the batch again with the same microbatch size
+        replaces its parts instead of adding to them (a campaign's resume relies on it).
         """
         if layout not in ("example", "token"):
             raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+        if name is not None:
+            check_part_name(name)
         names, caching = self._caching(names_filter, incl_bwd)
         fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": self.plan.to_dict(),
                   "hooks": list(names), **(metadata or {})}
@@ -347,7 +353,7 @@ class Tracer:
             rows = torch.arange(n) if examples is None else torch.as_tensor(examples).long().cpu()
             if rows.shape != (n,):
                 raise ValueError(f"examples must hold one index per example of the batch ({n}); got shape {tuple(rows.shape)}")
-            return Destination(os.fspath(path), layout, rows, batch, fields)
+            return Destination(os.fspath(path), layout, rows, batch, fields, name)
 
         with self.hooks(fwd_hooks, bwd_hooks):
             with self.hooks(caching):

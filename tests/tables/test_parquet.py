@@ -370,3 +370,22 @@ def test_mixing_layouts_in_one_dataset_is_refused_clearly(model, padded, tmp_pat
     cache.to_parquet(tmp_path, layout="token")
     with pytest.raises(ValueError, match="differ in schema"):
         sl.read_cache(tmp_path, hooks=["hook_embed"])
+
+
+def test_a_named_write_replaces_the_parts_of_its_name(model, padded, tmp_path):
+    cache = model_cache(model, padded)
+    twice = sl.ActivationCache({name: tensor * 2 for name, tensor in cache.items()}, attention_mask=cache.attention_mask)
+    with sl.ParquetSink(tmp_path, layout="token") as sink:
+        first = sink.write(cache, name="part-b00001")
+        again = sink.write(twice, name="part-b00001")  # in flight together: the second waits for the first
+    assert first == again and files_under(tmp_path) == sorted(first)
+    assert all(os.path.basename(p) == "part-b00001.parquet" for p in first)
+    assert_same_real_values(sl.read_cache(tmp_path), twice, token_layout=True)
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "_meta", "a/b"])
+def test_a_part_name_a_dataset_would_skip_or_misplace_is_refused(model, padded, tmp_path, name):
+    with sl.ParquetSink(tmp_path) as sink:
+        with pytest.raises(ValueError, match="must be a file name that does not start with"):
+            sink.write(model_cache(model, padded), name=name)
+    assert files_under(tmp_path) == []

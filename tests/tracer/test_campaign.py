@@ -72,7 +72,7 @@ def test_a_run_writes_the_dataset_summary_and_plots(tmp_path):
     assert again["units_run_now"] == 0
 
 
-@pytest.mark.parametrize("die_after", [0, 2, 5, 9])
+@pytest.mark.parametrize("die_after", [0, 2, 5, 9, 11])
 def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch, die_after):
     whole = write_campaign(tmp_path / "whole", GOOD)
     run_campaign(whole, progress=False)
@@ -82,15 +82,15 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
     real_unit, real_write = campaign_module._run_unit, campaign_module._write_atomic
     calls = {"units": 0, "writes": 0}
 
-    def dying_write(table, path):
+    def dying_write(path, write):
         calls["writes"] += 1
-        # units 0-8 write one part each (sweep, atp, ig); extract units write one per hook:
-        # die while writing the first part, or after an extract unit's first hook part
-        if calls["units"] == die_after and calls["writes"] == (2 if die_after >= 9 else 1):
+        # units 0-8 write one part each (sweep, atp, ig); extract units (9-11) write their
+        # marker after the workers wrote the parts: die while writing either
+        if calls["units"] == die_after and calls["writes"] == 1:
             (path.parent).mkdir(parents=True, exist_ok=True)
-            (path.parent / f".{path.name}.tmp").write_bytes(b"half a part")
+            (path.parent / f".{path.name}.tmp").write_bytes(b"half a file")
             raise KeyboardInterrupt("killed")
-        real_write(table, path)
+        real_write(path, write)
 
     def counting_unit(*args, **kwargs):
         calls["writes"] = 0
@@ -103,21 +103,27 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
         run_campaign(killed, progress=False)
     monkeypatch.setattr(campaign_module, "_write_atomic", real_write)
     monkeypatch.setattr(campaign_module, "_run_unit", real_unit)
+    if die_after >= 9:  # the killed extract unit's parts are all there, but not its marker
+        assert len(list((tmp_path / "killed" / "out" / "resid").glob(f"hook=*/part-b{die_after - 9:05d}-*.parquet"))) == 2
     summary = run_campaign(killed, progress=False)
     assert summary["units_run_now"] == 12 - die_after
     got = visible_dataset(tmp_path / "killed" / "out")
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name].equals(expected[name]), name
+    markers = sorted((tmp_path / "killed" / "out" / "resid" / "_done").iterdir())
+    assert [m.name for m in markers] == ["b00000.json", "b00001.json", "b00002.json"]
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads file names from /proc")
 def test_every_part_reaches_the_disk_before_its_name_appears(tmp_path, fsyncs):
     seen = fsyncs
     run_campaign(write_campaign(tmp_path, GOOD), progress=False)
-    parts = list(visible_dataset(tmp_path / "out"))
-    published = [os.path.join(tmp_path, "out", os.path.dirname(p), f".{os.path.basename(p)}.tmp") for p in parts]
-    assert len(parts) == 15 and sorted(published) == sorted(path for path, _, _ in seen)
+    out = tmp_path / "out"
+    files = [str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".json") and p.parent != out]
+    published = [os.path.join(out, os.path.dirname(p), f".{os.path.basename(p)}.tmp") for p in files]
+    assert len(files) == 15 + 3  # 9 driver parts, 3 extract units x 2 hook points, 3 markers
+    assert sorted(published) == sorted(path for path, _, _ in seen)
     assert all(whole and not visible for _, whole, visible in seen)
 
 

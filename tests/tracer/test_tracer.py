@@ -212,6 +212,19 @@ def test_a_part_that_fails_in_the_background_fails_the_run_and_leaves_no_part(ti
     assert sorted(parts) == sorted(str(p) for p in tmp_path.rglob("*") if p.is_file())
 
 
+def test_a_batch_written_again_under_its_name_replaces_its_parts(tiny_checkpoints, tokens, tmp_path):
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local", microbatch_size=2) as tracer:
+        _, cache = tracer.run_with_cache(tokens, names_filter=RESID_POST)
+        _, first = tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, name="part-b00007", return_type=None)
+        _, again = tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, name="part-b00007", return_type=None)
+        with pytest.raises(ValueError, match="must be a file name that does not start with"):
+            tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST, name="_b7")
+    assert sorted(first) == sorted(again) == sorted(str(p) for p in tmp_path.rglob("*") if p.is_file())
+    assert sorted({os.path.basename(p) for p in first}) == ["part-b00007-00000.parquet", "part-b00007-00002.parquet"]
+    back = sl.read_cache(tmp_path)
+    assert sorted(back) == sorted(cache) and all(torch.equal(back[name], cache[name]) for name in cache)
+
+
 def worker_hooks(tracer):
     backend = tracer.coordinator.backend
     return [backend.get(backend.call(w, "list_hooks")) for row in tracer.coordinator.workers for w in row]
