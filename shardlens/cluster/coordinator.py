@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -408,6 +410,19 @@ class Coordinator:
 
     def stats(self) -> list[dict]:
         return self._get([self.backend.call(w, "stats") for row in self.workers for w in row])
+
+    def shares(self, path: str) -> bool:
+        """Whether every worker sees the local folder `path` as this process does: a file
+        put there now must exist for each of them (workers on other machines see it only
+        through a filesystem they share with this one)."""
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".shardlens-probe-{uuid.uuid4().hex}")
+        with open(probe, "w"):
+            pass
+        try:
+            return all(self._get([self.backend.call(w, "sees", probe) for row in self.workers for w in row]))
+        finally:
+            os.remove(probe)
 
     def shutdown(self) -> None:
         self.backend.shutdown()

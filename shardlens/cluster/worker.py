@@ -67,6 +67,10 @@ class StageWorker:
         """This worker's incarnation: a new value after a restart."""
         return self.incarnation
 
+    def sees(self, path: str) -> bool:
+        """Whether a file at `path` exists on this worker's machine."""
+        return os.path.exists(path)
+
     def hook_names(self) -> list[str]:
         return self.stage.hook_names()
 

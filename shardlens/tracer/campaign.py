@@ -3,8 +3,9 @@
 A work unit is one (experiment, data batch). Its result is written as Parquet parts with
 deterministic names under a hidden temporary name, synced to disk and renamed when
 complete. A sweep, atp or ig unit writes one part from the driver, and is finished once
-that part exists. An extract unit's activations never pass through the driver: the
-workers write them (Tracer.write_cache), and the unit is finished once its marker
+that part exists. An extract unit's activations do not pass through the driver where the
+workers share the output folder with it: they write them (Tracer.write_cache); otherwise
+the driver gathers and writes them. The unit is finished once its marker
 `<experiment>/_done/b<batch>.json` (listing its parts) exists; a rerun first removes what
 an interrupted run of the unit left. So a campaign killed at any moment (or a machine that
 crashed) and run again yields the dataset an uninterrupted run would. After the last
@@ -245,31 +246,41 @@ def _unit_done(unit: Unit, out: Path) -> bool:
     return (out / unit.experiment["name"] / unit.part).exists()
 
 
-def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], clean: torch.Tensor) -> None:
-    """The workers write the unit's activations; then its marker says it is finished."""
+def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], clean: torch.Tensor,
+             workers_write: bool) -> None:
+    """Write the unit's activations (from the workers when they share `out` with this
+    process; else gathered here); then its marker says it is finished."""
+    import shardlens as sl
+
     directory = out / unit.experiment["name"]
     # What an interrupted run of this unit left (parts named for another microbatch size
     # would not be replaced by this run's).
     for leftover in [*directory.glob(f"hook=*/{unit.part}"), *directory.glob(f"hook=*/{unit.name}-*.parquet")]:
         leftover.unlink()
-    first = unit.batch * campaign.data.get("batch_size", 16)
-    _, parts = tracer.write_cache(
-        clean, directory, names_filter=hooks, layout=unit.experiment.get("layout", "example"), return_type=None,
-        examples=torch.arange(len(unit.rows)) + first, batch=unit.batch, name=unit.name,
-        metadata={"campaign": campaign.name, "experiment": unit.experiment["name"]},
-    )
+    layout = unit.experiment.get("layout", "example")
+    examples = torch.arange(len(unit.rows)) + unit.batch * campaign.data.get("batch_size", 16)
+    metadata = {"campaign": campaign.name, "experiment": unit.experiment["name"]}
+    if workers_write:
+        _, parts = tracer.write_cache(
+            clean, directory, names_filter=hooks, layout=layout, return_type=None, examples=examples, batch=unit.batch,
+            name=unit.name, metadata=metadata,
+        )
+    else:
+        _, cache = tracer.run_with_cache(clean, names_filter=hooks, return_type=None)
+        with sl.ParquetSink(directory, layout=layout, metadata=metadata) as sink:
+            parts = sink.write(sl.ActivationCache(dict(cache), examples=examples, batch=unit.batch), name=unit.name)
     listing = json.dumps(sorted(os.path.relpath(part, directory) for part in parts), indent=1)
     _write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
 
 
-def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]]) -> None:
+def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], workers_write: bool = True) -> None:
     import shardlens as sl
 
     experiment, tensors = unit.experiment, batch_tensors(campaign, unit.rows, tracer.tokenizer)
     directory = out / experiment["name"]
     kind = experiment["kind"]
     if kind == "extract":
-        _extract(unit, tracer, campaign, out, hooks, tensors["clean"])
+        _extract(unit, tracer, campaign, out, hooks, tensors["clean"], workers_write)
         return
     metric = _metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
@@ -318,10 +329,12 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
                 extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
         units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
         todo = [u for u in units if not _unit_done(u, out)]
+        # Workers on other machines write extract parts only through a filesystem they share with this one.
+        workers_write = bool(extract_hooks) and tracer.shares(out)
         start = time.perf_counter()
         with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
             for unit in todo:
-                _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]))
+                _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
                 bar.update(1)
     finally:
         tracer.shutdown()

@@ -333,7 +333,8 @@ class Tracer:
         None to keep them off the driver too.
 
         Every worker must reach `path`: a local path when all run on this machine, shared
-        storage or an object store URI (s3://...) across nodes. `examples` are the batch's
+        storage or an object store URI (s3://...) across nodes; a local path that some
+        worker does not see (see `shares`) is an error before any work starts. `examples` are the batch's
         rows in the dataset (default 0..batch-1; give each batch its own when writing many
         into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
         metadata after the model, dtype, shard plan and hook names. A run that fails leaves
@@ -345,6 +346,12 @@ class Tracer:
             raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
         if name is not None:
             check_part_name(name)
+        if not self.shares(path):
+            raise ValueError(
+                f"not every worker sees {os.fspath(path)} as this machine does (workers on other machines would write "
+                "to their own disks): give write_cache a path every machine shares, a shared filesystem or an object "
+                "store URI (s3://...), or use run_with_cache"
+            )
         names, caching = self._caching(names_filter, incl_bwd)
         fields = {"model": self.coordinator.source, "dtype": self.plan.dtype, "shard_plan": self.plan.to_dict(),
                   "hooks": list(names), **(metadata or {})}
@@ -359,6 +366,13 @@ class Tracer:
             with self.hooks(caching):
                 output, parts, _ = self._run(input, attention_mask, return_type, incl_bwd, sources, metric, write=destination)
         return output, parts
+
+    def shares(self, path: Union[str, os.PathLike]) -> bool:
+        """Whether every worker reaches `path` as this process does: always for an object
+        store URI (s3://...); for a local folder, whether a file put there now exists for
+        each worker (workers on other machines need a filesystem shared with this one)."""
+        path = os.fspath(path)
+        return "://" in path or self.coordinator.shares(path)
 
     def run_with_hooks(
         self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 import shardlens as sl
 from shardlens.tracer import campaign as campaign_module
@@ -113,6 +114,25 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
         assert got[name].equals(expected[name]), name
     markers = sorted((tmp_path / "killed" / "out" / "resid" / "_done").iterdir())
     assert [m.name for m in markers] == ["b00000.json", "b00001.json", "b00002.json"]
+
+
+def test_workers_that_do_not_share_the_output_folder_leave_extract_writes_to_the_driver(tmp_path, monkeypatch):
+    extract_only = GOOD.split("experiments:")[0] + """experiments:
+  - {name: resid, kind: extract, points: "blocks.*.hook_resid_post", layout: token}
+output: {path: out, plots: false}
+"""
+    run_campaign(write_campaign(tmp_path / "shared", extract_only), progress=False)
+    monkeypatch.setattr(sl.Tracer, "write_cache", lambda *a, **k: pytest.fail("the workers wrote"))
+    monkeypatch.setattr(sl.Tracer, "shares", lambda self, path: False)  # as workers on other machines
+    run_campaign(write_campaign(tmp_path / "apart", extract_only), progress=False)
+    by_workers, by_driver = (sl.read_cache(tmp_path / where / "out" / "resid") for where in ("shared", "apart"))
+    assert sorted(by_workers) == sorted(by_driver) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert by_workers.examples.tolist() == by_driver.examples.tolist() == list(range(24))
+    for name in by_workers:
+        assert torch.equal(by_workers[name], by_driver[name]), name
+    parts = sorted(p.name for p in (tmp_path / "apart" / "out" / "resid").glob("hook=blocks.0.hook_resid_post/*"))
+    assert parts == ["part-b00000.parquet", "part-b00001.parquet", "part-b00002.parquet"]
+    assert len(list((tmp_path / "apart" / "out" / "resid" / "_done").iterdir())) == 3
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads file names from /proc")

@@ -225,6 +225,23 @@ def test_a_batch_written_again_under_its_name_replaces_its_parts(tiny_checkpoint
     assert sorted(back) == sorted(cache) and all(torch.equal(back[name], cache[name]) for name in cache)
 
 
+def test_a_path_some_worker_does_not_see_is_refused_before_any_work(tiny_checkpoints, tokens, tmp_path, monkeypatch):
+    real_sees, forwards = StageWorker.sees, []
+    monkeypatch.setattr(StageWorker, "sees", lambda self, path: real_sees(self, path) and self.index == 0)  # stage 1 elsewhere
+    monkeypatch.setattr(StageWorker, "forward", lambda self, *a, **k: forwards.append(a))
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
+        assert not tracer.shares(tmp_path) and tracer.shares("s3://bucket/acts")
+        with pytest.raises(ValueError, match=r"not every worker sees .* a path every machine shares"):
+            tracer.write_cache(tokens, tmp_path, names_filter=RESID_POST)
+    assert forwards == [] and [p for p in tmp_path.rglob("*")] == []  # the probe is gone too
+
+
+def test_workers_on_this_machine_share_its_folders(tiny_checkpoints, tmp_path):
+    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
+        assert tracer.shares(tmp_path / "new")
+    assert list((tmp_path / "new").iterdir()) == []
+
+
 def worker_hooks(tracer):
     backend = tracer.coordinator.backend
     return [backend.get(backend.call(w, "list_hooks")) for row in tracer.coordinator.workers for w in row]
