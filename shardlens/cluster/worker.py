@@ -193,7 +193,7 @@ class StageWorker:
             return []
         # On the host first: the sink holds the cache until its parts are on disk, and
         # device memory should not wait for that.
-        results = {name: tensor.cpu() for name, tensor in results.items()}
+        results = {entry: tensor.cpu() for entry, tensor in results.items()}
         cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
         if path not in self._sinks:
             self._sinks[path] = ParquetSink(path, metadata=metadata, layout=layout, threads=1)

@@ -273,7 +273,7 @@ def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opti
     _write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
 
 
-def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], workers_write: bool = True) -> None:
+def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], workers_write: bool) -> None:
     import shardlens as sl
 
     experiment, tensors = unit.experiment, batch_tensors(campaign, unit.rows, tracer.tokenizer)

@@ -334,9 +334,9 @@ class Tracer:
 
         Every worker must reach `path`: a local path when all run on this machine, shared
         storage or an object store URI (s3://...) across nodes; a local path that some
-        worker does not see (see `shares`) is an error before any work starts. `examples` are the batch's
-        rows in the dataset (default 0..batch-1; give each batch its own when writing many
-        into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
+        worker does not see (see `shares`) is an error before any work starts. `examples`
+        are the batch's rows in the dataset (default 0..batch-1; give each batch its own
+        when writing many into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
         metadata after the model, dtype, shard plan and hook names. A run that fails leaves
         no part of its own behind. With `name`, the parts are named `<name>-<the microbatch's
         first row>.parquet`, so that writing the batch again with the same microbatch size
