@@ -34,10 +34,14 @@ DTYPE_KEY = b"shardlens.dtype"
 SHAPE_KEY = b"shardlens.shape"
 
 
-def cache_to_tables(cache: ActivationCache, layout: str = "example") -> dict[str, pa.Table]:
-    """One table per hook point of `cache` (see the module docstring for the columns)."""
+def check_layout(layout: str) -> None:
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+
+
+def cache_to_tables(cache: ActivationCache, layout: str = "example") -> dict[str, pa.Table]:
+    """One table per hook point of `cache` (see the module docstring for the columns)."""
+    check_layout(layout)
     tables: dict[str, list[pa.Table]] = {}
     for name, tensor in cache.items():
         hook = base_name(name)

@@ -26,16 +26,21 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shardlens.errors import ParquetWriteError
-from shardlens.tables.arrow import LAYOUTS, cache_to_tables, schema_metadata, tables_to_cache
+from shardlens.tables.arrow import cache_to_tables, check_layout, schema_metadata, tables_to_cache
 from shardlens.tables.cache import ActivationCache
 
 PARTITION = "hook"
 
 
+def is_uri(path: str) -> bool:
+    """Whether `path` names a pyarrow filesystem URI (s3://...) rather than a local path."""
+    return "://" in path
+
+
 def filesystem_and_root(path: Union[str, os.PathLike]) -> tuple[pafs.FileSystem, str]:
     """The pyarrow filesystem and the path on it, for a local path or a URI."""
     path = os.fspath(path)
-    if "://" in path:
+    if is_uri(path):
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
@@ -93,8 +98,7 @@ class ParquetSink:
         max_pending: int = 2,
         compression: str = "zstd",
     ):
-        if layout not in LAYOUTS:
-            raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+        check_layout(layout)
         if threads < 1 or max_pending < 0:
             raise ValueError(f"ParquetSink needs threads >= 1 and max_pending >= 0; got threads={threads}, max_pending={max_pending}")
         self.fs, self.root = filesystem_and_root(path)

@@ -22,7 +22,8 @@ from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
-from shardlens.tables.parquet import check_part_name
+from shardlens.tables.arrow import check_layout
+from shardlens.tables.parquet import check_part_name, is_uri
 
 _RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 
@@ -336,14 +337,14 @@ class Tracer:
         storage or an object store URI (s3://...) across nodes; a local path that some
         worker does not see (see `shares`) is an error before any work starts. `examples`
         are the batch's rows in the dataset (default 0..batch-1; give each batch its own
-        when writing many into one dataset), `batch` is stored with them. `metadata` joins the parts' schema
-        metadata after the model, dtype, shard plan and hook names. A run that fails leaves
-        no part of its own behind. With `name`, the parts are named `<name>-<the microbatch's
-        first row>.parquet`, so that writing the batch again with the same microbatch size
-        replaces its parts instead of adding to them (a campaign's resume relies on it).
+        when writing many into one dataset), `batch` is stored with them. `metadata` joins
+        the parts' schema metadata after the model, dtype, shard plan and hook names. A run
+        that fails leaves no part of its own behind. With `name`, the parts are named
+        `<name>-<the microbatch's first row>.parquet`, so that writing the batch again with
+        the same microbatch size replaces its parts instead of adding to them (a campaign's
+        resume relies on it).
         """
-        if layout not in ("example", "token"):
-            raise ValueError(f"layout must be 'example' or 'token'; got {layout!r}")
+        check_layout(layout)
         if name is not None:
             check_part_name(name)
         if not self.shares(path):
@@ -372,7 +373,7 @@ class Tracer:
         store URI (s3://...); for a local folder, whether a file put there now exists for
         each worker (workers on other machines need a filesystem shared with this one)."""
         path = os.fspath(path)
-        return "://" in path or self.coordinator.shares(path)
+        return is_uri(path) or self.coordinator.shares(path)
 
     def run_with_hooks(
         self, input: Any, *, fwd_hooks: Sequence = (), bwd_hooks: Sequence = (), return_type: Any = "logits",
