@@ -4,14 +4,14 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from tests.tiny_models import CONFIGS, save_tiny_model
+from tests.tiny_models import FAMILY_CONFIGS, save_tiny_model
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """Every tiny model, saved once per test session: name -> checkpoint folder."""
     root = tmp_path_factory.mktemp("checkpoints")
-    return {name: save_tiny_model(name, root / name) for name in CONFIGS}
+    return {name: save_tiny_model(name, root / name) for name in FAMILY_CONFIGS}
 
 
 def pytest_configure(config):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from shardlens.errors import RemoteHookError, WorkerError
-from shardlens.hooks.generation import copy_hf_cache, truncate_hf_cache
+from shardlens.hooks.generation import copy_hf_cache, full_cache, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
 from shardlens.hooks.specs import HookSpec
 from shardlens.sharding import ShardPlan, StageIO, build_stage
@@ -126,10 +126,8 @@ class StageWorker:
 
     def _session_cache(self, session: str, io: StageIO, frozen: bool, repeat: int) -> Any:
         """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
-        from transformers import DynamicCache
-
         if session not in self._kv_caches:
-            self._kv_caches[session] = DynamicCache(config=self.stage.config)
+            self._kv_caches[session] = full_cache(self.stage.config)
         cache = self._kv_caches[session]
         held = cache.get_seq_length(self._layers[0])
         new = (io.input_ids if io.input_ids is not None else io.hidden).shape[1]

@@ -75,8 +75,12 @@ def shardlens_attention(
     as every transformers attention function does.
     """
     points = module.__dict__.get(_POINTS_ATTR)
+    # SDPA has no soft-capping and no attention sinks: such layers always take the path below.
+    plain = kwargs.get("softcap") is None and kwargs.get("s_aux") is None
     if points is None:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        if plain:
+            return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return _attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, _NO_POINTS)
     hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = points
     if hook_q.active:
         query = _through(hook_q, query)
@@ -84,11 +88,29 @@ def shardlens_attention(
         key = _through(hook_k, key)
     if hook_v.active:
         value = _through(hook_v, value)
-    if not (hook_scores.active or hook_pattern.active or hook_z.active):
+    if plain and not (hook_scores.active or hook_pattern.active or hook_z.active):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    if kwargs.get("s_aux") is not None:
-        raise NotImplementedError("attention sinks (s_aux) are not supported by shardlens' attention hook points")
+    return _attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, (hook_scores, hook_pattern, hook_z))
 
+
+def _identity(x: Tensor) -> Tensor:
+    return x
+
+
+_NO_POINTS = (_identity, _identity, _identity)
+
+
+def _attention(
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    dropout: float, scaling: Optional[float], kwargs: dict, points: tuple,
+) -> tuple[Tensor, Tensor]:
+    """What eager attention computes, with scores, pattern and z through `points`.
+
+    Scores are after soft-capping (Gemma 2) and masking. With attention sinks (gpt-oss's
+    s_aux, one logit per head that takes part in the softmax but has no value), the pattern
+    leaves the sink out, so its rows sum to one minus the sink's share.
+    """
+    hook_scores, hook_pattern, hook_z = points
     # Grouped-query attention: query head h reads kv head h // groups (transformers' repeat_kv).
     groups = query.shape[1] // key.shape[1]
     if groups > 1:
@@ -102,9 +124,17 @@ def shardlens_attention(
     if mask is not None and mask.dtype == torch.bool:
         scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
     elif mask is not None:
-        scores = scores + mask  # an additive float mask
+        scores = scores + mask[..., : key.shape[2]]  # an additive float mask
     scores = hook_scores(scores)
-    pattern = hook_pattern(F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype))
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    else:
+        sink = sinks.reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1).to(scores.dtype)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        pattern = F.softmax(combined, dim=-1, dtype=combined.dtype)[..., :-1].to(query.dtype)
+    pattern = hook_pattern(pattern)
     pattern_used = F.dropout(pattern, p=dropout, training=module.training) if dropout else pattern
     z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()  # [batch, pos, head, d_head]
     return hook_z(z), pattern

@@ -3,7 +3,8 @@
 `KeyValueCache` has TransformerLens' shape (entries per layer of [batch, pos_so_far,
 n_kv_heads, d_head] keys and values, the attention mask so far, freeze / unfreeze) and is
 backed by the transformers DynamicCache the wrapped model consumes. A frozen cache is not
-extended by a run: many inputs can share one cached prefix.
+extended by a run: many inputs can share one cached prefix. Sliding-window layers keep every
+token too (see full_cache), so a cache can always be cut back and copied exactly.
 """
 
 from __future__ import annotations
@@ -40,10 +41,8 @@ class KeyValueCache:
 
     @classmethod
     def init_cache(cls, config: Any, device: Any = None, batch_size: int = 1) -> "KeyValueCache":
-        from transformers import DynamicCache
-
         mask = torch.zeros(batch_size, 0, dtype=torch.long, device=device)
-        return cls(DynamicCache(config=config), mask)
+        return cls(full_cache(config), mask)
 
     def freeze(self) -> None:
         self.frozen = True
@@ -94,6 +93,19 @@ class KeyValueCache:
         return copy_hf_cache(self.hf_cache, transform)
 
 
+def full_cache(config: Any = None) -> Any:
+    """A transformers DynamicCache (with a layer per layer of `config`, when given) whose
+    sliding-window layers keep every token rather than the last window's worth: the sliding
+    mask still limits what each query sees, and nothing is dropped that truncate or a copy
+    would need."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
+
+
 def truncate_hf_cache(hf_cache: Any, length: int, layers: Optional[Iterable[int]] = None) -> None:
     """Cut the keys and values of `layers` (default: all) of a transformers cache back to their
     first `length` positions; layers holding fewer are left as they are."""
@@ -106,12 +118,7 @@ def truncate_hf_cache(hf_cache: Any, length: int, layers: Optional[Iterable[int]
 def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None) -> Any:
     """A new transformers cache (of `config`'s layer types, when given) holding
     transform(keys) and transform(values) of each layer of `hf_cache` that holds any."""
-    import inspect
-
-    from transformers import DynamicCache
-
-    takes_config = "config" in inspect.signature(DynamicCache.__init__).parameters
-    copy = DynamicCache(config=config) if takes_config and config is not None else DynamicCache()
+    copy = full_cache(config)
     for index, layer in enumerate(hf_cache.layers):
         if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
             copy.update(transform(layer.keys), transform(layer.values), index)

@@ -12,7 +12,8 @@ from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
 from shardlens.hooks.generation import KeyValueCache, generate
 from shardlens.hooks.metrics import Metric
-from shardlens.hooks.taps import ModelParts, module_taps
+from shardlens.hooks.layers import run_layers
+from shardlens.hooks.taps import LogitTransform, ModelParts, module_taps
 from shardlens.hooks.tapped import TappedModel
 
 ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
@@ -119,6 +120,8 @@ class HookedModel(TappedModel):
     # ------------------------------------------------------------------ hook points
 
     def _use_shardlens_attention(self) -> None:
+        if self.layout.attention_forward is not None:
+            return  # the family's attention modules get shardlens' forward (see _build_points)
         self.model.set_attn_implementation(IMPLEMENTATION)
         if self.model.config._attn_implementation != IMPLEMENTATION:
             raise NotImplementedError(
@@ -134,10 +137,15 @@ class HookedModel(TappedModel):
             pos_embed=module(self.layout.pos_embed) if self.layout.pos_embed else None,
             final_norm=module(self.layout.final_norm),
             unembed=module(self.layout.unembed),
+            # a family that changes the logits in its forward (scale, soft-cap): the model's own output
+            logits=self.model if self.layout.transforms_logits else None,
         )
 
     def _module_root(self) -> nn.Module:
         return self.model
+
+    def _blocks_path(self) -> str:
+        return self.layout.blocks
 
     # ------------------------------------------------------------------ running
 
@@ -220,8 +228,6 @@ class HookedModel(TappedModel):
         """The logits of the model run from layer `layer` on, given that layer's resid_pre
         [batch, pos, d_model]: what the whole forward gives when the layers before produced
         `resid_pre`, without recomputing them. Hook points of the layers run fire as usual."""
-        from shardlens.sharding.stage import run_layers
-
         if self.layout is None:
             raise ValueError("run_from needs a registered architecture")
         self._sync_taps()
@@ -233,17 +239,21 @@ class HookedModel(TappedModel):
             position_ids = torch.arange(pos, device=resid_pre.device).expand(batch, -1)
         rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
         blocks = {i: block for i, block in parts.blocks.items() if i >= layer}
-        hidden = run_layers(self.config, blocks, rotary, resid_pre, attention_mask, position_ids)
-        return parts.unembed(parts.final_norm(hidden))
+        hidden = run_layers(self.config, self.layout, blocks, rotary, resid_pre, attention_mask, position_ids)
+        return self._readout(hidden)
+
+    def _readout(self, resid: Tensor) -> Tensor:
+        """The logits of a final residual stream: final norm, unembedding, logit transform."""
+        parts = self._parts()
+        return LogitTransform(self.layout)(parts.unembed(parts.final_norm(resid)))
 
     def _cache_context(self) -> dict:
         if self.layout is None:
             return {}
-        parts = self._parts()
         return {
             "attention_mask": self._last_attention_mask,
-            "readout": lambda resid: parts.unembed(parts.final_norm(resid)),
-            "norm": self.layout.block.norm,
+            "readout": self._readout,
+            "norm": "layernorm" if self.layout.block.norm.startswith("layernorm") else "rmsnorm",  # centred or not
         }
 
     def _inputs(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:

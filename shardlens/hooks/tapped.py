@@ -6,15 +6,18 @@ the canonical hook points tapped into them, plus `module:<path>` points made on 
 
 from __future__ import annotations
 
+import types
 from typing import Any, Optional
 
 from torch import Tensor, nn
 
 from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
-from shardlens.hooks.hook_points import HookedRootModule, HookPoint
+from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
 from shardlens.hooks.names import is_glob
-from shardlens.hooks.taps import ModelParts, ModelPoints, OutputTap, Tap, head_weights, model_taps, module_point_name, module_taps
+from shardlens.hooks.taps import (
+    ModelParts, ModelPoints, OutputTap, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
+)
 
 MODULE_PREFIX = "module:"
 
@@ -42,6 +45,10 @@ class TappedModel(HookedRootModule):
     def _module_root(self) -> nn.Module:
         raise NotImplementedError
 
+    def _blocks_path(self) -> str:
+        """The path of the decoder blocks under the module root."""
+        raise NotImplementedError
+
     def _build_points(self, attn_result: bool) -> None:
         parts = self._parts()
         self.points = ModelPoints(
@@ -50,6 +57,10 @@ class TappedModel(HookedRootModule):
         )
         self._taps = model_taps(self.points, parts, self.layout, self.config.num_attention_heads)
         self._attn_result = attn_result
+        if self.layout.attention_forward is not None:
+            for layer, block in parts.blocks.items():
+                attention = block.get_submodule(self.layout.block_at(layer).attn)
+                attention.forward = types.MethodType(self.layout.attention_forward, attention)
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
         """Add (or remove) `blocks.{L}.attn.hook_result`. Needs a model with no hooks attached."""
@@ -80,7 +91,8 @@ class TappedModel(HookedRootModule):
         except AttributeError:
             paths = [module_point_name(p) for p, _ in self._module_root().named_modules() if p]
             raise HookNameError(name, paths) from None
-        self._module_taps.update(module_taps(self._module_root(), [path]))
+        copied = changed_in_place(self.layout, self._parts().blocks, self._blocks_path() + ".") if self.layout else ()
+        self._module_taps.update(module_taps(self._module_root(), [path], copied))
         self.setup()
 
     def _prepare_names(self, names: Any) -> None:
@@ -101,11 +113,11 @@ class TappedModel(HookedRootModule):
     # ------------------------------------------------------------------ shapes and weights
 
     def _o_proj(self, layer: int) -> nn.Module:
-        return self._parts().blocks[layer].get_submodule(self.layout.block.o_proj)
+        return self._parts().blocks[layer].get_submodule(self.layout.block_at(layer).o_proj)
 
     def w_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
-        return head_weights(self._o_proj(layer), self.config.num_attention_heads, self.layout.block.o_proj_kind)
+        return head_weights(self._o_proj(layer), self.config.num_attention_heads, self.layout.block_at(layer).o_proj_kind)
 
     def b_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""
@@ -117,15 +129,32 @@ class TappedModel(HookedRootModule):
         depends on the input (attention scores and patterns) or is unknown."""
         if self.layout is None or name.startswith(MODULE_PREFIX) or name not in self.hook_dict:
             return None
-        config = self.config
-        d_model, n_heads = config.hidden_size, config.num_attention_heads
-        n_kv = getattr(config, "num_key_value_heads", None) or n_heads
-        d_head = getattr(config, "head_dim", None) or d_model // n_heads
-        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * d_model
-        shapes = {
-            "hook_q": (n_heads, d_head), "hook_k": (n_kv, d_head), "hook_v": (n_kv, d_head), "hook_z": (n_heads, d_head),
-            "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
-            "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
-            "hook_attn_scores": None, "hook_pattern": None,
-        }
-        return shapes.get(name.rsplit(".", 1)[-1], (d_model,))
+        return canonical_shape(self.config, self.layout, name)
+
+
+def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tuple[int, ...]]:
+    """The shape after [batch, pos] of the canonical hook point `name` of a model with this
+    config and layout; None for attention scores and patterns (they depend on the input)."""
+    d_model, n_heads = config.hidden_size, config.num_attention_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or n_heads
+    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention expands keys and values to every head
+        n_kv = n_heads
+    d_head = getattr(config, "head_dim", None) or d_model // n_heads
+    d_qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or d_head  # DeepSeek's MLA
+    d_v = getattr(config, "v_head_dim", None) or d_head
+    point = name.rsplit(".", 1)[-1]
+    if ".mlp.shared_expert." in name:
+        d_mlp = getattr(config, "shared_expert_intermediate_size", None) or config.moe_intermediate_size * getattr(config, "n_shared_experts", 1)
+    else:
+        d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or getattr(config, "ffn_hidden_size", None) or 4 * d_model
+    moe = layout.block_at(layer_of(name)).moe if name.startswith("blocks.") else None
+    shapes = {
+        "hook_q": (n_heads, d_qk), "hook_k": (n_kv, d_qk), "hook_v": (n_kv, d_v), "hook_z": (n_heads, d_v),
+        "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
+        "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
+        "hook_attn_scores": None, "hook_pattern": None,
+    }
+    if moe is not None:
+        shapes.update({"hook_router_logits": (moe.n_experts,), "hook_expert_indices": (moe.top_k,), "hook_expert_weights": (moe.top_k,)})
+    return shapes.get(point, (d_model,))
+

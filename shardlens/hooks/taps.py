@@ -8,7 +8,7 @@ its hook point has hooks (`sync()`), so a model with no hooks runs its plain for
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -16,17 +16,32 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from shardlens.hooks.architectures import BlockLayout, ModelLayout
+from shardlens.hooks.architectures import BlockLayout, ModelLayout, MoELayout
 from shardlens.hooks.attention import AttentionPoints
 from shardlens.hooks.hook_points import HookPoint
 
 
-def _first(output: Any) -> Tensor:
-    return output[0] if isinstance(output, tuple) else output
+def _first(output: Any) -> Optional[Tensor]:
+    """The tensor part of a module's output: the output itself, the first tensor of a tuple or
+    list, or the first tensor value of a ModelOutput or dict (a causal LM's logits, a base
+    model's last_hidden_state). None when it holds no tensor."""
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    return next((value for value in values if isinstance(value, Tensor)), None)
 
 
 def _with_first(output: Any, first: Tensor) -> Any:
-    return (first, *output[1:]) if isinstance(output, tuple) else first
+    """`output` with its tensor part (see _first) replaced by `first`."""
+    if isinstance(output, Tensor):
+        return first
+    if isinstance(output, Mapping):
+        key = next(k for k, v in output.items() if isinstance(v, Tensor))
+        output[key] = first  # a ModelOutput keeps its attribute and its item in step
+        return output
+    index = next(i for i, v in enumerate(output) if isinstance(v, Tensor))
+    items = [*output[:index], first, *output[index + 1:]]
+    return type(output)(*items) if hasattr(output, "_fields") else type(output)(items)  # a namedtuple takes fields
 
 
 class Tap:
@@ -61,7 +76,16 @@ class OutputTap(Tap):
         return [self.module.register_forward_hook(self._hook, prepend=True)]
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        return _with_first(output, self.point(_first(output)))
+        first = _first(output)
+        return output if first is None else _with_first(output, self.point(first))
+
+
+class CopiedOutputTap(OutputTap):
+    """The module's output, where the caller then changes it in place (Falcon adds the
+    attention output into the MLP's): the model gets a copy, so what hooks cached stays."""
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return _with_first(output, self.point(_first(output)).clone())
 
 
 class InputTap(Tap):
@@ -131,8 +155,10 @@ class NormTap(Tap):
     """A norm computed in two steps, scale then normalized, while either point has hooks
     (the module's own forward is swapped out meanwhile, so the norm is computed once).
 
-    LayerNorm: scale = sqrt(var + eps), normalized = (x - mean) / scale, out = normalized * w + b.
-    RMSNorm: scale = sqrt(mean(x^2) + eps) in float32, normalized = x / scale, out = w * normalized.
+    Each kind computes as its transformers module does (see layout.NormKind): LayerNorm has
+    scale = sqrt(var + eps), normalized = (x - mean) / scale, out = normalized * w + b; an
+    RMSNorm has scale = sqrt(mean(x^2) + eps) and normalized = x / scale, in float32. Where the
+    module applies its weight in float32 too (OLMo-2, gemma, Cohere), hook_normalized is float32.
     """
 
     def __init__(self, points: NormPoints, module: nn.Module, kind: str):
@@ -147,19 +173,27 @@ class NormTap(Tap):
         return [_ForwardSwap(self.module, self._forward)]
 
     def _forward(self, x: Tensor) -> Tensor:
-        module = self.module
-        if self.kind == "rmsnorm":
-            x32 = x.float()
-            scale = self.hook_scale((x32.square().mean(-1, keepdim=True) + self.eps).sqrt())
-            normalized = self.hook_normalized((x32 / scale).to(x.dtype))
-            return module.weight * normalized
-        var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
-        scale = self.hook_scale((var + self.eps).sqrt())
-        normalized = self.hook_normalized((x - mean) / scale)
-        weight, bias = getattr(module, "weight", None), getattr(module, "bias", None)
-        if weight is not None and bias is not None:
-            return torch.addcmul(bias, normalized, weight)
-        return normalized if weight is None else normalized * weight
+        kind, weight = self.kind, getattr(self.module, "weight", None)
+        if kind == "layernorm":
+            var, mean = torch.var_mean(x, -1, keepdim=True, correction=0)
+            scale = self.hook_scale((var + self.eps).sqrt())
+            normalized = self.hook_normalized((x - mean) / scale)
+            bias = getattr(self.module, "bias", None)
+            if weight is not None and bias is not None:
+                return torch.addcmul(bias, normalized, weight)
+            return normalized if weight is None else normalized * weight
+        x32 = x.float()
+        if kind == "layernorm_f32":
+            var, mean = torch.var_mean(x32, -1, keepdim=True, correction=0)
+            scale = self.hook_scale((var + self.eps).sqrt())
+            return (weight.float() * self.hook_normalized((x32 - mean) / scale)).to(x.dtype)
+        scale = self.hook_scale((x32.square().mean(-1, keepdim=True) + self.eps).sqrt())
+        if kind == "rmsnorm":
+            return weight * self.hook_normalized((x32 / scale).to(x.dtype))
+        normalized = self.hook_normalized(x32 / scale)
+        if kind == "gemma_rmsnorm":
+            return (normalized * (1.0 + weight.float())).type_as(x)
+        return (weight * normalized).to(x.dtype)  # rmsnorm_f32
 
 
 def head_weights(o_proj: nn.Module, n_heads: int, kind: str) -> Tensor:
@@ -196,21 +230,137 @@ class MLPPoints(nn.Module):
         self.hook_post = HookPoint()
 
 
+class FusedGateUpTap(Tap):
+    """hook_pre and hook_pre_linear of an MLP whose one projection returns [gate | up] (Phi-3)."""
+
+    def __init__(self, points: MLPPoints, module: nn.Module):
+        super().__init__(points.hook_pre, module)
+        self.gate, self.up = points.hook_pre, points.hook_pre_linear
+
+    def wanted(self) -> bool:
+        return self.gate.active or self.up.active
+
+    def attach(self) -> list[RemovableHandle]:
+        return [self.module.register_forward_hook(self._hook, prepend=True)]
+
+    def _hook(self, module: nn.Module, args: tuple, output: Tensor) -> Tensor:
+        gate, up = output.chunk(2, dim=-1)
+        return torch.cat([self.gate(gate), self.up(up)], dim=-1)
+
+
+class MoEPoints(nn.Module):
+    """The routing of a mixture-of-experts MLP.
+
+    hook_router_logits [batch, pos, n_experts]: the router's scores before softmax and top-k
+    (editing them does not re-route: edit the indices and weights for that).
+    hook_expert_indices [batch, pos, top_k]: the experts each token is sent to.
+    hook_expert_weights [batch, pos, top_k]: the weights the block applies to those experts'
+    outputs: after the family's own normalisation (renormalised top-k in Mixtral and OLMoE,
+    plain softmax probabilities in Qwen2-MoE without norm_topk_prob, sigmoid scores times the
+    routed scaling factor in DeepSeek-V3, softmax over the top-k logits in gpt-oss). A hook on
+    the weights finds the indices in ``hook.ctx["expert_indices"]``.
+    shared_expert.hook_pre|hook_pre_linear|hook_post: the dense expert every token goes through.
+    """
+
+    def __init__(self, layout: MoELayout):
+        super().__init__()
+        self.hook_router_logits = HookPoint()
+        self.hook_expert_indices, self.hook_expert_weights = HookPoint(), HookPoint()
+        if layout.shared_expert is not None:
+            self.shared_expert = MLPPoints(gated=True)
+
+
+class MoETap(Tap):
+    """Routes the router's logits and the experts' indices and weights through MoEPoints.
+
+    The MoE block flattens [batch, pos] into tokens before routing; the block's input shape,
+    seen on the way in, gives the points their [batch, pos, ...] shape back.
+    """
+
+    def __init__(self, points: MoEPoints, mlp: nn.Module, router: nn.Module, experts: nn.Module):
+        super().__init__(points.hook_router_logits, mlp)
+        self.points, self.router, self.experts = points, router, experts
+        self._tokens: tuple[int, ...] = ()
+
+    def wanted(self) -> bool:
+        p = self.points
+        return p.hook_router_logits.active or p.hook_expert_indices.active or p.hook_expert_weights.active
+
+    def attach(self) -> list[RemovableHandle]:
+        return [
+            self.module.register_forward_pre_hook(self._block_input),
+            self.router.register_forward_hook(self._router_output, prepend=True),
+            self.experts.register_forward_pre_hook(self._routing, with_kwargs=True),
+        ]
+
+    def _block_input(self, module: nn.Module, args: tuple) -> None:
+        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
+
+    def _router_output(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
+        logits = output[0]  # [tokens, experts]
+        seen = self.points.hook_router_logits(logits.view(*self._tokens, logits.shape[-1]))
+        return (seen.reshape(logits.shape), *output[1:])
+
+    def _routing(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if len(args) < 3:
+            raise TypeError(f"{self.points.hook_expert_indices.name}: the experts were called without (hidden, indices, weights)")
+        hidden, indices, weights = args[:3]
+        shaped = indices.view(*self._tokens, indices.shape[-1])
+        indices = self.points.hook_expert_indices(shaped)
+        weights_point = self.points.hook_expert_weights
+        weights_point.ctx["expert_indices"] = indices
+        try:
+            weights = weights_point(weights.view(*self._tokens, weights.shape[-1]))
+        finally:
+            weights_point.ctx.pop("expert_indices", None)
+        flat = (-1, indices.shape[-1])
+        return (hidden, indices.reshape(flat), weights.reshape(flat), *args[3:]), kwargs
+
+
+def mlp_taps(points: nn.Module, block: nn.Module, layout: BlockLayout) -> list[Tap]:
+    """The taps of a block's MLP points: a dense MLP's pre / pre_linear / post, or an MoE
+    block's routing and shared expert."""
+    module = block.get_submodule
+    moe = layout.moe
+    if moe is not None:
+        taps: list[Tap] = [MoETap(points, module(layout.mlp), module(moe.router), module(moe.experts))]
+        if moe.shared_expert is not None:
+            shared = moe.shared_expert
+            taps += dense_mlp_taps(points.shared_expert, module(shared), "gate_proj", "up_proj", "down_proj")
+        return taps
+    if layout.fused_gate_up:
+        return [FusedGateUpTap(points, module(layout.mlp_in)), InputTap(points.hook_post, module(layout.mlp_out))]
+    return dense_mlp_taps(points, block, layout.mlp_in, layout.mlp_in_linear, layout.mlp_out)
+
+
+def dense_mlp_taps(points: MLPPoints, root: nn.Module, mlp_in: str, mlp_in_linear: Optional[str], mlp_out: str) -> list[Tap]:
+    taps: list[Tap] = [OutputTap(points.hook_pre, root.get_submodule(mlp_in)), InputTap(points.hook_post, root.get_submodule(mlp_out))]
+    if mlp_in_linear is not None:
+        taps.append(OutputTap(points.hook_pre_linear, root.get_submodule(mlp_in_linear)))
+    return taps
+
+
 class BlockPoints(nn.Module):
     """The hook points of one block, registered in the order the forward pass reaches them."""
 
     def __init__(self, layout: BlockLayout, attn_result: bool):
         super().__init__()
         self.hook_resid_pre = HookPoint()
-        self.ln1 = NormPoints()
+        if layout.ln1 is not None:
+            self.ln1 = NormPoints()
         self.attn = AttentionPoints()
         if attn_result:
             self.attn.hook_result = HookPoint()
+        if layout.ln1_post is not None:
+            self.ln1_post = NormPoints()
         self.hook_attn_out = HookPoint()
         if not layout.parallel:
             self.hook_resid_mid = HookPoint()
-        self.ln2 = NormPoints()
-        self.mlp = MLPPoints(gated=layout.mlp_in_linear is not None)
+        if layout.ln2 is not None:
+            self.ln2 = NormPoints()
+        self.mlp = MoEPoints(layout.moe) if layout.moe is not None else MLPPoints(gated=layout.gated)
+        if layout.ln2_post is not None:
+            self.ln2_post = NormPoints()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
 
@@ -218,24 +368,42 @@ class BlockPoints(nn.Module):
 def block_taps(points: BlockPoints, block: nn.Module, layout: BlockLayout, n_heads: int) -> list[Tap]:
     """The taps that connect one block's hook points to the block's modules."""
     module = block.get_submodule
+    mlp_out_tap = CopiedOutputTap if layout.mlp_out_changed_in_place else OutputTap
     taps: list[Tap] = [
         InputTap(points.hook_resid_pre, block),
-        NormTap(points.ln1, module(layout.ln1), layout.norm),
-        OutputTap(points.hook_attn_out, module(layout.attn)),
-        NormTap(points.ln2, module(layout.ln2), layout.norm),
-        OutputTap(points.mlp.hook_pre, module(layout.mlp_in)),
-        InputTap(points.mlp.hook_post, module(layout.mlp_out)),
-        OutputTap(points.hook_mlp_out, module(layout.mlp)),
+        OutputTap(points.hook_attn_out, module(layout.ln1_post or layout.attn)),
+        *mlp_taps(points.mlp, block, layout),
+        mlp_out_tap(points.hook_mlp_out, module(layout.ln2_post or layout.mlp)),
         OutputTap(points.hook_resid_post, block),
     ]
+    for name in ("ln1", "ln1_post", "ln2", "ln2_post"):
+        if getattr(layout, name) is not None:
+            taps.append(NormTap(getattr(points, name), module(getattr(layout, name)), layout.norm))
     if not layout.parallel:
-        taps.append(SharedInputTap(points.hook_resid_mid, module(layout.ln2)))
-    if layout.mlp_in_linear is not None:
-        taps.append(OutputTap(points.mlp.hook_pre_linear, module(layout.mlp_in_linear)))
+        # the residual after attention is what the MLP's norm reads (the MLP itself, without one)
+        taps.append(SharedInputTap(points.hook_resid_mid, module(layout.ln2 or layout.mlp)))
     if hasattr(points.attn, "hook_result"):
         taps.append(ResultTap(points.attn.hook_result, module(layout.o_proj), n_heads, layout.o_proj_kind))
     points.attn.attach_to(module(layout.attn))
     return taps
+
+
+class LogitTransform(nn.Module):
+    """What a family's forward does to the unembedding's output (see ModelLayout): scale,
+    divide, soft-cap. A stage runs it as a module, so hook_logits taps its output."""
+
+    def __init__(self, layout: ModelLayout):
+        super().__init__()
+        self.multiplier, self.divisor, self.softcap = layout.logit_multiplier, layout.logit_divisor, layout.logit_softcap
+
+    def forward(self, logits: Tensor) -> Tensor:
+        if self.multiplier != 1.0:
+            logits = logits * self.multiplier
+        if self.divisor != 1.0:
+            logits = logits / self.divisor
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class ModelPoints(nn.Module):
@@ -250,7 +418,7 @@ class ModelPoints(nn.Module):
             self.hook_embed = HookPoint()
             if layout.pos_embed is not None:
                 self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleDict({str(layer): BlockPoints(layout.block, attn_result) for layer in layers})
+        self.blocks = nn.ModuleDict({str(layer): BlockPoints(layout.block_at(layer), attn_result) for layer in layers})
         if has_head:
             self.ln_final = NormPoints()
             self.hook_logits = HookPoint()
@@ -260,13 +428,14 @@ class ModelPoints(nn.Module):
 class ModelParts:
     """The modules a model's canonical hook points are tapped into (None: not held here,
     as in a stage that lacks the embeddings or the head). `blocks` maps global layer index
-    to decoder block."""
+    to decoder block; the tensor part of `logits`' output is the model's final logits."""
 
     blocks: Mapping[int, nn.Module]
     embed: Optional[nn.Module] = None
     pos_embed: Optional[nn.Module] = None
     final_norm: Optional[nn.Module] = None
     unembed: Optional[nn.Module] = None
+    logits: Optional[nn.Module] = None
 
 
 def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int) -> list[Tap]:
@@ -277,10 +446,10 @@ def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_he
     if hasattr(points, "hook_pos_embed"):
         taps.append(OutputTap(points.hook_pos_embed, parts.pos_embed))
     for layer, block_points in points.blocks.items():
-        taps += block_taps(block_points, parts.blocks[int(layer)], layout.block, n_heads)
+        taps += block_taps(block_points, parts.blocks[int(layer)], layout.block_at(int(layer)), n_heads)
     if hasattr(points, "ln_final"):
         taps.append(NormTap(points.ln_final, parts.final_norm, layout.block.norm))
-        taps.append(OutputTap(points.hook_logits, parts.unembed))
+        taps.append(OutputTap(points.hook_logits, parts.logits or parts.unembed))
     return taps
 
 
@@ -288,14 +457,22 @@ def module_point_name(path: str) -> str:
     return f"module:{path}"
 
 
-def module_taps(model: nn.Module, paths: Iterable[str]) -> dict[str, OutputTap]:
-    """An output tap with a fresh hook point for each module path, keyed by hook name."""
+def module_taps(model: nn.Module, paths: Iterable[str], copied: Collection[str] = ()) -> dict[str, OutputTap]:
+    """An output tap with a fresh hook point for each module path, keyed by hook name (the
+    `copied` paths hand their caller a copy: it changes their output in place)."""
     taps = {}
     for path in paths:
         point = HookPoint()
         point.name = module_point_name(path)
-        taps[point.name] = OutputTap(point, model.get_submodule(path))
+        taps[point.name] = (CopiedOutputTap if path in copied else OutputTap)(point, model.get_submodule(path))
     return taps
+
+
+def changed_in_place(layout: Optional[ModelLayout], blocks: Iterable[int], prefix: str) -> set[str]:
+    """The module paths (under `prefix`) whose output the model changes in place after them."""
+    if layout is None:
+        return set()
+    return {f"{prefix}{layer}.{layout.block_at(layer).mlp}" for layer in blocks if layout.block_at(layer).mlp_out_changed_in_place}
 
 
 def sync_all(taps: Iterable[Tap]) -> None:

@@ -217,8 +217,11 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
     from shardlens.hooks.attention import IMPLEMENTATION
 
+    layout = layout_for(config)
+    # families whose attention modules get shardlens' forward keep transformers' own implementation
+    implementation = IMPLEMENTATION if layout is None or layout.attention_forward is None else None
     with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=IMPLEMENTATION)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=implementation)
 
 
 def stage_modules(model: nn.Module, layout: ModelLayout, layers: range, *, first: bool, last: bool) -> nn.ModuleDict:

@@ -20,7 +20,8 @@ from shardlens.errors import ShardPlanError
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.model import next_token_loss, positions_from_mask
-from shardlens.hooks.taps import ModelParts
+from shardlens.hooks.layers import run_layers
+from shardlens.hooks.taps import LogitTransform, ModelParts
 from shardlens.hooks.tapped import TappedModel
 from shardlens.sharding.checkpoint import Checkpoint
 from shardlens.sharding.plan import ShardPlan, StageSpec, hf_path, meta_model, stage_modules
@@ -56,6 +57,7 @@ class Stage(TappedModel):
         for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
             setattr(self, name, modules[name] if name in modules else None)
         self.blocks = modules["blocks"]
+        self.logit_transform = LogitTransform(layout) if spec.head else None
         self.loaded_keys: tuple[str, ...] = ()
         self._pending: Optional[tuple[Optional[Tensor], Tensor]] = None
         self._build_points(attn_result=False)
@@ -73,10 +75,14 @@ class Stage(TappedModel):
         return ModelParts(
             blocks={int(layer): block for layer, block in self.blocks.items()},
             embed=self.embed, pos_embed=self.pos_embed, final_norm=self.final_norm, unembed=self.unembed,
+            logits=self.logit_transform,
         )
 
     def _module_root(self) -> nn.Module:
         return self
+
+    def _blocks_path(self) -> str:
+        return "blocks"
 
     # ------------------------------------------------------------------ running
 
@@ -91,10 +97,10 @@ class Stage(TappedModel):
         if torch.is_grad_enabled() and not self.first:
             leaf = hidden = hidden.detach().requires_grad_(True)
         blocks = {int(layer): block for layer, block in self.blocks.items()}
-        hidden = run_layers(self.config, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache, self.layout.cache_kwarg)
+        hidden = run_layers(self.config, self.layout, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache)
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
-            logits = self.unembed(self.final_norm(hidden))
+            logits = self.logit_transform(self.unembed(self.final_norm(hidden)))
             mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the new tokens' columns
             if io.metric is not None:
                 loss = io.metric(logits, mask, io.labels)
@@ -125,6 +131,8 @@ class Stage(TappedModel):
             else:  # one row per example, so that hook_pos_embed is [batch, pos, d_model]
                 position_ids = torch.arange(io.input_ids.shape[1], device=io.input_ids.device).expand(io.input_ids.shape[0], -1)
         hidden = self.embed(io.input_ids)
+        if self.layout.embed_multiplier != 1.0:  # Granite scales the embeddings in its forward
+            hidden = hidden * self.layout.embed_multiplier
         if self.pos_embed is not None:
             hidden = hidden + self.pos_embed(position_ids).to(hidden.device)
         if self.embed_dropout is not None:
@@ -143,43 +151,6 @@ class Stage(TappedModel):
             raise ValueError(f"stage {self.spec.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
         output.backward(None if grad is None else grad.to(output.device))
         return None if leaf is None else leaf.grad
-
-
-def run_layers(
-    config: Any,
-    blocks: dict[int, nn.Module],
-    rotary: Optional[nn.Module],
-    hidden: Tensor,
-    attention_mask: Optional[Tensor],
-    position_ids: Tensor,
-    cache: Any = None,
-    cache_kwarg: str = "cache",
-) -> Tensor:
-    """Run decoder blocks (global layer -> block, in order) as the Hugging Face model's own
-    forward runs them: causal (and sliding-window) masks from the 2-D attention mask,
-    rotary embeddings from the position ids. With a transformers `cache` (of earlier
-    tokens), `hidden` holds only the new tokens and `attention_mask` covers all of them."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(hidden.device)
-    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-    if cache is not None:
-        mask_kwargs["layer_idx"] = min(blocks)  # the cache holds entries for this stage's layers only
-    masks = {"full_attention": create_causal_mask(**mask_kwargs)}
-    layer_types = getattr(config, "layer_types", None)
-    if "sliding_attention" in (layer_types or ()):
-        masks["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
-    rotary_embeddings = rotary(hidden, position_ids) if rotary is not None else None
-    for layer, block in blocks.items():
-        kwargs: dict[str, Any] = {"attention_mask": masks[layer_types[layer] if layer_types else "full_attention"], "position_ids": position_ids}
-        if cache is not None:
-            kwargs.update({cache_kwarg: cache, "use_cache": True})
-        if rotary_embeddings is not None:
-            kwargs["position_embeddings"] = rotary_embeddings
-        hidden = block(hidden, **kwargs)
-        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
-    return hidden
 
 
 def build_stage(
@@ -202,7 +173,9 @@ def build_stage(
     spec = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
     stage = Stage(skeleton.config, layout, spec, stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head))
-    checkpoint = Checkpoint(source, model_class=type(skeleton).__name__, base_prefix=skeleton.base_model_prefix)
+    checkpoint = Checkpoint(
+        source, model_class=type(skeleton).__name__, model_type=config.model_type, base_prefix=skeleton.base_model_prefix,
+    )
     _load(stage, checkpoint, layout, plan.torch_dtype, device)
     return stage.eval()
 

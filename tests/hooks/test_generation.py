@@ -4,13 +4,18 @@ import pytest
 import torch
 
 import shardlens as sl
-from tests.tiny_models import load_reference
+from tests.tiny_models import FAMILIES, load_reference
 
 
-@pytest.fixture(params=["gpt2", "llama_gqa"])
-def pair(request, tiny_checkpoints):
-    source = tiny_checkpoints[request.param]
+def load_pair(tiny_checkpoints, name):
+    source = tiny_checkpoints[name]
     return sl.HookedModel.from_pretrained(source), load_reference(source)
+
+
+# sliding windows (4 tokens) shorter than prompt + generation: Mistral, Gemma 2
+@pytest.fixture(params=["gpt2", "llama_gqa", "mistral", "gemma2"])
+def pair(request, tiny_checkpoints):
+    return load_pair(tiny_checkpoints, request.param)
 
 
 @pytest.fixture
@@ -18,9 +23,10 @@ def tokens():
     return torch.randint(3, 97, (3, 6), generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("use_kv_cache", [True, False])
-def test_greedy_equals_transformers_generate(pair, tokens, use_kv_cache):
-    model, hf = pair
+def test_greedy_equals_transformers_generate(tiny_checkpoints, name, tokens, use_kv_cache):
+    model, hf = load_pair(tiny_checkpoints, name)
     with torch.no_grad():
         expected = hf.generate(tokens, max_new_tokens=10, do_sample=False)
     assert torch.equal(model.generate(tokens, max_new_tokens=10, use_kv_cache=use_kv_cache), expected)

@@ -10,7 +10,7 @@ import transformers
 from shardlens.errors import ShardPlanError
 from shardlens.sharding import ShardPlan
 from shardlens.sharding.plan import balance
-from tests.tiny_models import CONFIGS
+from tests.tiny_models import tiny_config
 
 
 def brute_force_best(sizes, stages, first, last):
@@ -44,7 +44,7 @@ def test_balance_is_optimal_and_contiguous(seed):
 @pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox"])
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_plan_covers_the_layers_with_embeddings_first_and_head_last(name, stages):
-    config = CONFIGS[name]()
+    config = tiny_config(name)
     plan = ShardPlan.for_model(config, stages=stages)
     assert [layer for s in plan.stages for layer in s.layers] == list(range(config.num_hidden_layers))
     assert [s.embed for s in plan.stages] == [True] + [False] * (stages - 1)
@@ -57,14 +57,14 @@ def test_plan_covers_the_layers_with_embeddings_first_and_head_last(name, stages
 
 
 def test_dtype_sets_the_bytes():
-    config = CONFIGS["llama_gqa"]()
+    config = tiny_config("llama_gqa")
     fp32 = ShardPlan.for_model(config, stages=2)
     bf16 = ShardPlan.for_model(config, stages=2, dtype=torch.bfloat16)
     assert [s.bytes for s in bf16.stages] == [s.bytes // 2 for s in fp32.stages] and bf16.dtype == "bfloat16"
 
 
 def test_describe_prints_a_table(capsys):
-    plan = ShardPlan.for_model(CONFIGS["gpt2"](), stages=2)
+    plan = ShardPlan.for_model(tiny_config("gpt2"), stages=2)
     text = plan.describe()
     assert capsys.readouterr().out.strip() == text
     lines = text.splitlines()
@@ -73,7 +73,7 @@ def test_describe_prints_a_table(capsys):
 
 
 def test_device_map_spreads_a_stage_over_its_devices():
-    config = CONFIGS["llama_gqa"]()
+    config = tiny_config("llama_gqa")
     whole = ShardPlan.for_model(config, stages=1).stages[0].bytes
     per_device = int(whole * 0.7)  # bytes, as accelerate takes them
     plan = ShardPlan.for_model(config, stages=1, max_memory={0: per_device, 1: per_device})
@@ -87,19 +87,19 @@ def test_device_map_spreads_a_stage_over_its_devices():
 
 def test_impossible_plans_say_why():
     with pytest.raises(ShardPlanError, match="stages=4 but the model has 3 layers"):
-        ShardPlan.for_model(CONFIGS["gpt2"](), stages=4)
+        ShardPlan.for_model(tiny_config("gpt2"), stages=4)
     with pytest.raises(ShardPlanError, match="stages must be a positive int"):
-        ShardPlan.for_model(CONFIGS["gpt2"](), stages=0)
+        ShardPlan.for_model(tiny_config("gpt2"), stages=0)
     with pytest.raises(ShardPlanError, match="unknown architecture 'bert'"):
         ShardPlan.for_model(transformers.BertConfig(num_hidden_layers=2), stages=1)
     with pytest.raises(ShardPlanError, match=r"stage 0 \(layers 0-1\) holds .* kB of parameters, but max_memory gives a stage 20 kB"):
-        ShardPlan.for_model(CONFIGS["llama_gqa"](), stages=2, max_memory={0: "10KB", 1: "10KB"})
+        ShardPlan.for_model(tiny_config("llama_gqa"), stages=2, max_memory={0: "10KB", 1: "10KB"})
     with pytest.raises(ShardPlanError, match="dtype"):
-        ShardPlan.for_model(CONFIGS["gpt2"](), stages=1, dtype="float99")
+        ShardPlan.for_model(tiny_config("gpt2"), stages=1, dtype="float99")
 
 
 def test_stage_resources_pin_stages_and_travel_with_the_plan(capsys):
-    config = CONFIGS["llama_gqa"]()
+    config = tiny_config("llama_gqa")
     plan = ShardPlan.for_model(config, stages=2, stage_resources=[{"node_a": 1}, {"node_b": 0.5, "ssd": 1}])
     assert [s.resources for s in plan.stages] == [{"node_a": 1}, {"node_b": 0.5, "ssd": 1}]
     assert ShardPlan.from_json(plan.to_json()) == plan
@@ -118,4 +118,4 @@ def test_stage_resources_pin_stages_and_travel_with_the_plan(capsys):
 ])
 def test_bad_stage_resources_say_what_is_wrong(bad, message):
     with pytest.raises(ShardPlanError, match=message):
-        ShardPlan.for_model(CONFIGS["llama_gqa"](), stages=2, stage_resources=bad)
+        ShardPlan.for_model(tiny_config("llama_gqa"), stages=2, stage_resources=bad)

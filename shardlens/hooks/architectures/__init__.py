@@ -9,20 +9,51 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
+from shardlens.hooks.architectures.cohere import cohere_layout
+from shardlens.hooks.architectures.deepseek import deepseek_v3_layout
+from shardlens.hooks.architectures.falcon import falcon_layout
+from shardlens.hooks.architectures.gemma import gemma2_layout, gemma3_layout, gemma_layout
 from shardlens.hooks.architectures.gpt2 import gpt2_layout
 from shardlens.hooks.architectures.gpt_neox import gpt_neox_layout
-from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+from shardlens.hooks.architectures.gpt_oss import gpt_oss_layout
+from shardlens.hooks.architectures.gptj import gptj_layout
+from shardlens.hooks.architectures.granite import granite_layout
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, MoELayout, attention_kinds
 from shardlens.hooks.architectures.llama import llama_layout
+from shardlens.hooks.architectures.moe import mixtral_layout, qwen_moe_layout
+from shardlens.hooks.architectures.olmo import olmo2_layout, olmoe_layout
+from shardlens.hooks.architectures.phi import phi3_layout, phi_layout
+from shardlens.hooks.architectures.stablelm import stablelm_layout
+from shardlens.hooks.architectures.starcoder2 import starcoder2_layout
 
 LayoutFn = Callable[[Any], ModelLayout]
 
+# model_type -> layout; one line per family (tests/hooks/test_families.py lists what is covered)
 LAYOUTS: dict[str, LayoutFn] = {
     "gpt2": gpt2_layout,
+    "gpt_neox": gpt_neox_layout,
+    "gptj": gptj_layout,
+    "falcon": falcon_layout,
     "llama": llama_layout,
     "mistral": llama_layout,
     "qwen2": llama_layout,
     "qwen3": llama_layout,
-    "gpt_neox": gpt_neox_layout,
+    "gemma": gemma_layout,
+    "gemma2": gemma2_layout,
+    "gemma3_text": gemma3_layout,
+    "phi": phi_layout,
+    "phi3": phi3_layout,
+    "olmo2": olmo2_layout,
+    "granite": granite_layout,
+    "cohere": cohere_layout,
+    "stablelm": stablelm_layout,
+    "starcoder2": starcoder2_layout,
+    "mixtral": mixtral_layout,
+    "qwen2_moe": qwen_moe_layout,
+    "qwen3_moe": qwen_moe_layout,
+    "olmoe": olmoe_layout,
+    "deepseek_v3": deepseek_v3_layout,
+    "gpt_oss": gpt_oss_layout,
 }
 
 
@@ -37,4 +68,4 @@ def layout_for(config: Any) -> Optional[ModelLayout]:
     return layout(config) if layout is not None else None
 
 
-__all__ = ["BlockLayout", "LAYOUTS", "ModelLayout", "layout_for", "register_layout"]
+__all__ = ["BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "layout_for", "register_layout"]

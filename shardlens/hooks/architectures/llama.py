@@ -1,18 +1,17 @@
-"""Llama and its family (Mistral, Qwen2, Qwen3): rotary, RMSNorm, gated MLP, grouped-query attention."""
+"""Llama and its family (Mistral, Qwen2, Qwen3): rotary, RMSNorm, gated MLP, grouped-query
+attention (Qwen3 adds per-head q/k norms inside attention; Mistral and Qwen2 sliding windows)."""
 
-from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, attention_kinds
+
+LLAMA_BLOCK = BlockLayout(
+    ln1="input_layernorm", attn="self_attn", o_proj="self_attn.o_proj", ln2="post_attention_layernorm", mlp="mlp",
+    mlp_in="mlp.gate_proj", mlp_in_linear="mlp.up_proj", mlp_out="mlp.down_proj", norm="rmsnorm",
+)
 
 
-def llama_layout(config) -> ModelLayout:
+def llama_layout(config, block: BlockLayout = LLAMA_BLOCK, **fields) -> ModelLayout:
+    """A Llama-shaped model; other families pass their own block and model-level fields."""
     return ModelLayout(
-        embed="model.embed_tokens",
-        blocks="model.layers",
-        final_norm="model.norm",
-        unembed="lm_head",
-        rotary="model.rotary_emb",
-        block=BlockLayout(
-            ln1="input_layernorm", attn="self_attn", o_proj="self_attn.o_proj",
-            ln2="post_attention_layernorm", mlp="mlp",
-            mlp_in="mlp.gate_proj", mlp_in_linear="mlp.up_proj", mlp_out="mlp.down_proj", norm="rmsnorm",
-        ),
+        embed="model.embed_tokens", blocks="model.layers", final_norm="model.norm", unembed="lm_head",
+        rotary="model.rotary_emb", block=block, attention_kinds=attention_kinds(config), **fields,
     )

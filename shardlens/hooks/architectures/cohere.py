@@ -1,0 +1,14 @@
+"""Cohere (Command R): a parallel block whose MLP reads the attention's norm (no ln2),
+LayerNorm without bias computed in float32, interleaved rotary and optional q/k norms inside
+attention, and logits multiplied by `logit_scale` (hook_logits is after it)."""
+
+from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+from shardlens.hooks.architectures.llama import llama_layout
+
+
+def cohere_layout(config) -> ModelLayout:
+    block = BlockLayout(
+        ln1="input_layernorm", attn="self_attn", o_proj="self_attn.o_proj", mlp="mlp", mlp_in="mlp.gate_proj",
+        mlp_in_linear="mlp.up_proj", mlp_out="mlp.down_proj", norm="layernorm_f32", parallel=True,
+    )
+    return llama_layout(config, block, logit_multiplier=config.logit_scale)

@@ -1,0 +1,25 @@
+"""OLMo-2 and OLMoE.
+
+OLMo-2 normalises the outputs of attention and MLP instead of their inputs (ln1_post,
+ln2_post; no ln1 or ln2), applies q/k norms over all heads inside attention, and its RMSNorm
+multiplies by the weight in float32. OLMoE is Llama-shaped with q/k norms and a
+mixture-of-experts MLP.
+"""
+
+from dataclasses import replace
+
+from shardlens.hooks.architectures.layout import ModelLayout
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.moe import moe_block
+
+
+def olmo2_layout(config) -> ModelLayout:
+    block = replace(
+        LLAMA_BLOCK, ln1=None, ln2=None, ln1_post="post_attention_layernorm", ln2_post="post_feedforward_layernorm",
+        norm="rmsnorm_f32",
+    )
+    return llama_layout(config, block)
+
+
+def olmoe_layout(config) -> ModelLayout:
+    return llama_layout(config, moe_block(config, router="mlp.gate"))

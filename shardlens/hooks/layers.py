@@ -1,0 +1,57 @@
+"""Running decoder blocks as a Hugging Face model's own forward runs them.
+
+HookedModel.run_from and a sharded Stage both run a range of a model's blocks outside the
+model's forward; this is the one place that knows what that forward hands each block.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from torch import Tensor, nn
+
+from shardlens.hooks.architectures import ModelLayout
+
+
+def run_layers(
+    config: Any,
+    layout: ModelLayout,
+    blocks: dict[int, nn.Module],
+    rotary: Optional[nn.Module],
+    hidden: Tensor,
+    attention_mask: Optional[Tensor],
+    position_ids: Tensor,
+    cache: Any = None,
+) -> Tensor:
+    """Run decoder blocks (global layer -> block, in order): causal and sliding-window masks
+    from the 2-D attention mask (each layer the kind `layout` gives it), rotary embeddings
+    from the position ids (per attention kind where the family has one per kind), and the
+    keywords the family's blocks need. With a transformers `cache` (of earlier tokens),
+    `hidden` holds only the new tokens and `attention_mask` covers all of them."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(hidden.device)
+    mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+    if cache is not None:
+        mask_kwargs["layer_idx"] = min(blocks)  # the cache holds entries for this stage's layers only
+    kinds = {layer: layout.attention_kind(layer) for layer in blocks}
+    builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+    masks = {kind: builders[kind](**mask_kwargs) for kind in set(kinds.values())}
+    if rotary is None:
+        rotary_embeddings: dict[str, Any] = {}
+    elif layout.rotary_by_layer_type:
+        rotary_embeddings = {kind: rotary(hidden, position_ids, kind) for kind in set(kinds.values())}
+    else:
+        rotary_embeddings = dict.fromkeys(kinds.values(), rotary(hidden, position_ids))
+    shared: dict[str, Any] = {"position_ids": position_ids, **dict(layout.block_kwargs)}
+    if cache is not None:
+        shared.update({layout.cache_kwarg: cache, "use_cache": True})
+    for layer, block in blocks.items():
+        kind = kinds[layer]
+        kwargs = {**shared, "attention_mask": masks[kind]}
+        if rotary is not None:
+            kwargs["position_embeddings"] = rotary_embeddings[kind]
+        hidden = block(hidden, **kwargs)
+        hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+    return hidden
