@@ -17,7 +17,7 @@ everything else is [batch, pos, ...].
 
 Cache entries written by reading ops, by hook point name N: Cache -> N; CacheGrad -> N_grad;
 NormStats -> N.mean, N.variance, N.second_moment; AttnPatternBlocks -> N.blocks;
-ProjectedHeads -> N.projected.
+ProjectedHeads -> N.projected; RoutingStats -> N.expert_counts, N.expert_weights.
 """
 
 from __future__ import annotations
@@ -571,6 +571,107 @@ class StopGrad(_Selecting):
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> Tensor:
         return _write(tensor, self.index(tensor, hook.name), tensor.new_zeros(()), hook.name, "StopGrad")
+
+
+# ---------------------------------------------------------------- routing (mixture of experts)
+
+EXPERT_INDICES, EXPERT_WEIGHTS = "mlp.hook_expert_indices", "mlp.hook_expert_weights"
+
+
+def _experts(value: Any, field_name: str) -> tuple:
+    experts = normalize_index(value, field_name)
+    experts = (experts,) if _is_int(experts) else experts
+    if not isinstance(experts, tuple) or not experts or any(e < 0 for e in experts):
+        raise ValueError(f"{field_name} must be expert indices (non-negative ints); got {value!r}")
+    return experts
+
+
+def _check_point(op: Op, name: str, suffix: str) -> None:
+    if not name.endswith(suffix):
+        raise ValueError(f"{type(op).__name__} acts on blocks.<layer>.{suffix} of a mixture-of-experts block; got {name}")
+
+
+def _check_experts(op: Op, experts: tuple, name: str, root: Any) -> None:
+    router = name.rsplit(".", 1)[0] + ".hook_router_logits"
+    shape = getattr(root, "hook_shape", lambda n: None)(router)
+    if shape is not None and max(experts) >= shape[0]:
+        raise ValueError(f"{type(op).__name__} at {name}: experts {list(experts)}, but the block has {shape[0]} (0-{shape[0] - 1})")
+
+
+@dataclass(frozen=True, eq=False)
+class AblateExperts(_Selecting):
+    """Take experts out of the routing at blocks.<layer>.mlp.hook_expert_weights: a token
+    routed to one of `experts` gets weight zero for it. With `renormalize`, the token's other
+    weights are scaled so that they keep the sum they had (what the router's renormalised
+    top-k would give without those experts); without, the block's output just loses those
+    experts' share. `positions` and `batch` select the tokens."""
+
+    experts: Any = ()
+    _: KW_ONLY
+    renormalize: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "experts", _experts(self.experts, "experts"))
+
+    def check(self, name: str, root: Any) -> None:
+        _check_point(self, name, EXPERT_WEIGHTS)
+        _check_experts(self, self.experts, name, root)
+
+    def __call__(self, weights: Tensor, hook: Any, ctx: RunContext) -> Tensor:
+        indices = hook.ctx["expert_indices"]  # [batch, pos, top_k], set by the block's routing tap
+        chosen = torch.isin(indices, torch.tensor(self.experts, device=indices.device))
+        selected = torch.zeros_like(chosen)
+        selected[self.index(selected, hook.name)] = True
+        kept = weights.masked_fill(chosen & selected, 0)
+        if self.renormalize:
+            total, left = weights.sum(-1, keepdim=True), kept.sum(-1, keepdim=True)
+            kept = torch.where(left > 0, kept * (total / left.clamp_min(torch.finfo(left.dtype).tiny)), kept)
+        return kept
+
+
+@dataclass(frozen=True, eq=False)
+class RouteTo(_Selecting):
+    """Force a routing at blocks.<layer>.mlp.hook_expert_indices: the selected tokens go to
+    `experts` (one per top-k slot, in order) instead of the router's choice; each slot keeps
+    its weight (set those with Patch at hook_expert_weights)."""
+
+    experts: Any = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "experts", _experts(self.experts, "experts"))
+
+    def check(self, name: str, root: Any) -> None:
+        _check_point(self, name, EXPERT_INDICES)
+        _check_experts(self, self.experts, name, root)
+        shape = getattr(root, "hook_shape", lambda n: None)(name)
+        if shape is not None and len(self.experts) != shape[0]:
+            raise ValueError(f"RouteTo at {name}: {len(self.experts)} experts given, the block routes each token to {shape[0]}")
+
+    def __call__(self, indices: Tensor, hook: Any, ctx: RunContext) -> Tensor:
+        forced = torch.tensor(self.experts, dtype=indices.dtype, device=indices.device)
+        return _write(indices, self.index(indices, hook.name), forced, hook.name, "RouteTo")
+
+
+@dataclass(frozen=True, eq=False, kw_only=True)
+class RoutingStats(_Reading):
+    """Per example, how many of its (selected) tokens each expert got and the weight it got
+    in all, at blocks.<layer>.mlp.hook_expert_weights: ``<name>.expert_counts`` and
+    ``<name>.expert_weights``, each [batch, n_experts]."""
+
+    def check(self, name: str, root: Any) -> None:
+        _check_point(self, name, EXPERT_WEIGHTS)
+
+    def __call__(self, weights: Tensor, hook: Any, ctx: RunContext) -> None:
+        router = hook.name.rsplit(".", 1)[0] + ".hook_router_logits"
+        n_experts = ctx.root.hook_shape(router)[0]
+        indices = self.read(hook.ctx["expert_indices"], hook.name).flatten(1)  # [batch, tokens x top_k]
+        chosen = self.read(weights.detach(), hook.name).flatten(1).float()
+        counts = torch.zeros(indices.shape[0], n_experts, device=indices.device).scatter_add_(1, indices, torch.ones_like(chosen))
+        totals = torch.zeros(indices.shape[0], n_experts, device=indices.device).scatter_add_(1, indices, chosen)
+        ctx.store(hook.name + ".expert_counts", counts)
+        ctx.store(hook.name + ".expert_weights", totals)
 
 
 # ---------------------------------------------------------------- composition

@@ -15,7 +15,7 @@ from shardlens.hooks.ops import Cache
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import head_axis, layer_index
 
-OVER = (("layer", "pos"), ("layer", "head"))
+OVER = (("layer", "pos"), ("layer", "head"))  # what activation cells are over; expert sweeps are over ("layer", "expert")
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class CellGrid:
 
     Attributes:
         points: the hook points, one per row of `grid` (in layer order).
-        over: ("layer", "pos") or ("layer", "head").
-        grid: [point, pos] or [point, head].
+        over: ("layer", "pos"), ("layer", "head") or ("layer", "expert").
+        grid: [point, pos], [point, head] or [point, expert].
         baseline: the metric of the corrupted run (sweeps and attribution), when known.
     """
 
@@ -36,16 +36,17 @@ class CellGrid:
 
     @property
     def table(self) -> pa.Table:
-        """One row per cell: point, layer, pos, head, value (pos or head null as `over` says)."""
+        """One row per cell: point, layer, pos, head (expert, for expert sweeps), value; pos or
+        head null as `over` says."""
         rows, cols = self.grid.shape
         points = [p for p in self.points for _ in range(cols)]
         columns = {
             "point": pa.array(points, pa.string()),
             "layer": pa.array([layer_index(p) for p in points], pa.int16()),
-            "pos": pa.array([c if self.over[1] == "pos" else None for _ in range(rows) for c in range(cols)], pa.int32()),
-            "head": pa.array([c if self.over[1] == "head" else None for _ in range(rows) for c in range(cols)], pa.int32()),
-            "value": pa.array(self.grid.flatten().double().numpy(), pa.float64()),
         }
+        for axis in ("pos", "head") + (("expert",) if self.over[1] == "expert" else ()):
+            columns[axis] = pa.array([c if self.over[1] == axis else None for _ in range(rows) for c in range(cols)], pa.int32())
+        columns["value"] = pa.array(self.grid.flatten().double().numpy(), pa.float64())
         return pa.table(columns)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from shardlens.hooks.metrics import Metric
-from shardlens.hooks.ops import Patch
+from shardlens.hooks.ops import AblateExperts, Patch
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import layer_index
 from shardlens.tracer.cells import CellGrid, batch_mean, is_tracer, resolve_points, run_logits
@@ -173,3 +173,61 @@ def sweep(
     baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
     grid = torch.cat(values).reshape(len(names), -1).cpu()
     return SweepResult(tuple(names), tuple(over), grid, baseline)
+
+
+def expert_sweep(
+    model: Any,
+    tokens: Tensor,
+    *,
+    metric: Metric,
+    renormalize: bool = False,
+    layers: Optional[Sequence[int]] = None,
+    attention_mask: Optional[Tensor] = None,
+    max_batch: int = 64,
+) -> SweepResult:
+    """Ablate each expert of each mixture-of-experts layer in turn and score the run.
+
+    Each cell (layer, expert) takes that expert out of that layer's routing for every token
+    (sl.ops.AblateExperts at blocks.<layer>.mlp.hook_expert_weights, renormalising the other
+    experts' weights when asked). As in `sweep`, many cells run per forward pass.
+
+    Args:
+        model: a HookedModel or a Tracer of a mixture-of-experts model.
+        tokens: token ids [batch, pos].
+        metric: an sl.metrics score.
+        layers: the MoE layers to sweep (default: all).
+
+    Returns:
+        SweepResult over ("layer", "expert"): `.grid` [layer, expert], `.table`, `.baseline`
+        (the metric with every expert in place).
+    """
+    names = resolve_points(model, "blocks.*.mlp.hook_expert_weights", ("layer", "pos"))
+    if layers is not None:
+        wanted = {int(layer) for layer in layers}
+        missing = sorted(wanted - {layer_index(n) for n in names})
+        if missing:
+            raise ValueError(f"layers {missing} have no mixture-of-experts block; MoE layers: {[layer_index(n) for n in names]}")
+        names = [n for n in names if layer_index(n) in wanted]
+    n_experts = model.hook_shape(names[0].replace("hook_expert_weights", "hook_router_logits"))[0]
+    cells = [(name, expert) for name in names for expert in range(n_experts)]
+    batch = tokens.shape[0]
+    per_run = max(1, max_batch // batch)
+    runs = []
+    for start in range(0, len(cells), per_run):
+        group = cells[start:start + per_run]
+        specs = [
+            HookSpec(name, AblateExperts([expert], renormalize=renormalize, batch=list(range(j * batch, (j + 1) * batch))))
+            for j, (name, expert) in enumerate(group)
+        ]
+        mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
+        runs.append((group, tokens.repeat(len(group), 1), mask, specs))
+    if is_tracer(model):
+        all_logits = model.coordinator.run_variants([(t, m, specs) for _, t, m, specs in runs])
+    else:
+        all_logits = [run_logits(model, t, m, specs) for _, t, m, specs in runs]
+    values = [
+        batch_mean(metric.repeat(len(group)).per_example(logits, mask, t), len(group))
+        for (group, t, mask, _), logits in zip(runs, all_logits)
+    ]
+    baseline = float(metric(run_logits(model, tokens, attention_mask, []), attention_mask, tokens))
+    return SweepResult(tuple(names), ("layer", "expert"), torch.cat(values).reshape(len(names), n_experts).cpu(), baseline)

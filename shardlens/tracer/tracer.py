@@ -13,6 +13,7 @@ from torch import Tensor
 from shardlens.cluster import Coordinator, make_backend
 from shardlens.cluster.coordinator import Destination, KVSession
 from shardlens.errors import HookNameError
+from shardlens.hooks.architectures import layout_for
 from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
 from shardlens.hooks.hook_points import HookTarget
 from shardlens.hooks.metrics import Metric
@@ -20,6 +21,7 @@ from shardlens.hooks.model import token_ids
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
+from shardlens.hooks.tapped import canonical_shape
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
 from shardlens.tables.arrow import check_layout
@@ -151,6 +153,14 @@ class Tracer:
 
     def hook_names(self) -> list[str]:
         return list(self.coordinator.hook_names)
+
+    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The shape of a canonical hook point's tensors after [batch, pos] (as on a
+        HookedModel), or None where it depends on the input or is unknown."""
+        layout = layout_for(self.config) if self.config is not None else None
+        if layout is None or name.startswith("module:") or name not in self.coordinator.hook_names:
+            return None
+        return canonical_shape(self.config, layout, name)
 
     def shutdown(self) -> None:
         """Stop the workers (and the Ray instance, when this tracer started it)."""
