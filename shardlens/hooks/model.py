@@ -99,7 +99,7 @@ class HookedModel(TappedModel):
         cls,
         path_or_name: Union[str, os.PathLike],
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: Union[torch.dtype, str] = "auto",
         device_map: Union[str, dict, None] = None,
         attn_result: bool = False,
         **hf_kwargs: Any,
@@ -108,7 +108,8 @@ class HookedModel(TappedModel):
 
         Args:
             path_or_name: a local checkpoint folder or a hub id.
-            dtype: parameter dtype (torch.float32, torch.bfloat16, ...).
+            dtype: parameter dtype (torch.float32, torch.bfloat16, ...); "auto": the one the
+                checkpoint's config names (float32 when it names none), as in transformers.
             device_map: as transformers / accelerate take it ("auto", a dict, ...).
             **hf_kwargs: passed to AutoModelForCausalLM.from_pretrained.
         """

@@ -85,7 +85,7 @@ class ShardPlan:
         *,
         stages: int,
         max_memory: Optional[dict] = None,
-        dtype: Union[torch.dtype, str] = torch.float32,
+        dtype: Union[torch.dtype, str, None] = None,
         stage_resources: Optional[Sequence[dict]] = None,
     ) -> "ShardPlan":
         """Plan `stages` stages of a model.
@@ -96,7 +96,8 @@ class ShardPlan:
             max_memory: the memory of each stage's devices, as accelerate takes it
                 ({0: "40GiB", 1: "40GiB"}: each stage has two GPUs of 40 GiB). None: each
                 stage on one device, "cpu" (build_stage(device=...) can place it elsewhere).
-            dtype: the parameter dtype the stages will hold.
+            dtype: the parameter dtype the stages will hold; None: the dtype the config names
+                (`dtype` / `torch_dtype`, as transformers' dtype="auto"), float32 if none.
             stage_resources: one dict per stage of custom cluster resources its worker
                 needs: [{"node_a": 1}, {"node_b": 1}] puts stage 0 on a node that advertises
                 node_a and stage 1 on one with node_b. None: no requirement (a Ray cluster
@@ -112,7 +113,7 @@ class ShardPlan:
             raise ShardPlanError(
                 f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(LAYOUTS))}"
             )
-        dtype = _dtype(dtype)
+        dtype = _dtype(dtype) if dtype is not None else config_dtype(config)
         n_layers = config.num_hidden_layers
         if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
             raise ShardPlanError(f"stages must be a positive int; got {stages!r}")
@@ -210,6 +211,14 @@ def _dtype(dtype: Union[torch.dtype, str]) -> torch.dtype:
     return value
 
 
+def config_dtype(config: Any) -> torch.dtype:
+    """The dtype a config names for its weights (transformers' dtype="auto"): float32 if none."""
+    named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if named is None or named == "auto":
+        return torch.float32
+    return _dtype(named)
+
+
 def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
     """The whole causal LM with parameters on the meta device (no memory for weights)."""
     from accelerate import init_empty_weights
@@ -269,7 +278,7 @@ def _part_bytes(model: nn.Module, layout: ModelLayout, n_layers: int, dtype: tor
     module = model.get_submodule
     blocks = module(layout.blocks)
     embed = _numel(module(layout.embed)) + (_numel(module(layout.pos_embed)) if layout.pos_embed else 0)
-    head = _numel(module(layout.final_norm)) + module(layout.unembed).weight.numel()  # its own copy when tied
+    head = _numel(module(layout.final_norm)) + _numel(module(layout.unembed))  # its own copy when tied (and any bias)
     return {"embed": embed * size, "head": head * size, "blocks": [_numel(blocks[i]) * size for i in range(n_layers)]}
 
 

@@ -318,7 +318,7 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
     tracer = sl.Tracer.from_pretrained(
         _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
         backend=cluster.get("backend", "ray"), address=cluster.get("address"),
-        dtype=getattr(torch, campaign.model.get("dtype", "float32")), max_memory=cluster.get("max_memory"),
+        dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
         microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
     )
     try:

@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("model", help="checkpoint folder or hub id")
     plan.add_argument("--stages", type=int, default=1, help="number of stages (default: 1)")
     plan.add_argument("--max-memory", help="each stage's device budgets, e.g. 0=40GiB,1=40GiB")
-    plan.add_argument("--dtype", default="float32", help="parameter dtype: float32, bfloat16, float16 (default: float32)")
+    plan.add_argument("--dtype", default=None, help="parameter dtype: float32, bfloat16, float16 (default: the one the checkpoint's config names)")
     plan.add_argument("--stage-resources", help='per stage, the custom Ray resources its workers need, as JSON: \'[{"node_a": 1}, {"node_b": 1}]\'')
     plan.add_argument("--json", action="store_true", help="also print the plan as JSON")
     plan.set_defaults(run=_plan)

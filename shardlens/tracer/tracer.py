@@ -106,7 +106,7 @@ class Tracer:
         replicas: int = 1,
         backend: str = "ray",
         address: Optional[str] = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: Optional[torch.dtype] = None,
         max_memory: Optional[dict] = None,
         microbatch_size: Optional[int] = None,
         allow_code: bool = False,
@@ -119,6 +119,7 @@ class Tracer:
         Args:
             backend: "ray" (actors; connects to `address`, or starts a local Ray instance) or
                 "local" (the same workers in this process).
+            dtype: the stages' parameter dtype; None: the one the checkpoint's config names.
             max_memory: each stage's device budgets (see ShardPlan.for_model); GPUs named
                 there are requested from Ray per worker.
             microbatch_size: examples per microbatch (default: the batch split evenly over

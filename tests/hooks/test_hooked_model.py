@@ -393,3 +393,65 @@ def test_generic_fallback_hooks_any_module():
     assert torch.equal(cache["module:1"], torch.relu(net[0](x)))
     patched = hooked.run_with_hooks(x, fwd_hooks=[("module:1", lambda h, hook: torch.zeros_like(h))])
     assert torch.equal(patched, net[2](torch.zeros(3, 8)))
+
+
+def test_the_fallback_caches_every_module_of_an_unregistered_causal_lm():
+    import transformers
+
+    config = transformers.AutoConfig.for_model("bloom", hidden_size=32, n_layer=2, n_head=4, vocab_size=97)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    hooked = sl.HookedModel(hf)
+    assert hooked.layout is None and "module:transformer.h.1.self_attention" in hooked.hook_names()
+    tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = hf(tokens, output_hidden_states=True)
+    loss, cache = hooked.run_with_cache(tokens, return_type="loss", incl_bwd=True)
+    assert torch.allclose(loss, hf(tokens, labels=tokens).loss, atol=1e-6)
+    assert len([n for n in cache if not n.endswith("_grad")]) >= len(hooked.hook_names()) - 1  # all but modules that never run
+    # a module returning a ModelOutput caches its first tensor field, one returning a tuple its first tensor
+    assert torch.equal(cache["module:transformer"], expected.hidden_states[-1])
+    assert torch.equal(cache["module:transformer.h.0"], expected.hidden_states[1])
+    assert torch.equal(hooked(tokens), expected.logits)
+
+
+def test_the_fallback_taps_the_tensor_part_of_dict_and_tuple_outputs():
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "meta value")
+
+    class DictOut(torch.nn.Linear):
+        def forward(self, x):
+            return {"note": "no tensor", "value": super().forward(x)}
+
+    class TupleOut(torch.nn.Linear):
+        def forward(self, x):
+            return Pair(None, super().forward(x))
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.d, self.t = DictOut(3, 3), TupleOut(3, 3)
+
+        def forward(self, x):
+            return self.t(self.d(x)["value"]).value.sum(-1)
+
+    torch.manual_seed(0)
+    net = Net()
+    hooked = sl.HookedModel(net)
+    x = torch.randn(2, 3)
+    out, cache = hooked.run_with_cache(x)
+    assert torch.equal(out, net(x))
+    assert torch.equal(cache["module:d"], net.d(x)["value"])
+    assert torch.equal(cache["module:t"], net.t(net.d(x)["value"]).value)
+    patched = hooked.run_with_hooks(x, fwd_hooks=[("module:d", lambda t, hook: torch.zeros_like(t))])
+    assert torch.equal(patched, net.t(torch.zeros(2, 3)).value.sum(-1))
+    patched = hooked.run_with_hooks(x, fwd_hooks=[("module:t", lambda t, hook: torch.ones_like(t))])
+    assert torch.equal(patched, torch.full((2,), 3.0))
+
+
+def test_a_checkpoint_loads_in_the_dtype_its_config_names(tiny_checkpoints, tmp_path):
+    load_reference(tiny_checkpoints["llama_gqa"]).to(torch.bfloat16).save_pretrained(tmp_path)
+    assert sl.HookedModel.from_pretrained(tmp_path).model.dtype == torch.bfloat16  # as transformers' dtype="auto"
+    assert sl.HookedModel.from_pretrained(tmp_path, dtype=torch.float32).model.dtype == torch.float32
+    assert sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"]).model.dtype == torch.float32

@@ -10,7 +10,7 @@ import transformers
 from shardlens.errors import ShardPlanError
 from shardlens.sharding import ShardPlan
 from shardlens.sharding.plan import balance
-from tests.tiny_models import tiny_config
+from tests.tiny_models import FAMILIES, tiny_config
 
 
 def brute_force_best(sizes, stages, first, last):
@@ -41,7 +41,7 @@ def test_balance_is_optimal_and_contiguous(seed):
     assert max(totals) == brute_force_best(sizes, stages, first, last)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama_gqa", "gpt_neox"])
+@pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("stages", [1, 2, 3])
 def test_plan_covers_the_layers_with_embeddings_first_and_head_last(name, stages):
     config = tiny_config(name)
@@ -119,3 +119,27 @@ def test_stage_resources_pin_stages_and_travel_with_the_plan(capsys):
 def test_bad_stage_resources_say_what_is_wrong(bad, message):
     with pytest.raises(ShardPlanError, match=message):
         ShardPlan.for_model(tiny_config("llama_gqa"), stages=2, stage_resources=bad)
+
+
+LLAMA_70B = dict(  # meta-llama/Llama-3.1-70B's config.json, as written by hand (no weights)
+    model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+    num_key_value_heads=8, vocab_size=128256, max_position_embeddings=131072, tie_word_embeddings=False, torch_dtype="bfloat16",
+)
+GEMMA2_27B = dict(  # google/gemma-2-27b's
+    model_type="gemma2", hidden_size=4608, intermediate_size=36864, num_hidden_layers=46, num_attention_heads=32,
+    num_key_value_heads=16, head_dim=128, vocab_size=256000, sliding_window=4096, query_pre_attn_scalar=144,
+    tie_word_embeddings=True, torch_dtype="float32",
+)
+
+
+@pytest.mark.parametrize("fields, billions, dtype", [(LLAMA_70B, 70.55, "bfloat16"), (GEMMA2_27B, 27.23, "float32")])
+def test_a_plan_is_sized_in_the_dtype_the_config_names(tmp_path, fields, billions, dtype):
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    plan = ShardPlan.for_model(tmp_path, stages=4)
+    assert plan.dtype == dtype
+    size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    head_copy = fields["vocab_size"] * fields["hidden_size"] if fields["tie_word_embeddings"] else 0  # the last stage's own unembedding
+    assert sum(s.bytes for s in plan.stages) == pytest.approx((billions * 1e9 + head_copy) * size, rel=2e-3)
+    assert ShardPlan.for_model(tmp_path, stages=4, dtype=torch.float16).dtype == "float16"

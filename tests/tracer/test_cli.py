@@ -55,6 +55,17 @@ def test_hooks_plan_inspect(tmp_path, capsys):
     assert "blocks.0.hook_resid_post" in out and "2 rows  shape [3, 4]  bfloat16  layout example" in out
 
 
+def test_plan_sizes_a_large_config_in_its_own_dtype(tmp_path, capsys):
+    import json
+
+    from tests.sharding.test_plan import LLAMA_70B
+
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    assert main(["plan", str(tmp_path), "--stages", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("llama, 80 layers, bfloat16") and "70.5" in out.splitlines()[2] + out.splitlines()[3]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["plan", "/no/such/model"], "shardlens plan: error: no checkpoint folder at /no/such/model"),
     (["plan", "PLACEHOLDER", "--stages", "9"], "stages=9 but the model has 2 layers"),
