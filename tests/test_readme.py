@@ -13,3 +13,11 @@ def test_readme_python_blocks_run():
     namespace: dict = {}  # blocks run in order, like a reader following along
     for block in blocks:
         exec(compile(block, str(README), "exec"), namespace)
+
+
+def test_the_family_table_is_what_the_checks_find_now(tmp_path):
+    from tests.family_table import family_rows, readme_table, render
+
+    assert readme_table(README.read_text()) == render(family_rows(tmp_path)), (
+        "README.md's family table is out of date: run .venv/bin/python -m tests.family_table --write"
+    )

@@ -24,6 +24,7 @@ from shardlens.errors import WorkerError
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import FwdBwd, Splice, SPLICE_POINTS
 from shardlens.hooks.specs import HookSpec
+from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan, StageIO
 from shardlens.tables.parquet import delete_parts
 
@@ -88,6 +89,7 @@ class Coordinator:
         worker_threads: Optional[int] = None,
         allow_code: bool = False,
         retries: int = 2,
+        points: PointOptions = PointOptions(),
     ):
         if not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"replicas must be a positive int; got {replicas!r}")
@@ -97,7 +99,8 @@ class Coordinator:
         self.microbatch_size, self.allow_code, self.retries = microbatch_size, allow_code, retries
         n = len(plan.stages)
         specs = [
-            dict(source=str(source), plan_json=plan.to_json(), index=s, replica=r, device=device, threads=worker_threads, allow_code=allow_code)
+            dict(source=str(source), plan_json=plan.to_json(), index=s, replica=r, device=device, threads=worker_threads,
+                 allow_code=allow_code, points=dataclasses.asdict(points))
             for r in range(replicas) for s in range(n)
         ]
         needs = [{**plan.stages[s].resources, "memory": plan.stages[s].host_bytes} for r in range(replicas) for s in range(n)]

@@ -21,6 +21,7 @@ from shardlens.errors import RemoteHookError, WorkerError
 from shardlens.hooks.generation import copy_hf_cache, full_cache, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
 from shardlens.hooks.specs import HookSpec
+from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan, StageIO, build_stage
 from shardlens.tables.cache import ActivationCache
 from shardlens.tables.parquet import ParquetSink
@@ -37,6 +38,7 @@ class StageWorker:
         device: put the whole stage there instead of following the plan's device map.
         threads: torch threads for this worker (None: leave torch's default).
         allow_code: accept specs holding sl.ops.Code (pickled Python).
+        points: TransformerLens' optional hook points to add (sl.PointOptions fields).
     """
 
     def __init__(
@@ -49,11 +51,12 @@ class StageWorker:
         device: Optional[str] = None,
         threads: Optional[int] = None,
         allow_code: bool = False,
+        points: Optional[dict] = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.index, self.replica, self.allow_code = index, replica, allow_code
-        self.stage = build_stage(source, ShardPlan.from_json(plan_json), index, device=device)
+        self.stage = build_stage(source, ShardPlan.from_json(plan_json), index, device=device, points=PointOptions(**(points or {})))
         self.device = next(self.stage.parameters()).device
         self.incarnation = uuid.uuid4().hex  # changes when a restarted actor rebuilds
         self._ctx = RunContext(self.stage, cache={})  # each batch gets its own store (see forward)

@@ -13,6 +13,7 @@ from shardlens.hooks.names import NamesFilter
 from shardlens.hooks import ops
 from shardlens.hooks.slice import Slice
 from shardlens.hooks.specs import HookSpec, Points, points
+from shardlens.hooks.taps import PointOptions
 
 __all__ = [
     "CachingHook",
@@ -24,6 +25,7 @@ __all__ = [
     "HookPoint",
     "LensHandle",
     "NamesFilter",
+    "PointOptions",
     "Points",
     "Slice",
     "ops",

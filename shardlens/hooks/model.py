@@ -13,7 +13,7 @@ from shardlens.hooks.attention import IMPLEMENTATION
 from shardlens.hooks.generation import KeyValueCache, generate
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.layers import run_layers
-from shardlens.hooks.taps import LogitTransform, ModelParts, module_taps
+from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.tapped import TappedModel
 
 ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
@@ -72,14 +72,16 @@ class HookedModel(TappedModel):
     Args:
         hf_model: a transformers causal LM (or, with module points only, any nn.Module).
         tokenizer: optional; lets forward take text and enables to_tokens / to_string.
-        attn_result: add `blocks.{L}.attn.hook_result`, each head's output through W_O.
+        points: TransformerLens' optional hook points to add (sl.PointOptions: hook_result,
+            split q/k/v inputs, attn_in, mlp_in, hook_tokens); also switched by the
+            set_use_* methods.
 
     Example:
         >>> model = sl.HookedModel.from_pretrained("path/to/checkpoint")
         >>> logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, attn_result: bool = False):
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, points: PointOptions = PointOptions()):
         super().__init__()
         self.model = hf_model
         self.tokenizer = tokenizer
@@ -91,7 +93,7 @@ class HookedModel(TappedModel):
             self._module_taps = module_taps(hf_model, paths)
         else:
             self._use_shardlens_attention()
-            self._build_points(attn_result)
+            self._build_points(points)
         self.setup()
 
     @classmethod
@@ -101,7 +103,7 @@ class HookedModel(TappedModel):
         *,
         dtype: Union[torch.dtype, str] = "auto",
         device_map: Union[str, dict, None] = None,
-        attn_result: bool = False,
+        points: PointOptions = PointOptions(),
         **hf_kwargs: Any,
     ) -> "HookedModel":
         """Load a causal LM (and its tokenizer, when the checkpoint has one) and wrap it.
@@ -116,7 +118,7 @@ class HookedModel(TappedModel):
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, device_map=device_map, **hf_kwargs)
-        return cls(hf_model.eval(), _load_tokenizer(path_or_name), attn_result=attn_result)
+        return cls(hf_model.eval(), _load_tokenizer(path_or_name), points=points)
 
     # ------------------------------------------------------------------ hook points
 

@@ -7,6 +7,7 @@ the canonical hook points tapped into them, plus `module:<path>` points made on 
 from __future__ import annotations
 
 import types
+from dataclasses import replace
 from typing import Any, Optional
 
 from torch import Tensor, nn
@@ -15,8 +16,9 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
 from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
 from shardlens.hooks.names import is_glob
+from shardlens.hooks.head_inputs import option_taps
 from shardlens.hooks.taps import (
-    ModelParts, ModelPoints, OutputTap, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
+    ModelParts, ModelPoints, OutputTap, PointOptions, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
 )
 
 MODULE_PREFIX = "module:"
@@ -37,7 +39,7 @@ class TappedModel(HookedRootModule):
         super().__init__()
         self._taps: list[Tap] = []
         self._module_taps: dict[str, OutputTap] = {}
-        self._attn_result = False
+        self.point_options = PointOptions()
 
     def _parts(self) -> ModelParts:
         raise NotImplementedError
@@ -49,28 +51,55 @@ class TappedModel(HookedRootModule):
         """The path of the decoder blocks under the module root."""
         raise NotImplementedError
 
-    def _build_points(self, attn_result: bool) -> None:
+    def _build_points(self, options: PointOptions) -> None:
         parts = self._parts()
         self.points = ModelPoints(
             self.layout, sorted(parts.blocks), has_embed=parts.embed is not None,
-            has_head=parts.unembed is not None, attn_result=attn_result,
+            has_head=parts.unembed is not None, options=options,
         )
-        self._taps = model_taps(self.points, parts, self.layout, self.config.num_attention_heads)
-        self._attn_result = attn_result
+        n_heads = self.config.num_attention_heads
+        n_kv = canonical_shape(self.config, self.layout, "blocks.0.attn.hook_k")[0]
+        self._taps = model_taps(self.points, parts, self.layout, n_heads)
+        for layer, block_points in self.points.blocks.items():
+            block = parts.blocks[int(layer)]
+            self._taps += option_taps(block_points, block, self.layout.block_at(int(layer)), n_heads, n_kv, self.config.model_type)
+        self.point_options = options
         if self.layout.attention_forward is not None:
             for layer, block in parts.blocks.items():
                 attention = block.get_submodule(self.layout.block_at(layer).attn)
                 attention.forward = types.MethodType(self.layout.attention_forward, attention)
 
-    def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """Add (or remove) `blocks.{L}.attn.hook_result`. Needs a model with no hooks attached."""
-        if self.layout is None or use_attn_result == self._attn_result:
+    def set_point_options(self, options: PointOptions) -> None:
+        """Switch TransformerLens' optional hook points on or off (see PointOptions). The
+        points are rebuilt, so the model must have no hooks attached."""
+        if self.layout is None or options == self.point_options:
             return
         if self.has_hooks():
-            raise RuntimeError("set_use_attn_result rebuilds the hook points: call reset_hooks(including_permanent=True) first")
+            raise RuntimeError("switching optional hook points rebuilds them: call reset_hooks(including_permanent=True) first")
         self._sync_taps()  # with no hooks: unwire everything before the points are replaced
-        self._build_points(use_attn_result)
+        self._build_points(options)
         self.setup()
+
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """Add (or remove) `blocks.{L}.attn.hook_result`, each head's output through W_O."""
+        self.set_point_options(replace(self.point_options, attn_result=use_attn_result))
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Add (or remove) `blocks.{L}.hook_q_input|hook_k_input|hook_v_input`: each head's own
+        copy of the block's input, normalised on its own (see shardlens.hooks.head_inputs)."""
+        self.set_point_options(replace(self.point_options, split_qkv_input=use_split_qkv_input))
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Add (or remove) `blocks.{L}.hook_attn_in`, one copy of the block's input per head."""
+        self.set_point_options(replace(self.point_options, attn_in=use_attn_in))
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Add (or remove) `blocks.{L}.hook_mlp_in`, what the MLP's norm reads."""
+        self.set_point_options(replace(self.point_options, hook_mlp_in=use_hook_mlp_in))
+
+    def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
+        """Add (or remove) `hook_tokens`, the token ids [batch, pos]."""
+        self.set_point_options(replace(self.point_options, hook_tokens=use_hook_tokens))
 
     def setup(self) -> None:
         """Index the hook points by canonical name, and the held modules by path."""
@@ -150,7 +179,9 @@ def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tup
     moe = layout.block_at(layer_of(name)).moe if name.startswith("blocks.") else None
     shapes = {
         "hook_q": (n_heads, d_qk), "hook_k": (n_kv, d_qk), "hook_v": (n_kv, d_v), "hook_z": (n_heads, d_v),
-        "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,),
+        "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,), "hook_tokens": (),
+        "hook_attn_in": (n_heads, d_model), "hook_q_input": (n_heads, d_model), "hook_k_input": (n_kv, d_model),
+        "hook_v_input": (n_kv, d_model),
         "hook_pre": (d_mlp,), "hook_pre_linear": (d_mlp,), "hook_post": (d_mlp,),
         "hook_attn_scores": None, "hook_pattern": None,
     }

@@ -111,7 +111,8 @@ class SharedInputTap(Tap):
     """
 
     def attach(self) -> list[RemovableHandle]:
-        return [self.module.register_forward_pre_hook(self._hook)]
+        # first among the module's pre-hooks: hook_mlp_in, also read there, sees the result
+        return [self.module.register_forward_pre_hook(self._hook, prepend=True)]
 
     def _hook(self, module: nn.Module, args: tuple) -> None:
         resid = args[0]
@@ -340,22 +341,48 @@ def dense_mlp_taps(points: MLPPoints, root: nn.Module, mlp_in: str, mlp_in_linea
     return taps
 
 
+@dataclass(frozen=True)
+class PointOptions:
+    """TransformerLens' optional hook points, all off by default (see head_inputs for the
+    per-head inputs).
+
+    Attributes:
+        attn_result: blocks.{L}.attn.hook_result, each head's output through W_O.
+        split_qkv_input: blocks.{L}.hook_q_input|hook_k_input|hook_v_input.
+        attn_in: blocks.{L}.hook_attn_in.
+        hook_mlp_in: blocks.{L}.hook_mlp_in.
+        hook_tokens: hook_tokens, the token ids [batch, pos].
+    """
+
+    attn_result: bool = False
+    split_qkv_input: bool = False
+    attn_in: bool = False
+    hook_mlp_in: bool = False
+    hook_tokens: bool = False
+
+
 class BlockPoints(nn.Module):
     """The hook points of one block, registered in the order the forward pass reaches them."""
 
-    def __init__(self, layout: BlockLayout, attn_result: bool):
+    def __init__(self, layout: BlockLayout, options: PointOptions):
         super().__init__()
         self.hook_resid_pre = HookPoint()
+        if options.attn_in:
+            self.hook_attn_in = HookPoint()
+        if options.split_qkv_input:
+            self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
         if layout.ln1 is not None:
             self.ln1 = NormPoints()
         self.attn = AttentionPoints()
-        if attn_result:
+        if options.attn_result:
             self.attn.hook_result = HookPoint()
         if layout.ln1_post is not None:
             self.ln1_post = NormPoints()
         self.hook_attn_out = HookPoint()
         if not layout.parallel:
             self.hook_resid_mid = HookPoint()
+        if options.hook_mlp_in:
+            self.hook_mlp_in = HookPoint()
         if layout.ln2 is not None:
             self.ln2 = NormPoints()
         self.mlp = MoEPoints(layout.moe) if layout.moe is not None else MLPPoints(gated=layout.gated)
@@ -412,13 +439,15 @@ class ModelPoints(nn.Module):
     `blocks` is keyed by the global layer index, so a stage's names match the whole model's.
     """
 
-    def __init__(self, layout: ModelLayout, layers: Sequence[int], *, has_embed: bool, has_head: bool, attn_result: bool):
+    def __init__(self, layout: ModelLayout, layers: Sequence[int], *, has_embed: bool, has_head: bool, options: PointOptions):
         super().__init__()
+        if has_embed and options.hook_tokens:
+            self.hook_tokens = HookPoint()
         if has_embed:
             self.hook_embed = HookPoint()
             if layout.pos_embed is not None:
                 self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleDict({str(layer): BlockPoints(layout.block_at(layer), attn_result) for layer in layers})
+        self.blocks = nn.ModuleDict({str(layer): BlockPoints(layout.block_at(layer), options) for layer in layers})
         if has_head:
             self.ln_final = NormPoints()
             self.hook_logits = HookPoint()
@@ -441,6 +470,8 @@ class ModelParts:
 def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int) -> list[Tap]:
     """The taps that connect `points` to the modules of a model laid out as `layout`."""
     taps: list[Tap] = []
+    if hasattr(points, "hook_tokens"):
+        taps.append(InputTap(points.hook_tokens, parts.embed))
     if hasattr(points, "hook_embed"):
         taps.append(OutputTap(points.hook_embed, parts.embed))
     if hasattr(points, "hook_pos_embed"):

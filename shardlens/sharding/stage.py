@@ -21,7 +21,7 @@ from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.model import next_token_loss, positions_from_mask
 from shardlens.hooks.layers import run_layers
-from shardlens.hooks.taps import LogitTransform, ModelParts
+from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions
 from shardlens.hooks.tapped import TappedModel
 from shardlens.sharding.checkpoint import Checkpoint
 from shardlens.sharding.plan import ShardPlan, StageSpec, hf_path, meta_model, stage_modules
@@ -51,7 +51,7 @@ class StageIO:
 class Stage(TappedModel):
     """One stage of a model: see `build_stage`."""
 
-    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict):
+    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict, points: PointOptions = PointOptions()):
         super().__init__()
         self.config, self.layout, self.spec = config, layout, spec
         for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
@@ -60,7 +60,7 @@ class Stage(TappedModel):
         self.logit_transform = LogitTransform(layout) if spec.head else None
         self.loaded_keys: tuple[str, ...] = ()
         self._pending: Optional[tuple[Optional[Tensor], Tensor]] = None
-        self._build_points(attn_result=False)
+        self._build_points(points)
         self.setup()
 
     @property
@@ -154,13 +154,15 @@ class Stage(TappedModel):
 
 
 def build_stage(
-    source: Union[str, os.PathLike], plan: ShardPlan, index: int, *, device: Union[str, torch.device, None] = None
+    source: Union[str, os.PathLike], plan: ShardPlan, index: int, *, device: Union[str, torch.device, None] = None,
+    points: PointOptions = PointOptions(),
 ) -> Stage:
     """Build stage `index` of `plan` from a checkpoint folder, reading only its own tensors.
 
     The stage's modules are made on the meta device; then exactly the tensors they hold are
     read from the safetensors files (single or sharded) and placed by the stage's device
-    map, or all on `device` when given. Other stages' weights are never read.
+    map, or all on `device` when given. Other stages' weights are never read. `points`
+    switches on TransformerLens' optional hook points, as on a HookedModel.
     """
     from transformers import AutoConfig
 
@@ -172,7 +174,8 @@ def build_stage(
     layout = layout_for(config)
     spec = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
-    stage = Stage(skeleton.config, layout, spec, stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head))
+    modules = stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head)
+    stage = Stage(skeleton.config, layout, spec, modules, points)
     checkpoint = Checkpoint(
         source, model_class=type(skeleton).__name__, model_type=config.model_type, base_prefix=skeleton.base_model_prefix,
     )

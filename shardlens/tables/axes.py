@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Optional
 
-PER_HEAD_SUFFIXES = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_result")  # [batch, pos, head, ...]
+PER_HEAD_SUFFIXES = (  # [batch, pos, head, ...]
+    "hook_q", "hook_k", "hook_v", "hook_z", "hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input",
+)
 PATTERN_SUFFIXES = ("hook_attn_scores", "hook_pattern")  # [batch, head, q_pos, k_pos]
 
 

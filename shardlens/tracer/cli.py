@@ -35,6 +35,19 @@ def _hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _families(args: argparse.Namespace) -> int:
+    from shardlens.hooks.architectures import LAYOUTS, decoder_model_types
+
+    known = decoder_model_types()
+    covered = [t for t in known if t in LAYOUTS]
+    print(f"{len(covered)} of the {len(known)} decoder-only causal LM types transformers knows have canonical hook names and shard:")
+    print("  " + " ".join(covered))
+    if args.all:
+        print("the others get module: points on every submodule (HookedModel only):")
+        print("  " + " ".join(t for t in known if t not in LAYOUTS))
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     from shardlens.sharding import ShardPlan
 
@@ -179,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     hooks = commands.add_parser("hooks", help="list a model's hook points", description="List the hook points of a checkpoint's model (from its config; no weights are read).")
     hooks.add_argument("model", help="checkpoint folder or hub id")
     hooks.set_defaults(run=_hooks)
+
+    families = commands.add_parser(
+        "families", help="list the model families with canonical hook names",
+        description="List the model types of the installed transformers that are decoder-only causal LMs, and which of "
+        "them shardlens covers (canonical hook names, attention internals, sharding, the Tracer).",
+    )
+    families.add_argument("--all", action="store_true", help="also list the types it does not cover")
+    families.set_defaults(run=_families)
 
     plan = commands.add_parser("plan", help="print a shard plan", description="Plan a model's stages from its config alone (no weights are loaded) and print the table.")
     plan.add_argument("model", help="checkpoint folder or hub id")

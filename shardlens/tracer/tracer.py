@@ -22,6 +22,7 @@ from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.tapped import canonical_shape
+from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
 from shardlens.tables.arrow import check_layout
@@ -113,6 +114,7 @@ class Tracer:
         device: Optional[str] = None,
         worker_threads: Optional[int] = None,
         stage_resources: Optional[Sequence[dict]] = None,
+        points: PointOptions = PointOptions(),
     ) -> "Tracer":
         """Plan `stages` stages of the checkpoint at `path` and start `replicas` pipelines.
 
@@ -130,6 +132,8 @@ class Tracer:
             stage_resources: per stage, the custom Ray resources its workers need
                 ([{"node_a": 1}, {"node_b": 1}] pins stage 0 to a node advertising node_a,
                 stage 1 to one with node_b). None: Ray spreads the stages over the nodes.
+            points: TransformerLens' optional hook points every stage adds (sl.PointOptions;
+                a HookedModel switches them with set_use_*, a Tracer when it starts).
         """
         plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype, stage_resources=stage_resources)
         gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
@@ -137,7 +141,7 @@ class Tracer:
         try:
             coordinator = Coordinator(
                 os.fspath(path), plan, workers, replicas=replicas, microbatch_size=microbatch_size,
-                device=device, worker_threads=worker_threads, allow_code=allow_code,
+                device=device, worker_threads=worker_threads, allow_code=allow_code, points=points,
             )
         except BaseException:
             workers.shutdown()  # no actors (or Ray instance) of ours left behind by a failed start

@@ -151,7 +151,8 @@ def test_expert_sweep_equals_one_run_per_cell(tiny_checkpoints, tokens, renormal
         for expert in range(4):
             logits = model.run_with_hooks(tokens, fwd_hooks=[Spec(name, ops.AblateExperts([expert], renormalize=renormalize))])
             assert result.grid[row, expert] == pytest.approx(float(metric(logits.detach())), abs=1e-5), (name, expert)
-    assert result.baseline == pytest.approx(float(metric(model(tokens))), abs=1e-6)
+    with torch.no_grad():
+        assert result.baseline == pytest.approx(float(metric(model(tokens))), abs=1e-6)
     assert result.table.column_names == ["point", "layer", "pos", "head", "expert", "value"]
     with pytest.raises(ValueError, match="no mixture-of-experts block"):
         patching.expert_sweep(model, tokens, metric=metric, layers=[1])

@@ -62,10 +62,25 @@ def register_layout(model_type: str, layout: LayoutFn) -> None:
     LAYOUTS[model_type] = layout
 
 
+def decoder_model_types() -> list[str]:
+    """Every model_type the installed transformers has a causal LM for that is decoder-only:
+    its causal-LM table, less the types that also have a masked-LM model (encoders used as
+    decoders) or a sequence-to-sequence one (text or speech: the decoders of encoder-decoders).
+    Sorted."""
+    from transformers.models.auto import modeling_auto as auto
+
+    causal = auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    others = set(auto.MODEL_FOR_MASKED_LM_MAPPING_NAMES) | set(auto.MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    others |= set(auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING_NAMES)
+    return sorted(t for t in causal if t not in others)
+
+
 def layout_for(config: Any) -> Optional[ModelLayout]:
     """The layout for a transformers config, or None when its model_type is not registered."""
     layout = LAYOUTS.get(getattr(config, "model_type", None))
     return layout(config) if layout is not None else None
 
 
-__all__ = ["BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "layout_for", "register_layout"]
+__all__ = [
+    "BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "decoder_model_types", "layout_for", "register_layout",
+]

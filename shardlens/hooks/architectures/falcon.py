@@ -30,6 +30,8 @@ def falcon_layout(config) -> ModelLayout:
         ln1, ln2, parallel = "ln_attn", "ln_mlp", True
     else:
         ln1, ln2, parallel = "input_layernorm", None, True
+    # how query_key_value lays out its heads (see falcon_attention)
+    arrangement = "falcon" if config.new_decoder_architecture else "qkv" if config.multi_query else "qkv_per_head"
     return ModelLayout(
         embed="transformer.word_embeddings", blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head",
         rotary="transformer.rotary_emb", cache_kwarg="layer_past", block_kwargs=(("alibi", None),),
@@ -37,7 +39,7 @@ def falcon_layout(config) -> ModelLayout:
         block=BlockLayout(
             ln1=ln1, ln2=ln2, attn="self_attention", o_proj="self_attention.dense", mlp="mlp",
             mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h", norm="layernorm", parallel=parallel,
-            mlp_out_changed_in_place=parallel,
+            mlp_out_changed_in_place=parallel, qkv=(("self_attention.query_key_value", arrangement),),
         ),
     )
 

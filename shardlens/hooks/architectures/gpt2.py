@@ -13,6 +13,6 @@ def gpt2_layout(config) -> ModelLayout:
         unembed="lm_head",
         block=BlockLayout(
             ln1="ln_1", attn="attn", o_proj="attn.c_proj", ln2="ln_2", mlp="mlp",
-            mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", norm="layernorm", o_proj_kind="conv1d",
+            mlp_in="mlp.c_fc", mlp_out="mlp.c_proj", norm="layernorm", o_proj_kind="conv1d", qkv=(("attn.c_attn", "qkv"),),
         ),
     )

@@ -16,6 +16,7 @@ def gpt_neox_layout(config) -> ModelLayout:
             ln1="input_layernorm", attn="attention", o_proj="attention.dense",
             ln2="post_attention_layernorm", mlp="mlp",
             mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h", norm="layernorm",
+            qkv=(("attention.query_key_value", "qkv_per_head"),),
             parallel=bool(getattr(config, "use_parallel_residual", True)),
         ),
     )

@@ -10,6 +10,6 @@ def gptj_layout(config) -> ModelLayout:
         unembed="lm_head", rotary="transformer.rotary_emb",
         block=BlockLayout(
             ln1="ln_1", attn="attn", o_proj="attn.out_proj", mlp="mlp", mlp_in="mlp.fc_in", mlp_out="mlp.fc_out",
-            norm="layernorm", parallel=True,
+            norm="layernorm", parallel=True, qkv=(("attn.q_proj", "q"), ("attn.k_proj", "k"), ("attn.v_proj", "v")),
         ),
     )

@@ -60,8 +60,9 @@ class BlockLayout:
     mlp_in_linear: Optional[str] = None  # gated MLPs: the up projection, mlp.hook_pre_linear
     fused_gate_up: bool = False  # mlp_in returns [gate | up] in one tensor (Phi-3)
     moe: Optional[MoELayout] = None  # a mixture-of-experts MLP: no hook_pre / hook_post
+    qkv: tuple = ()  # (projection path, arrangement) of the q/k/v projections: see head_inputs.row_blocks
     norm: NormKind = "layernorm"
-    o_proj_kind: ProjectionKind = "linear"
+    o_proj_kind: ProjectionKind = "linear"  # the attention projections' kind (o_proj and q/k/v)
     parallel: bool = False  # attention and MLP both read resid_pre (no resid_mid)
     mlp_out_changed_in_place: bool = False  # the block adds into the MLP's output tensor (Falcon)
 

@@ -6,6 +6,7 @@ from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, atten
 LLAMA_BLOCK = BlockLayout(
     ln1="input_layernorm", attn="self_attn", o_proj="self_attn.o_proj", ln2="post_attention_layernorm", mlp="mlp",
     mlp_in="mlp.gate_proj", mlp_in_linear="mlp.up_proj", mlp_out="mlp.down_proj", norm="rmsnorm",
+    qkv=(("self_attn.q_proj", "q"), ("self_attn.k_proj", "k"), ("self_attn.v_proj", "v")),
 )
 
 

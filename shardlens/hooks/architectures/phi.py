@@ -18,11 +18,13 @@ def phi_layout(config) -> ModelLayout:
         rotary="model.rotary_emb", embed_dropout="model.embed_dropout",
         block=BlockLayout(
             ln1="input_layernorm", attn="self_attn", o_proj="self_attn.dense", mlp="mlp",
-            mlp_in="mlp.fc1", mlp_out="mlp.fc2", norm="layernorm", parallel=True,
+            mlp_in="mlp.fc1", mlp_out="mlp.fc2", norm="layernorm", parallel=True, qkv=LLAMA_BLOCK.qkv,
         ),
     )
 
 
 def phi3_layout(config) -> ModelLayout:
-    block = replace(LLAMA_BLOCK, mlp_in="mlp.gate_up_proj", mlp_in_linear=None, fused_gate_up=True)
+    block = replace(
+        LLAMA_BLOCK, mlp_in="mlp.gate_up_proj", mlp_in_linear=None, fused_gate_up=True, qkv=(("self_attn.qkv_proj", "qkv"),),
+    )
     return llama_layout(config, block)
