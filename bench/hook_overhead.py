@@ -9,11 +9,20 @@
    hook_resid_post; run_with_cache of every hook point. With the `bench` extra installed
    (transformer-lens, nnsight), also TransformerLens' TransformerBridge.run_with_cache and an
    nnsight trace saving the block outputs, on the same saved model.
+3. The same four variants, compute-bound, on other families' shapes:
+   - gemma2: Gemma 2 (8 layers, d_model 768, grouped-query heads, sliding window 64 of the
+     128 tokens, attention and final soft-caps, post-attention and post-MLP norms);
+   - mixtral: Mixtral (8 layers, d_model 512, 8 experts, top-2, grouped-query heads).
 
 Everything runs under torch.no_grad(); the variants are interleaved round by round so that
 drift in machine speed hits all of them alike, and the median of each is reported.
 
-    .venv/bin/python bench/hook_overhead.py [--only toy|compute|latency] [--repeats N]
+Caching every point holds hundreds of MB per forward, which the plain forward frees as it
+goes; on the CPU, fresh memory costs page faults (the kernel zeroes each new page), whatever
+holds it. "plain HF + keep every module's output" is that cost with no framework: the plain
+forward with torch hooks that keep each module's output until the forward ends.
+
+    .venv/bin/python bench/hook_overhead.py [--only toy|compute|latency|gemma2|mixtral] [--repeats N]
 """
 
 from __future__ import annotations
@@ -34,6 +43,16 @@ from shardlens.hooks.toy import ToyTransformer, word_tokenizer
 CONFIGS = {
     "compute": dict(layers=12, d_model=768, heads=12, vocab=8192, batch=8, pos=128, repeats=5),
     "latency": dict(layers=4, d_model=128, heads=4, vocab=1024, batch=1, pos=16, repeats=200),
+}
+FAMILY_SHAPES = {  # compute-bound shapes of other families: (model_type, config fields), tokens [8, 128]
+    "gemma2": ("gemma2", dict(
+        num_hidden_layers=8, hidden_size=768, intermediate_size=3072, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=96, vocab_size=8192, sliding_window=64, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+    )),
+    "mixtral": ("mixtral", dict(
+        num_hidden_layers=8, hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=2,
+        vocab_size=8192, num_local_experts=8, num_experts_per_tok=2,
+    )),
 }
 
 
@@ -126,6 +145,7 @@ def hf_section(name: str, repeats: int | None) -> None:
         n_points = len(hooked.hook_names())
         variants = {
             "plain HF forward": lambda: plain(tokens).logits,
+            "plain HF + keep every module's output": keeping_outputs(plain, tokens),
             "HookedModel (no hooks)": lambda: hooked(tokens),
             "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
             f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
@@ -140,9 +160,59 @@ def hf_section(name: str, repeats: int | None) -> None:
     )
 
 
+def keeping_outputs(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], object]:
+    """The plain forward, holding every module's output (its first tensor) until it returns."""
+    kept: list = []
+
+    def keep(module, args, output):
+        first = output if isinstance(output, torch.Tensor) else output[0] if isinstance(output, tuple) else None
+        if isinstance(first, torch.Tensor):
+            kept.append(first)
+
+    modules = [m for name, m in model.named_modules() if name and not isinstance(m, torch.nn.ModuleList)]
+
+    def run():
+        handles = [m.register_forward_hook(keep) for m in modules]
+        try:
+            return model(tokens).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+            kept.clear()
+
+    return run
+
+
+def family_section(name: str, repeats: int | None) -> None:
+    model_type, fields = FAMILY_SHAPES[name]
+    repeats = repeats or 5
+    config = transformers.AutoConfig.for_model(model_type, max_position_embeddings=256, bos_token_id=0, eos_token_id=0, pad_token_id=0, **fields)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        plain = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
+        hooked = sl.HookedModel.from_pretrained(tmp)
+    tokens = torch.randint(0, config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
+    n_points = len(hooked.hook_names())
+    variants = {
+        f"plain HF forward ({plain.config._attn_implementation})": lambda: plain(tokens).logits,
+        "plain HF + keep every module's output": keeping_outputs(plain, tokens),
+        "HookedModel (no hooks)": lambda: hooked(tokens),
+        "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
+        f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
+    }
+    with torch.no_grad():
+        medians = median_seconds(variants, repeats)
+    report(
+        f"compute-bound: {name} shape, {config.num_hidden_layers} layers, d_model {config.hidden_size}, vocab {config.vocab_size}, "
+        f"tokens [8, 128], {repeats} rounds, torch threads {torch.get_num_threads()}",
+        medians,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Hook overhead as ratios to the plain forward.")
-    parser.add_argument("--only", choices=["toy", "compute", "latency"], help="run one section")
+    parser.add_argument("--only", choices=["toy", "compute", "latency", *FAMILY_SHAPES], help="run one section")
     parser.add_argument("--repeats", type=int, help="rounds per section (default: per section)")
     args = parser.parse_args()
     transformers.utils.logging.disable_progress_bar()
@@ -151,6 +221,9 @@ def main() -> None:
     for name in ("compute", "latency"):
         if args.only in (None, name):
             hf_section(name, args.repeats)
+    for name in FAMILY_SHAPES:
+        if args.only in (None, name):
+            family_section(name, args.repeats)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
 from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
 from shardlens.hooks.names import is_glob
+from shardlens.hooks.experts import expert_taps
 from shardlens.hooks.head_inputs import option_taps
 from shardlens.hooks.taps import (
     ModelParts, ModelPoints, OutputTap, PointOptions, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
@@ -62,7 +63,9 @@ class TappedModel(HookedRootModule):
         self._taps = model_taps(self.points, parts, self.layout, n_heads)
         for layer, block_points in self.points.blocks.items():
             block = parts.blocks[int(layer)]
-            self._taps += option_taps(block_points, block, self.layout.block_at(int(layer)), n_heads, n_kv, self.config.model_type)
+            block_layout, family = self.layout.block_at(int(layer)), self.config.model_type
+            self._taps += option_taps(block_points, block, block_layout, n_heads, n_kv, family)
+            self._taps += expert_taps(block_points, block, block_layout, family)
         self.point_options = options
         if self.layout.attention_forward is not None:
             for layer, block in parts.blocks.items():
@@ -100,6 +103,11 @@ class TappedModel(HookedRootModule):
     def set_use_hook_tokens(self, use_hook_tokens: bool) -> None:
         """Add (or remove) `hook_tokens`, the token ids [batch, pos]."""
         self.set_point_options(replace(self.point_options, hook_tokens=use_hook_tokens))
+
+    def set_use_expert_points(self, use_expert_points: bool) -> None:
+        """Add (or remove) `blocks.{L}.mlp.experts.{E}.hook_pre|hook_pre_linear|hook_post|hook_out`
+        in every mixture-of-experts block (see shardlens.hooks.experts)."""
+        self.set_point_options(replace(self.point_options, expert_points=use_expert_points))
 
     def setup(self) -> None:
         """Index the hook points by canonical name, and the held modules by path."""
@@ -172,7 +180,9 @@ def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tup
     d_qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or d_head  # DeepSeek's MLA
     d_v = getattr(config, "v_head_dim", None) or d_head
     point = name.rsplit(".", 1)[-1]
-    if ".mlp.shared_expert." in name:
+    if ".mlp.experts." in name:
+        d_mlp = getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+    elif ".mlp.shared_expert." in name:
         d_mlp = getattr(config, "shared_expert_intermediate_size", None) or config.moe_intermediate_size * getattr(config, "n_shared_experts", 1)
     else:
         d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or getattr(config, "ffn_hidden_size", None) or 4 * d_model

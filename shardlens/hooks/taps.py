@@ -249,6 +249,15 @@ class FusedGateUpTap(Tap):
         return torch.cat([self.gate(gate), self.up(up)], dim=-1)
 
 
+class ExpertPoints(nn.Module):
+    """One routed expert's points: hook_pre, hook_pre_linear, hook_post [batch, pos, d_mlp],
+    hook_out [batch, pos, d_model] (see shardlens.hooks.experts)."""
+
+    def __init__(self):
+        super().__init__()
+        self.hook_pre, self.hook_pre_linear, self.hook_post, self.hook_out = HookPoint(), HookPoint(), HookPoint(), HookPoint()
+
+
 class MoEPoints(nn.Module):
     """The routing of a mixture-of-experts MLP.
 
@@ -261,12 +270,16 @@ class MoEPoints(nn.Module):
     routed scaling factor in DeepSeek-V3, softmax over the top-k logits in gpt-oss). A hook on
     the weights finds the indices in ``hook.ctx["expert_indices"]``.
     shared_expert.hook_pre|hook_pre_linear|hook_post: the dense expert every token goes through.
+    experts.{E}.hook_pre|hook_pre_linear|hook_post|hook_out: each routed expert, on request
+    (see shardlens.hooks.experts).
     """
 
-    def __init__(self, layout: MoELayout):
+    def __init__(self, layout: MoELayout, expert_points: bool = False):
         super().__init__()
         self.hook_router_logits = HookPoint()
         self.hook_expert_indices, self.hook_expert_weights = HookPoint(), HookPoint()
+        if expert_points:
+            self.experts = nn.ModuleDict({str(e): ExpertPoints() for e in range(layout.n_experts)})
         if layout.shared_expert is not None:
             self.shared_expert = MLPPoints(gated=True)
 
@@ -352,6 +365,8 @@ class PointOptions:
         attn_in: blocks.{L}.hook_attn_in.
         hook_mlp_in: blocks.{L}.hook_mlp_in.
         hook_tokens: hook_tokens, the token ids [batch, pos].
+        expert_points: blocks.{L}.mlp.experts.{E}.hook_pre|hook_pre_linear|hook_post|hook_out,
+            each routed expert of a mixture-of-experts block (see shardlens.hooks.experts).
     """
 
     attn_result: bool = False
@@ -359,6 +374,7 @@ class PointOptions:
     attn_in: bool = False
     hook_mlp_in: bool = False
     hook_tokens: bool = False
+    expert_points: bool = False
 
 
 class BlockPoints(nn.Module):
@@ -385,7 +401,7 @@ class BlockPoints(nn.Module):
             self.hook_mlp_in = HookPoint()
         if layout.ln2 is not None:
             self.ln2 = NormPoints()
-        self.mlp = MoEPoints(layout.moe) if layout.moe is not None else MLPPoints(gated=layout.gated)
+        self.mlp = MoEPoints(layout.moe, options.expert_points) if layout.moe is not None else MLPPoints(gated=layout.gated)
         if layout.ln2_post is not None:
             self.ln2_post = NormPoints()
         self.hook_mlp_out = HookPoint()

@@ -156,3 +156,39 @@ def test_expert_sweep_equals_one_run_per_cell(tiny_checkpoints, tokens, renormal
     assert result.table.column_names == ["point", "layer", "pos", "head", "expert", "value"]
     with pytest.raises(ValueError, match="no mixture-of-experts block"):
         patching.expert_sweep(model, tokens, metric=metric, layers=[1])
+
+
+@pytest.mark.parametrize("name", [f for f in MOE_FAMILIES if f != "gpt_oss"])
+def test_each_expert_on_request(tiny_checkpoints, tokens, name):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], points=sl.PointOptions(expert_points=True))
+    reference = load_reference(tiny_checkpoints[name])
+    layer = moe_layers(model)[-1]
+    moe = model.layout.block_at(layer).moe
+    experts_out = {}
+    module = reference.get_submodule(model.layout.blocks)[layer].get_submodule(moe.experts)
+    handle = module.register_forward_hook(lambda m, args, out: experts_out.__setitem__("out", out.detach()))
+    expected, routing = run_reference(reference, model, tokens)
+    handle.remove()
+    logits, cache = model.run_with_cache(tokens, names_filter=f"blocks.{layer}.mlp.*")
+    assert torch.allclose(logits, expected, atol=1e-5)
+    p = f"blocks.{layer}.mlp."
+    outs = torch.stack([cache[f"{p}experts.{e}.hook_out"] for e in range(moe.n_experts)])  # [expert, batch, pos, d_model]
+    assert torch.allclose(outs.sum(0).flatten(0, 1), experts_out["out"], atol=1e-5)  # what the experts module returns
+    routed = torch.stack([(cache[p + "hook_expert_indices"] == e).any(-1) for e in range(moe.n_experts)])
+    for e in range(moe.n_experts):
+        for point in ("hook_pre", "hook_pre_linear", "hook_post", "hook_out"):
+            value = cache[f"{p}experts.{e}.{point}"]
+            assert value.shape[2:] == model.hook_shape(f"{p}experts.{e}.{point}")
+            assert torch.count_nonzero(value[~routed[e]]) == 0, (e, point)  # only its routed tokens
+    gate = cache[f"{p}experts.0.hook_pre"]
+    act = module.act_fn
+    assert torch.allclose(cache[f"{p}experts.0.hook_post"][routed[0]], (act(gate) * cache[f"{p}experts.0.hook_pre_linear"])[routed[0]], atol=1e-6)
+    # zeroing an expert's output is taking it out of the routing without renormalising
+    zeroed = model.run_with_hooks(tokens, fwd_hooks=[(f"{p}experts.2.hook_out", lambda x, hook: torch.zeros_like(x))])
+    ablated = model.run_with_hooks(tokens, fwd_hooks=[Spec(p + "hook_expert_weights", ops.AblateExperts([2]))])
+    assert torch.allclose(zeroed, ablated, atol=1e-5) and not torch.allclose(zeroed, logits, atol=1e-4)
+
+
+def test_experts_of_another_form_have_no_points(tiny_checkpoints):
+    with pytest.raises(NotImplementedError, match="gpt_oss models have no per-expert hook points"):
+        sl.HookedModel.from_pretrained(tiny_checkpoints["gpt_oss"], points=sl.PointOptions(expert_points=True))

@@ -131,3 +131,26 @@ def test_stages_and_tracers_take_the_same_points(tiny_checkpoints, tokens, other
     with Tracer.from_pretrained(tiny_checkpoints[name], stages=2, backend="local", points=ALL) as tracer:
         assert sorted(tracer.hook_names()) == sorted(model.hook_names())
         assert torch.allclose(tracer.run_with_hooks(tokens, fwd_hooks=[patch]), expected, atol=1e-5)
+
+
+def test_attn_in_feeds_each_query_head_and_each_groups_first_head_feeds_its_keys(tiny_checkpoints, tokens, other):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"], points=sl.PointOptions(attn_in=True))  # 4 heads, 2 kv
+    names = ["blocks.0.hook_resid_pre", "blocks.0.attn.hook_q", "blocks.0.attn.hook_k"]
+    _, base = model.run_with_cache(tokens, names_filter=names)
+    _, swapped = model.run_with_cache(other, names_filter=names)
+
+    def run(copy):
+        def patch(x, hook):
+            x[:, :, copy] = swapped["blocks.0.hook_resid_pre"]
+            return x
+
+        with model.hooks(fwd_hooks=[("blocks.0.hook_attn_in", patch)]):
+            return model.run_with_cache(tokens, names_filter=names)[1]
+
+    first_of_group_1 = run(2)  # query head 2, and kv head 1's keys and values
+    assert torch.allclose(first_of_group_1["blocks.0.attn.hook_q"][:, :, 2], swapped["blocks.0.attn.hook_q"][:, :, 2], atol=1e-5)
+    assert torch.allclose(first_of_group_1["blocks.0.attn.hook_k"][:, :, 1], swapped["blocks.0.attn.hook_k"][:, :, 1], atol=1e-5)
+    assert torch.allclose(first_of_group_1["blocks.0.attn.hook_k"][:, :, 0], base["blocks.0.attn.hook_k"][:, :, 0], atol=1e-6)
+    second_of_group_0 = run(1)  # query head 1 only
+    assert torch.allclose(second_of_group_0["blocks.0.attn.hook_q"][:, :, 1], swapped["blocks.0.attn.hook_q"][:, :, 1], atol=1e-5)
+    assert torch.allclose(second_of_group_0["blocks.0.attn.hook_k"], base["blocks.0.attn.hook_k"], atol=1e-6)
