@@ -142,15 +142,7 @@ def hf_section(name: str, repeats: int | None) -> None:
         plain = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
         hooked = sl.HookedModel.from_pretrained(folder)
         tokens = torch.randint(0, c["vocab"], (c["batch"], c["pos"]), generator=torch.Generator().manual_seed(0))
-        n_points = len(hooked.hook_names())
-        variants = {
-            "plain HF forward": lambda: plain(tokens).logits,
-            "plain HF + keep every module's output": keeping_outputs(plain, tokens),
-            "HookedModel (no hooks)": lambda: hooked(tokens),
-            "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
-            f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
-        }
-        variants.update(competitor_variants(folder, tokens, c["layers"]))
+        variants = {**shardlens_variants(plain, hooked, tokens, "plain HF forward"), **competitor_variants(folder, tokens, c["layers"])}
         with torch.no_grad():
             medians = median_seconds(variants, repeats)
     report(
@@ -158,6 +150,19 @@ def hf_section(name: str, repeats: int | None) -> None:
         f"tokens [{c['batch']}, {c['pos']}], {repeats} rounds, torch threads {torch.get_num_threads()}",
         medians,
     )
+
+
+def shardlens_variants(plain: torch.nn.Module, hooked: sl.HookedModel, tokens: torch.Tensor, label: str) -> dict[str, Callable[[], object]]:
+    """The plain forward (first: the baseline), its no-framework ceiling of caching, and the
+    HookedModel with no hooks, caching resid_post, and caching every point."""
+    n_points = len(hooked.hook_names())
+    return {
+        label: lambda: plain(tokens).logits,
+        "plain HF + keep every module's output": keeping_outputs(plain, tokens),
+        "HookedModel (no hooks)": lambda: hooked(tokens),
+        "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
+        f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
+    }
 
 
 def keeping_outputs(model: torch.nn.Module, tokens: torch.Tensor) -> Callable[[], object]:
@@ -193,14 +198,7 @@ def family_section(name: str, repeats: int | None) -> None:
         plain = transformers.AutoModelForCausalLM.from_pretrained(tmp).eval()
         hooked = sl.HookedModel.from_pretrained(tmp)
     tokens = torch.randint(0, config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
-    n_points = len(hooked.hook_names())
-    variants = {
-        f"plain HF forward ({plain.config._attn_implementation})": lambda: plain(tokens).logits,
-        "plain HF + keep every module's output": keeping_outputs(plain, tokens),
-        "HookedModel (no hooks)": lambda: hooked(tokens),
-        "HookedModel run_with_cache (resid_post)": lambda: hooked.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post"),
-        f"HookedModel run_with_cache (all {n_points} points)": lambda: hooked.run_with_cache(tokens),
-    }
+    variants = shardlens_variants(plain, hooked, tokens, f"plain HF forward ({plain.config._attn_implementation} attention)")
     with torch.no_grad():
         medians = median_seconds(variants, repeats)
     report(

@@ -599,24 +599,32 @@ def _check_experts(op: Op, experts: tuple, name: str, root: Any) -> None:
 
 
 @dataclass(frozen=True, eq=False)
-class AblateExperts(_Selecting):
-    """Take experts out of the routing at blocks.<layer>.mlp.hook_expert_weights: a token
-    routed to one of `experts` gets weight zero for it. With `renormalize`, the token's other
-    weights are scaled so that they keep the sum they had (what the router's renormalised
-    top-k would give without those experts); without, the block's output just loses those
-    experts' share. `positions` and `batch` select the tokens."""
+class _ExpertOp(_Selecting):
+    """An op on a mixture-of-experts block's routing that names experts; it acts at `point`."""
 
+    point: ClassVar[str]
     experts: Any = ()
-    _: KW_ONLY
-    renormalize: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "experts", _experts(self.experts, "experts"))
 
     def check(self, name: str, root: Any) -> None:
-        _check_point(self, name, EXPERT_WEIGHTS)
+        _check_point(self, name, self.point)
         _check_experts(self, self.experts, name, root)
+
+
+@dataclass(frozen=True, eq=False)
+class AblateExperts(_ExpertOp):
+    """Take experts out of the routing at blocks.<layer>.mlp.hook_expert_weights: a token
+    routed to one of `experts` gets weight zero for it. With `renormalize`, the token's other
+    weights are scaled so that they keep the sum they had (what the router's renormalised
+    top-k would give without those experts); without, the block's output just loses those
+    experts' share. `positions` and `batch` select the tokens."""
+
+    point: ClassVar[str] = EXPERT_WEIGHTS
+    _: KW_ONLY
+    renormalize: bool = False
 
     def __call__(self, weights: Tensor, hook: Any, ctx: RunContext) -> Tensor:
         indices = hook.ctx["expert_indices"]  # [batch, pos, top_k], set by the block's routing tap
@@ -631,20 +639,15 @@ class AblateExperts(_Selecting):
 
 
 @dataclass(frozen=True, eq=False)
-class RouteTo(_Selecting):
+class RouteTo(_ExpertOp):
     """Force a routing at blocks.<layer>.mlp.hook_expert_indices: the selected tokens go to
     `experts` (one per top-k slot, in order) instead of the router's choice; each slot keeps
     its weight (set those with Patch at hook_expert_weights)."""
 
-    experts: Any = ()
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        object.__setattr__(self, "experts", _experts(self.experts, "experts"))
+    point: ClassVar[str] = EXPERT_INDICES
 
     def check(self, name: str, root: Any) -> None:
-        _check_point(self, name, EXPERT_INDICES)
-        _check_experts(self, self.experts, name, root)
+        super().check(name, root)
         shape = getattr(root, "hook_shape", lambda n: None)(name)
         if shape is not None and len(self.experts) != shape[0]:
             raise ValueError(f"RouteTo at {name}: {len(self.experts)} experts given, the block routes each token to {shape[0]}")
