@@ -37,6 +37,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gpt_neox_sequential": ("gpt_neox", dict(**_MLP, rotary_pct=0.5, use_parallel_residual=False)),
     "gptj": ("gptj", dict(n_inner=64, rotary_dim=4)),
     "falcon": ("falcon", dict(new_decoder_architecture=True, num_kv_heads=2, alibi=False)),
+    "falcon_7b": ("falcon", dict(new_decoder_architecture=False, multi_query=True, parallel_attn=True, alibi=False)),
     "gemma": ("gemma", dict(**_MLP, **_GQA, head_dim=8)),
     "gemma2": ("gemma2", dict(**_MLP, **_GQA, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     "gemma3": ("gemma3_text", dict(**_MLP, **_GQA, head_dim=8, sliding_window=4, sliding_window_pattern=2, final_logit_softcapping=3.0)),
@@ -56,7 +57,7 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "qwen3_moe": ("qwen3_moe", dict(**_MLP, **_GQA, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2, head_dim=8, norm_topk_prob=True)),
     "olmoe": ("olmoe", dict(**_MLP, **_GQA, num_experts=4, num_experts_per_tok=2)),
     "deepseek_v3": ("deepseek_v3", dict(  # latent attention: keys and values for every head, as in DeepSeek-V3
-        **_MLP, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
+        **_MLP, num_key_value_heads=4, moe_intermediate_size=32, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1,
         first_k_dense_replace=1, n_group=2, topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
         qk_nope_head_dim=4, v_head_dim=8, rope_scaling=None,
     )),

@@ -89,7 +89,7 @@ class Coordinator:
         worker_threads: Optional[int] = None,
         allow_code: bool = False,
         retries: int = 2,
-        points: PointOptions = PointOptions(),
+        point_options: PointOptions = PointOptions(),
     ):
         if not isinstance(replicas, int) or replicas < 1:
             raise ValueError(f"replicas must be a positive int; got {replicas!r}")
@@ -100,7 +100,7 @@ class Coordinator:
         n = len(plan.stages)
         specs = [
             dict(source=str(source), plan_json=plan.to_json(), index=s, replica=r, device=device, threads=worker_threads,
-                 allow_code=allow_code, points=dataclasses.asdict(points))
+                 allow_code=allow_code, point_options=dataclasses.asdict(point_options))
             for r in range(replicas) for s in range(n)
         ]
         needs = [{**plan.stages[s].resources, "memory": plan.stages[s].host_bytes} for r in range(replicas) for s in range(n)]

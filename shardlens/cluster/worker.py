@@ -51,12 +51,12 @@ class StageWorker:
         device: Optional[str] = None,
         threads: Optional[int] = None,
         allow_code: bool = False,
-        points: Optional[dict] = None,
+        point_options: Optional[dict] = None,
     ):
         if threads:
             torch.set_num_threads(threads)
         self.index, self.replica, self.allow_code = index, replica, allow_code
-        self.stage = build_stage(source, ShardPlan.from_json(plan_json), index, device=device, points=PointOptions(**(points or {})))
+        self.stage = build_stage(source, ShardPlan.from_json(plan_json), index, device=device, point_options=PointOptions(**(point_options or {})))
         self.device = next(self.stage.parameters()).device
         self.incarnation = uuid.uuid4().hex  # changes when a restarted actor rebuilds
         self._ctx = RunContext(self.stage, cache={})  # each batch gets its own store (see forward)

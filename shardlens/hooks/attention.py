@@ -6,13 +6,14 @@ hands it the same causal / padding / sliding-window mask it would hand SDPA). An
 dispatches attention through that interface gets hook_q/k/v/attn_scores/pattern/z.
 
 A layer none of whose score, pattern or z points has hooks takes transformers' SDPA path
-(after the q/k/v hooks, if any); otherwise the layer computes what eager attention computes,
-with the hook points in between.
+(after the q/k/v hooks, if any), except where SDPA cannot compute what the layer asks for
+(Gemma 2's soft-capped scores, gpt-oss's attention sinks); otherwise the layer computes what
+eager attention computes, with the hook points in between.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
 from shardlens.hooks.hook_points import HookPoint
 
@@ -138,6 +140,46 @@ def _attention(
     pattern_used = F.dropout(pattern, p=dropout, training=module.training) if dropout else pattern
     z = torch.matmul(pattern_used, value).transpose(1, 2).contiguous()  # [batch, pos, head, d_head]
     return hook_z(z), pattern
+
+
+def falcon_attention(
+    module: nn.Module,
+    hidden_states: Tensor,
+    alibi: Optional[Tensor],
+    attention_mask: Optional[Tensor],
+    position_ids: Optional[Tensor] = None,
+    layer_past: Any = None,
+    use_cache: bool = False,
+    output_attentions: bool = False,
+    position_embeddings: Optional[tuple[Tensor, Tensor]] = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """FalconAttention.forward (rotary Falcons), with attention through shardlens_attention.
+
+    Keys and values keep their kv heads (grouped-query: query head h reads kv head
+    h // (n_heads / n_kv_heads)), in the key/value cache too.
+    """
+    if alibi is not None:
+        raise NotImplementedError("Falcon with ALiBi positions is not supported")
+    batch, pos, _ = hidden_states.shape
+    n_heads, d_head = module.num_heads, module.head_dim
+    fused = module.query_key_value(hidden_states)
+    if module.new_decoder_architecture:
+        qkv = fused.view(batch, pos, module.config.num_kv_heads, -1, d_head)  # per kv head: its query heads, k, v
+        query, key, value = qkv[..., :-2, :].flatten(2, 3), qkv[..., -2, :], qkv[..., -1, :]
+    elif module.multi_query:
+        qkv = fused.view(batch, pos, n_heads + 2, d_head)
+        query, key, value = qkv[..., :-2, :], qkv[..., -2:-1, :], qkv[..., -1:, :]
+    else:
+        qkv = fused.view(batch, pos, n_heads, 3, d_head)
+        query, key, value = qkv[..., 0, :], qkv[..., 1, :], qkv[..., 2, :]
+    query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # [batch, head, pos, d_head]
+    cos, sin = position_embeddings
+    query, key = apply_rotary_pos_emb(query, key, cos, sin)
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, module.layer_idx)
+    z, _ = shardlens_attention(module, query, key, value, attention_mask, scaling=module.inv_norm_factor)
+    return module.dense(z.reshape(batch, pos, n_heads * d_head)), None
 
 
 AttentionInterface.register(IMPLEMENTATION, shardlens_attention)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardlens.hooks.hook_points import HookPoint
-from shardlens.hooks.taps import Tap, _ForwardSwap
+from shardlens.hooks.taps import Tap, ForwardSwap
 
 
 def is_plain_experts(experts: nn.Module) -> bool:
@@ -46,7 +46,7 @@ class ExpertsTap(Tap):
         return any(p.active for e in self.points for p in (e.hook_pre, e.hook_pre_linear, e.hook_post, e.hook_out))
 
     def attach(self) -> list:
-        return [self.block.register_forward_pre_hook(self._block_input), _ForwardSwap(self.module, self._forward)]
+        return [self.block.register_forward_pre_hook(self._block_input), ForwardSwap(self.module, self._forward)]
 
     def _block_input(self, module: nn.Module, args: tuple) -> None:
         self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
@@ -60,16 +60,16 @@ class ExpertsTap(Tap):
             token, slot = torch.where(indices == expert)
             gate_up = F.linear(hidden[token], experts.gate_up_proj[expert])
             gate, up = gate_up.chunk(2, dim=-1)
-            gate = _through(points.hook_pre, gate, token, hidden.shape[0], shape)
-            up = _through(points.hook_pre_linear, up, token, hidden.shape[0], shape)
-            post = _through(points.hook_post, experts.act_fn(gate) * up, token, hidden.shape[0], shape)
+            gate = _routed_through(points.hook_pre, gate, token, hidden.shape[0], shape)
+            up = _routed_through(points.hook_pre_linear, up, token, hidden.shape[0], shape)
+            post = _routed_through(points.hook_post, experts.act_fn(gate) * up, token, hidden.shape[0], shape)
             result = F.linear(post, experts.down_proj[expert]) * weights[token, slot, None]
-            result = _through(points.hook_out, result, token, hidden.shape[0], shape)
+            result = _routed_through(points.hook_out, result, token, hidden.shape[0], shape)
             out.index_add_(0, token, result.to(out.dtype))
         return out
 
 
-def _through(point: HookPoint, rows: Tensor, token: Tensor, n_tokens: int, shape: tuple) -> Tensor:
+def _routed_through(point: HookPoint, rows: Tensor, token: Tensor, n_tokens: int, shape: tuple) -> Tensor:
     """Run the routed tokens' rows through `point` as a [batch, pos, ...] tensor (zeros at the
     other tokens), and take the routed rows back."""
     if not point.active:

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from shardlens.hooks.architectures import BlockLayout
 from shardlens.hooks.hook_points import HookPoint
-from shardlens.hooks.taps import BlockPoints, Tap, _ForwardSwap
+from shardlens.hooks.taps import BlockPoints, Tap, ForwardSwap
 
 # How a projection's output rows are laid out, in blocks of d_head rows each owned by one
 # (q|k|v, head): see `row_blocks`.
@@ -74,7 +74,7 @@ class HeadInputsTap(Tap):
         super().__init__(self.attn_in or self.split[0], source)
         self.norm, self.projections = norm, list(projections)
         self.n_heads, self.n_kv = n_heads, n_kv
-        self._inputs: dict[str, Tensor] = {}
+        self._inputs: Optional[Tensor] = None
 
     def wanted(self) -> bool:
         return bool(self.attn_in is not None and self.attn_in.active) or bool(self.split and any(p.active for p in self.split))
@@ -83,7 +83,7 @@ class HeadInputsTap(Tap):
         handles: list[Any] = [self.module.register_forward_pre_hook(self._capture, with_kwargs=True)]
         for module, kind, arrangement in self.projections:
             blocks = row_blocks(arrangement, self.n_heads, self.n_kv)
-            handles.append(_ForwardSwap(module, lambda x, m=module, k=kind, b=blocks: self._project(m, k, b, x)))
+            handles.append(ForwardSwap(module, lambda x, m=module, k=kind, b=blocks: self._project(m, k, b, x)))
         return handles
 
     def _capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -95,7 +95,8 @@ class HeadInputsTap(Tap):
         inputs = {"q": q_in, "k": kv_in, "v": kv_in}
         if self.split is not None:
             inputs = {c: point(inputs[c].clone()) for c, point in zip("qkv", self.split)}
-        self._inputs = {c: self._normalize(x) for c, x in inputs.items()}
+        # [batch, pos, n_heads + 2 n_kv, d_model]: the q, k and v inputs side by side (see _project)
+        self._inputs = torch.cat([self._normalize(inputs[c]) for c in "qkv"], dim=2)
 
     def _normalize(self, x: Tensor) -> Tensor:
         # the norm's own class forward: its hook points (and any swap of its forward) see only
@@ -105,11 +106,11 @@ class HeadInputsTap(Tap):
     def _project(self, module: nn.Module, kind: str, blocks: list[tuple[str, int]], x: Tensor) -> Tensor:
         """The projection's output with each d_head-row block computed from its head's input."""
         offsets = {"q": 0, "k": self.n_heads, "v": self.n_heads + self.n_kv}
-        stacked = torch.cat([self._inputs["q"], self._inputs["k"], self._inputs["v"]], dim=2)
-        owners = torch.tensor([offsets[c] + h for c, h in blocks], device=stacked.device)
+        owners = torch.tensor([offsets[c] + h for c, h in blocks], device=self._inputs.device)
         weight = module.weight if kind == "conv1d" else module.weight.T  # [d_model, out]
         weight = weight.T.unflatten(0, (len(blocks), -1))  # [block, d_head, d_model]
-        out = torch.einsum("bpnd,ned->bpne", stacked.index_select(2, owners).to(weight.dtype), weight).flatten(2)
+        inputs = self._inputs.index_select(2, owners).to(weight.device, weight.dtype)  # [batch, pos, block, d_model]
+        out = torch.einsum("bpnd,ned->bpne", inputs, weight).flatten(2)
         return out if module.bias is None else out + module.bias
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from torch import Tensor, nn
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 from shardlens.hooks.architectures import ModelLayout
 
@@ -28,8 +29,6 @@ def run_layers(
     from the position ids (per attention kind where the family has one per kind), and the
     keywords the family's blocks need. With a transformers `cache` (of earlier tokens),
     `hidden` holds only the new tokens and `attention_mask` covers all of them."""
-    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
-
     if attention_mask is not None:
         attention_mask = attention_mask.to(hidden.device)
     mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)

@@ -14,7 +14,7 @@ from shardlens.hooks.generation import KeyValueCache, generate
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.layers import run_layers
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
-from shardlens.hooks.tapped import TappedModel
+from shardlens.hooks.tapped import TappedModel, cache_fields, no_layout_for_options
 
 ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
 _RETURN_TYPES = ("logits", "loss", "both", "metric", None)
@@ -81,7 +81,7 @@ class HookedModel(TappedModel):
         >>> logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
     """
 
-    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, points: PointOptions = PointOptions()):
+    def __init__(self, hf_model: nn.Module, tokenizer: Any = None, *, point_options: PointOptions = PointOptions()):
         super().__init__()
         self.model = hf_model
         self.tokenizer = tokenizer
@@ -89,11 +89,13 @@ class HookedModel(TappedModel):
         self.config = getattr(hf_model, "config", None)
         self.layout: Optional[ModelLayout] = layout_for(self.config) if self.config is not None else None
         if self.layout is None:
+            if point_options != PointOptions():
+                raise ValueError(no_layout_for_options(self.config))
             paths = [path for path, _ in hf_model.named_modules() if path]
             self._module_taps = module_taps(hf_model, paths)
         else:
             self._use_shardlens_attention()
-            self._build_points(points)
+            self._build_points(point_options)
         self.setup()
 
     @classmethod
@@ -103,22 +105,22 @@ class HookedModel(TappedModel):
         *,
         dtype: Union[torch.dtype, str] = "auto",
         device_map: Union[str, dict, None] = None,
-        points: PointOptions = PointOptions(),
+        point_options: PointOptions = PointOptions(),
         **hf_kwargs: Any,
     ) -> "HookedModel":
         """Load a causal LM (and its tokenizer, when the checkpoint has one) and wrap it.
 
         Args:
             path_or_name: a local checkpoint folder or a hub id.
-            dtype: parameter dtype (torch.float32, torch.bfloat16, ...); "auto": the one the
-                checkpoint's config names (float32 when it names none), as in transformers.
+            dtype: parameter dtype (torch.float32, torch.bfloat16, ...); "auto" (transformers'):
+                the one the checkpoint's config names, else that of its weights.
             device_map: as transformers / accelerate take it ("auto", a dict, ...).
             **hf_kwargs: passed to AutoModelForCausalLM.from_pretrained.
         """
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, device_map=device_map, **hf_kwargs)
-        return cls(hf_model.eval(), _load_tokenizer(path_or_name), points=points)
+        return cls(hf_model.eval(), _load_tokenizer(path_or_name), point_options=point_options)
 
     # ------------------------------------------------------------------ hook points
 
@@ -243,7 +245,9 @@ class HookedModel(TappedModel):
         rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
         blocks = {i: block for i, block in parts.blocks.items() if i >= layer}
         hidden = run_layers(self.config, self.layout, blocks, rotary, resid_pre, attention_mask, position_ids)
-        return self._readout(hidden)
+        logits = self._readout(hidden)
+        # hook_logits is on the model's own output where its forward changes the logits (see _parts)
+        return self.points.hook_logits(logits) if self.layout.transforms_logits else logits
 
     def _readout(self, resid: Tensor) -> Tensor:
         """The logits of a final residual stream: final norm, unembedding, logit transform."""
@@ -253,11 +257,7 @@ class HookedModel(TappedModel):
     def _cache_context(self) -> dict:
         if self.layout is None:
             return {}
-        return {
-            "attention_mask": self._last_attention_mask,
-            "readout": self._readout,
-            "norm": "layernorm" if self.layout.block.norm.startswith("layernorm") else "rmsnorm",  # centred or not
-        }
+        return {"attention_mask": self._last_attention_mask, "readout": self._readout, **cache_fields(self.layout)}
 
     def _inputs(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         tokens, attention_mask = token_ids(input, attention_mask, lambda: self._tokenizer_or_raise("text input"))

@@ -17,7 +17,7 @@ everything else is [batch, pos, ...].
 
 Cache entries written by reading ops, by hook point name N: Cache -> N; CacheGrad -> N_grad;
 NormStats -> N.mean, N.variance, N.second_moment; AttnPatternBlocks -> N.blocks;
-ProjectedHeads -> N.projected; RoutingStats -> N.expert_counts, N.expert_weights.
+ProjectedHeads -> N.projected; RoutingStats -> N.expert_counts, N.expert_weight_sums.
 """
 
 from __future__ import annotations
@@ -610,6 +610,7 @@ class _ExpertOp(_Selecting):
         object.__setattr__(self, "experts", _experts(self.experts, "experts"))
 
     def check(self, name: str, root: Any) -> None:
+        super().check(name, root)
         _check_point(self, name, self.point)
         _check_experts(self, self.experts, name, root)
 
@@ -646,6 +647,11 @@ class RouteTo(_ExpertOp):
 
     point: ClassVar[str] = EXPERT_INDICES
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(set(self.experts)) != len(self.experts):
+            raise ValueError(f"RouteTo sends a token to each expert once: experts {list(self.experts)} name one twice")
+
     def check(self, name: str, root: Any) -> None:
         super().check(name, root)
         shape = getattr(root, "hook_shape", lambda n: None)(name)
@@ -658,23 +664,28 @@ class RouteTo(_ExpertOp):
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)
-class RoutingStats(_Reading):
+class RoutingStats(_Selecting):
     """Per example, how many of its (selected) tokens each expert got and the weight it got
     in all, at blocks.<layer>.mlp.hook_expert_weights: ``<name>.expert_counts`` and
-    ``<name>.expert_weights``, each [batch, n_experts]."""
+    ``<name>.expert_weight_sums``, each [batch, n_experts]. `positions` (token groups count
+    as their positions together) and `batch` select the tokens."""
+
+    reads: ClassVar[bool] = True
 
     def check(self, name: str, root: Any) -> None:
+        super().check(name, root)
         _check_point(self, name, EXPERT_WEIGHTS)
 
     def __call__(self, weights: Tensor, hook: Any, ctx: RunContext) -> None:
         router = hook.name.rsplit(".", 1)[0] + ".hook_router_logits"
         n_experts = ctx.root.hook_shape(router)[0]
-        indices = self.read(hook.ctx["expert_indices"], hook.name).flatten(1)  # [batch, tokens x top_k]
-        chosen = self.read(weights.detach(), hook.name).flatten(1).float()
-        counts = torch.zeros(indices.shape[0], n_experts, device=indices.device).scatter_add_(1, indices, torch.ones_like(chosen))
-        totals = torch.zeros(indices.shape[0], n_experts, device=indices.device).scatter_add_(1, indices, chosen)
+        index = self.index(weights, hook.name)
+        indices = hook.ctx["expert_indices"][index].flatten(1)  # [batch, tokens x top_k]
+        chosen = weights.detach()[index].flatten(1).float()
+        counts = chosen.new_zeros(indices.shape[0], n_experts).scatter_add_(1, indices, torch.ones_like(chosen))
+        sums = chosen.new_zeros(indices.shape[0], n_experts).scatter_add_(1, indices, chosen)
         ctx.store(hook.name + ".expert_counts", counts)
-        ctx.store(hook.name + ".expert_weights", totals)
+        ctx.store(hook.name + ".expert_weight_sums", sums)
 
 
 # ---------------------------------------------------------------- composition

@@ -6,7 +6,6 @@ the canonical hook points tapped into them, plus `module:<path>` points made on 
 
 from __future__ import annotations
 
-import types
 from dataclasses import replace
 from typing import Any, Optional
 
@@ -14,15 +13,23 @@ from torch import Tensor, nn
 
 from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
-from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
-from shardlens.hooks.names import is_glob
 from shardlens.hooks.experts import expert_taps
 from shardlens.hooks.head_inputs import option_taps
+from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
+from shardlens.hooks.names import is_glob
 from shardlens.hooks.taps import (
     ModelParts, ModelPoints, OutputTap, PointOptions, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
 )
 
 MODULE_PREFIX = "module:"
+
+
+def no_layout_for_options(config: Any) -> str:
+    model_type = getattr(config, "model_type", None)
+    return (
+        f"optional hook points (PointOptions) need canonical names, and model type {model_type!r} has none: "
+        "it gets module: points only (register_layout adds a family)"
+    )
 
 
 class TappedModel(HookedRootModule):
@@ -53,29 +60,33 @@ class TappedModel(HookedRootModule):
         raise NotImplementedError
 
     def _build_points(self, options: PointOptions) -> None:
+        """Make the canonical points and their taps; the model's points change only once every
+        tap is made (a family that cannot have an optional point leaves the model as it was)."""
         parts = self._parts()
-        self.points = ModelPoints(
+        points = ModelPoints(
             self.layout, sorted(parts.blocks), has_embed=parts.embed is not None,
             has_head=parts.unembed is not None, options=options,
         )
-        n_heads = self.config.num_attention_heads
-        n_kv = canonical_shape(self.config, self.layout, "blocks.0.attn.hook_k")[0]
-        self._taps = model_taps(self.points, parts, self.layout, n_heads)
-        for layer, block_points in self.points.blocks.items():
+        n_heads, n_kv = self.config.num_attention_heads, self.n_kv_heads
+        taps = model_taps(points, parts, self.layout, n_heads, n_kv)
+        for layer, block_points in points.blocks.items():
             block = parts.blocks[int(layer)]
             block_layout, family = self.layout.block_at(int(layer)), self.config.model_type
-            self._taps += option_taps(block_points, block, block_layout, n_heads, n_kv, family)
-            self._taps += expert_taps(block_points, block, block_layout, family)
-        self.point_options = options
-        if self.layout.attention_forward is not None:
-            for layer, block in parts.blocks.items():
-                attention = block.get_submodule(self.layout.block_at(layer).attn)
-                attention.forward = types.MethodType(self.layout.attention_forward, attention)
+            taps += option_taps(block_points, block, block_layout, n_heads, n_kv, family)
+            taps += expert_taps(block_points, block, block_layout, family)
+        self.points, self._taps, self.point_options = points, taps, options
+
+    @property
+    def n_kv_heads(self) -> int:
+        """Key/value heads per layer (as hook_k has them)."""
+        return canonical_shape(self.config, self.layout, "blocks.0.attn.hook_k")[0]
 
     def set_point_options(self, options: PointOptions) -> None:
         """Switch TransformerLens' optional hook points on or off (see PointOptions). The
         points are rebuilt, so the model must have no hooks attached."""
-        if self.layout is None or options == self.point_options:
+        if self.layout is None:
+            raise ValueError(no_layout_for_options(self.config))
+        if options == self.point_options:
             return
         if self.has_hooks():
             raise RuntimeError("switching optional hook points rebuilds them: call reset_hooks(including_permanent=True) first")
@@ -169,13 +180,26 @@ class TappedModel(HookedRootModule):
         return canonical_shape(self.config, self.layout, name)
 
 
+def cache_fields(layout: Optional[ModelLayout]) -> dict:
+    """What an ActivationCache of a model laid out so needs to know of it: the final norm's
+    kind (for apply_ln) and what each component is multiplied by as it enters the residual
+    stream (for decompose_resid)."""
+    if layout is None:
+        return {}
+    return {
+        "norm": "layernorm" if layout.block.norm.startswith("layernorm") else "rmsnorm",  # centred or not
+        "scales": {
+            "hook_embed": layout.embed_multiplier,
+            "hook_attn_out": layout.residual_multiplier, "hook_mlp_out": layout.residual_multiplier,
+        },
+    }
+
+
 def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tuple[int, ...]]:
     """The shape after [batch, pos] of the canonical hook point `name` of a model with this
     config and layout; None for attention scores and patterns (they depend on the input)."""
     d_model, n_heads = config.hidden_size, config.num_attention_heads
-    n_kv = getattr(config, "num_key_value_heads", None) or getattr(config, "num_kv_heads", None) or n_heads
-    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention expands keys and values to every head
-        n_kv = n_heads
+    n_kv = layout.n_kv_heads or getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or d_head  # DeepSeek's MLA
     d_v = getattr(config, "v_head_dim", None) or d_head

@@ -8,6 +8,7 @@ its hook point has hooks (`sync()`), so a model with no hooks runs its plain for
 
 from __future__ import annotations
 
+import types
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -21,13 +22,25 @@ from shardlens.hooks.attention import AttentionPoints
 from shardlens.hooks.hook_points import HookPoint
 
 
+def _mapping_key(output: Mapping) -> Optional[str]:
+    """The key of a ModelOutput's or dict's tensor part: `logits` where it has them (a causal
+    LM, also when it computed a loss), else its first tensor value (a base model's
+    last_hidden_state)."""
+    if isinstance(output.get("logits"), Tensor):
+        return "logits"
+    return next((k for k, v in output.items() if isinstance(v, Tensor)), None)
+
+
 def _first(output: Any) -> Optional[Tensor]:
     """The tensor part of a module's output: the output itself, the first tensor of a tuple or
-    list, or the first tensor value of a ModelOutput or dict (a causal LM's logits, a base
-    model's last_hidden_state). None when it holds no tensor."""
+    list, or (see _mapping_key) one tensor value of a ModelOutput or dict. None when it holds
+    no tensor."""
     if isinstance(output, Tensor):
         return output
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    if isinstance(output, Mapping):
+        key = _mapping_key(output)
+        return None if key is None else output[key]
+    values = output if isinstance(output, (tuple, list)) else ()
     return next((value for value in values if isinstance(value, Tensor)), None)
 
 
@@ -36,8 +49,7 @@ def _with_first(output: Any, first: Tensor) -> Any:
     if isinstance(output, Tensor):
         return first
     if isinstance(output, Mapping):
-        key = next(k for k, v in output.items() if isinstance(v, Tensor))
-        output[key] = first  # a ModelOutput keeps its attribute and its item in step
+        output[_mapping_key(output)] = first  # a ModelOutput keeps its attribute and its item in step
         return output
     index = next(i for i, v in enumerate(output) if isinstance(v, Tensor))
     items = [*output[:index], first, *output[index + 1:]]
@@ -136,7 +148,7 @@ class NormPoints(nn.Module):
         self.hook_scale, self.hook_normalized = HookPoint(), HookPoint()
 
 
-class _ForwardSwap:
+class ForwardSwap:
     """Replaces a module's forward until removed (under accelerate's hook, the forward it wraps)."""
 
     def __init__(self, module: nn.Module, forward: Any):
@@ -170,8 +182,8 @@ class NormTap(Tap):
     def wanted(self) -> bool:
         return self.hook_scale.active or self.hook_normalized.active
 
-    def attach(self) -> list[_ForwardSwap]:
-        return [_ForwardSwap(self.module, self._forward)]
+    def attach(self) -> list[ForwardSwap]:
+        return [ForwardSwap(self.module, self._forward)]
 
     def _forward(self, x: Tensor) -> Tensor:
         kind, weight = self.kind, getattr(self.module, "weight", None)
@@ -317,7 +329,10 @@ class MoETap(Tap):
 
     def _routing(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         if len(args) < 3:
-            raise TypeError(f"{self.points.hook_expert_indices.name}: the experts were called without (hidden, indices, weights)")
+            raise TypeError(
+                f"{self.points.hook_expert_indices.name}: the experts module was called with {len(args)} positional "
+                f"arguments and keywords {sorted(kwargs)}; shardlens routes experts(hidden, indices, weights) called positionally"
+            )
         hidden, indices, weights = args[:3]
         shaped = indices.view(*self._tokens, indices.shape[-1])
         indices = self.points.hook_expert_indices(shaped)
@@ -331,6 +346,35 @@ class MoETap(Tap):
         return (hidden, indices.reshape(flat), weights.reshape(flat), *args[3:]), kwargs
 
 
+class SharedExpertTap(Tap):
+    """A shared expert's hook_pre, hook_pre_linear and hook_post, as [batch, pos, d_mlp]
+    whether the MoE block hands the expert [batch, pos, d_model] (DeepSeek-V3) or its tokens
+    flattened (Qwen2-MoE)."""
+
+    def __init__(self, points: MLPPoints, block: nn.Module, expert: nn.Module, moe: MoELayout):
+        super().__init__(points.hook_pre, block)
+        self.points, self.expert, self.moe = points, expert, moe
+        self._tokens: tuple[int, ...] = ()
+
+    def wanted(self) -> bool:
+        return self.points.hook_pre.active or self.points.hook_pre_linear.active or self.points.hook_post.active
+
+    def attach(self) -> list[RemovableHandle]:
+        part = self.expert.get_submodule
+        return [
+            self.module.register_forward_pre_hook(self._block_input),
+            part(self.moe.shared_in).register_forward_hook(lambda m, a, out: self._through(self.points.hook_pre, out), prepend=True),
+            part(self.moe.shared_in_linear).register_forward_hook(lambda m, a, out: self._through(self.points.hook_pre_linear, out), prepend=True),
+            part(self.moe.shared_out).register_forward_pre_hook(lambda m, args: (self._through(self.points.hook_post, args[0]), *args[1:])),
+        ]
+
+    def _block_input(self, module: nn.Module, args: tuple) -> None:
+        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
+
+    def _through(self, point: HookPoint, x: Tensor) -> Tensor:
+        return point(x.view(*self._tokens, x.shape[-1])).reshape(x.shape)
+
+
 def mlp_taps(points: nn.Module, block: nn.Module, layout: BlockLayout) -> list[Tap]:
     """The taps of a block's MLP points: a dense MLP's pre / pre_linear / post, or an MoE
     block's routing and shared expert."""
@@ -339,8 +383,7 @@ def mlp_taps(points: nn.Module, block: nn.Module, layout: BlockLayout) -> list[T
     if moe is not None:
         taps: list[Tap] = [MoETap(points, module(layout.mlp), module(moe.router), module(moe.experts))]
         if moe.shared_expert is not None:
-            shared = moe.shared_expert
-            taps += dense_mlp_taps(points.shared_expert, module(shared), "gate_proj", "up_proj", "down_proj")
+            taps.append(SharedExpertTap(points.shared_expert, module(layout.mlp), module(moe.shared_expert), moe))
         return taps
     if layout.fused_gate_up:
         return [FusedGateUpTap(points, module(layout.mlp_in)), InputTap(points.hook_post, module(layout.mlp_out))]
@@ -408,8 +451,27 @@ class BlockPoints(nn.Module):
         self.hook_resid_post = HookPoint()
 
 
-def block_taps(points: BlockPoints, block: nn.Module, layout: BlockLayout, n_heads: int) -> list[Tap]:
+class AttentionForwardTap(Tap):
+    """A family whose attention module computes attention itself (Falcon) runs it through
+    shardlens' attention function, the layout's `attention_forward`, while any of its
+    attention points has hooks; otherwise its own forward runs, unchanged."""
+
+    def __init__(self, points: AttentionPoints, module: nn.Module, forward: Any, n_kv_groups: int):
+        super().__init__(points.hook_q, module)
+        self.forward = forward
+        self.attention_points = (points.hook_q, points.hook_k, points.hook_v, points.hook_attn_scores, points.hook_pattern, points.hook_z)
+        module.num_key_value_groups = n_kv_groups  # what transformers' SDPA path reads for grouped-query attention
+
+    def wanted(self) -> bool:
+        return any(point.active for point in self.attention_points)
+
+    def attach(self) -> list[ForwardSwap]:
+        return [ForwardSwap(self.module, types.MethodType(self.forward, self.module))]
+
+
+def block_taps(points: BlockPoints, block: nn.Module, layout: ModelLayout, layer: int, n_heads: int, n_kv: int) -> list[Tap]:
     """The taps that connect one block's hook points to the block's modules."""
+    model_layout, layout = layout, layout.block_at(layer)
     module = block.get_submodule
     mlp_out_tap = CopiedOutputTap if layout.mlp_out_changed_in_place else OutputTap
     taps: list[Tap] = [
@@ -428,6 +490,8 @@ def block_taps(points: BlockPoints, block: nn.Module, layout: BlockLayout, n_hea
     if hasattr(points.attn, "hook_result"):
         taps.append(ResultTap(points.attn.hook_result, module(layout.o_proj), n_heads, layout.o_proj_kind))
     points.attn.attach_to(module(layout.attn))
+    if model_layout.attention_forward is not None:
+        taps.append(AttentionForwardTap(points.attn, module(layout.attn), model_layout.attention_forward, n_heads // n_kv))
     return taps
 
 
@@ -483,7 +547,7 @@ class ModelParts:
     logits: Optional[nn.Module] = None
 
 
-def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int) -> list[Tap]:
+def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int, n_kv: int) -> list[Tap]:
     """The taps that connect `points` to the modules of a model laid out as `layout`."""
     taps: list[Tap] = []
     if hasattr(points, "hook_tokens"):
@@ -493,7 +557,7 @@ def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_he
     if hasattr(points, "hook_pos_embed"):
         taps.append(OutputTap(points.hook_pos_embed, parts.pos_embed))
     for layer, block_points in points.blocks.items():
-        taps += block_taps(block_points, parts.blocks[int(layer)], layout.block_at(int(layer)), n_heads)
+        taps += block_taps(block_points, parts.blocks[int(layer)], layout, int(layer), n_heads, n_kv)
     if hasattr(points, "ln_final"):
         taps.append(NormTap(points.ln_final, parts.final_norm, layout.block.norm))
         taps.append(OutputTap(points.hook_logits, parts.logits or parts.unembed))
@@ -516,10 +580,16 @@ def module_taps(model: nn.Module, paths: Iterable[str], copied: Collection[str] 
 
 
 def changed_in_place(layout: Optional[ModelLayout], blocks: Iterable[int], prefix: str) -> set[str]:
-    """The module paths (under `prefix`) whose output the model changes in place after them."""
+    """The module paths (under `prefix`) whose output the model changes in place after them:
+    the MLP's, and its output projection's, which is the same tensor (Falcon)."""
     if layout is None:
         return set()
-    return {f"{prefix}{layer}.{layout.block_at(layer).mlp}" for layer in blocks if layout.block_at(layer).mlp_out_changed_in_place}
+    paths = set()
+    for layer in blocks:
+        block = layout.block_at(layer)
+        if block.mlp_out_changed_in_place:
+            paths |= {f"{prefix}{layer}.{block.mlp}", f"{prefix}{layer}.{block.mlp_out}"}
+    return paths
 
 
 def sync_all(taps: Iterable[Tap]) -> None:

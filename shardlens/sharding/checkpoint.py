@@ -8,7 +8,7 @@ import re
 from collections import defaultdict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
@@ -16,6 +16,7 @@ from safetensors import safe_open
 from shardlens.errors import ShardPlanError
 
 SINGLE = "model.safetensors"
+_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 INDEX = "model.safetensors.index.json"
 
 
@@ -67,6 +68,17 @@ class Checkpoint:
             raise ShardPlanError(f"{self.folder} holds neither {SINGLE} nor {INDEX}: shardlens loads safetensors checkpoints")
         with safe_open(single, framework="pt") as f:
             return {key: SINGLE for key in f.keys()}
+
+    def floating_dtype(self) -> Optional[torch.dtype]:
+        """The dtype of the checkpoint's first floating-point tensor (what transformers'
+        dtype="auto" falls back to when the config names none), or None."""
+        for file in dict.fromkeys(self.files.values()):
+            with safe_open(self.folder / file, framework="pt") as f:
+                for key in f.keys():
+                    dtype = _SAFETENSORS_FLOATS.get(f.get_slice(key).get_dtype())
+                    if dtype is not None:
+                        return dtype
+        return None
 
     def __contains__(self, name: str) -> bool:
         return name in self._file_key or name in self._merged

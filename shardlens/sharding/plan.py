@@ -20,6 +20,7 @@ from torch import nn
 
 from shardlens.errors import ShardPlanError
 from shardlens.hooks.architectures import LAYOUTS, ModelLayout, layout_for
+from shardlens.sharding.checkpoint import Checkpoint
 
 Device = Union[int, str]
 
@@ -96,8 +97,9 @@ class ShardPlan:
             max_memory: the memory of each stage's devices, as accelerate takes it
                 ({0: "40GiB", 1: "40GiB"}: each stage has two GPUs of 40 GiB). None: each
                 stage on one device, "cpu" (build_stage(device=...) can place it elsewhere).
-            dtype: the parameter dtype the stages will hold; None: the dtype the config names
-                (`dtype` / `torch_dtype`, as transformers' dtype="auto"), float32 if none.
+            dtype: the parameter dtype the stages will hold; None: as transformers' dtype="auto",
+                the dtype the config names (`dtype` / `torch_dtype`), else that of the
+                checkpoint's weights (a local folder), else float32.
             stage_resources: one dict per stage of custom cluster resources its worker
                 needs: [{"node_a": 1}, {"node_b": 1}] puts stage 0 on a node that advertises
                 node_a and stage 1 on one with node_b. None: no requirement (a Ray cluster
@@ -108,12 +110,14 @@ class ShardPlan:
                 does not fit max_memory; stage_resources of the wrong length or form.
         """
         config = _config(config_or_path)
+        if dtype is None:
+            dtype = config_dtype(config) or _weights_dtype(config_or_path) or torch.float32
         layout = layout_for(config)
         if layout is None:
             raise ShardPlanError(
                 f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(LAYOUTS))}"
             )
-        dtype = _dtype(dtype) if dtype is not None else config_dtype(config)
+        dtype = _dtype(dtype)
         n_layers = config.num_hidden_layers
         if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
             raise ShardPlanError(f"stages must be a positive int; got {stages!r}")
@@ -121,7 +125,7 @@ class ShardPlan:
             raise ShardPlanError(f"stages={stages} but the model has {n_layers} layers: each stage needs at least one")
         resources = _stage_resources(stage_resources, stages)
         skeleton = meta_model(config, dtype)
-        sizes = _part_bytes(skeleton, layout, n_layers, dtype)
+        sizes = _part_bytes(skeleton, layout, n_layers)
         ranges = balance(sizes["blocks"], stages, first_extra=sizes["embed"], last_extra=sizes["head"])
         specs = []
         for index, layers in enumerate(ranges):
@@ -211,12 +215,20 @@ def _dtype(dtype: Union[torch.dtype, str]) -> torch.dtype:
     return value
 
 
-def config_dtype(config: Any) -> torch.dtype:
-    """The dtype a config names for its weights (transformers' dtype="auto"): float32 if none."""
+def config_dtype(config: Any) -> Optional[torch.dtype]:
+    """The dtype a config names for its weights, or None."""
     named = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if named is None or named == "auto":
-        return torch.float32
-    return _dtype(named)
+    return None if named is None or named == "auto" else _dtype(named)
+
+
+def _weights_dtype(config_or_path: Any) -> Optional[torch.dtype]:
+    """The dtype of a local checkpoint folder's first floating-point tensor, or None."""
+    if not isinstance(config_or_path, (str, os.PathLike)) or not os.path.isdir(config_or_path):
+        return None
+    try:
+        return Checkpoint(config_or_path).floating_dtype()
+    except ShardPlanError:  # a folder with a config only: nothing to read
+        return None
 
 
 def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -269,17 +281,17 @@ def _human(n_bytes: int) -> str:
     return f"{n_bytes} B"
 
 
-def _numel(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def _bytes(module: nn.Module) -> int:
+    """Parameter bytes, each parameter in its own dtype (a model may keep some in float32)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _part_bytes(model: nn.Module, layout: ModelLayout, n_layers: int, dtype: torch.dtype) -> dict:
-    size = torch.empty((), dtype=dtype).element_size()
+def _part_bytes(model: nn.Module, layout: ModelLayout, n_layers: int) -> dict:
     module = model.get_submodule
     blocks = module(layout.blocks)
-    embed = _numel(module(layout.embed)) + (_numel(module(layout.pos_embed)) if layout.pos_embed else 0)
-    head = _numel(module(layout.final_norm)) + _numel(module(layout.unembed))  # its own copy when tied (and any bias)
-    return {"embed": embed * size, "head": head * size, "blocks": [_numel(blocks[i]) * size for i in range(n_layers)]}
+    embed = _bytes(module(layout.embed)) + (_bytes(module(layout.pos_embed)) if layout.pos_embed else 0)
+    head = _bytes(module(layout.final_norm)) + _bytes(module(layout.unembed))  # its own copy when tied (and any bias)
+    return {"embed": embed, "head": head, "blocks": [_bytes(blocks[i]) for i in range(n_layers)]}
 
 
 def balance(sizes: list[int], stages: int, *, first_extra: int = 0, last_extra: int = 0) -> list[range]:

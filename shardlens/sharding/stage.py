@@ -51,7 +51,7 @@ class StageIO:
 class Stage(TappedModel):
     """One stage of a model: see `build_stage`."""
 
-    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict, points: PointOptions = PointOptions()):
+    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict, point_options: PointOptions = PointOptions()):
         super().__init__()
         self.config, self.layout, self.spec = config, layout, spec
         for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
@@ -60,7 +60,7 @@ class Stage(TappedModel):
         self.logit_transform = LogitTransform(layout) if spec.head else None
         self.loaded_keys: tuple[str, ...] = ()
         self._pending: Optional[tuple[Optional[Tensor], Tensor]] = None
-        self._build_points(points)
+        self._build_points(point_options)
         self.setup()
 
     @property
@@ -155,13 +155,13 @@ class Stage(TappedModel):
 
 def build_stage(
     source: Union[str, os.PathLike], plan: ShardPlan, index: int, *, device: Union[str, torch.device, None] = None,
-    points: PointOptions = PointOptions(),
+    point_options: PointOptions = PointOptions(),
 ) -> Stage:
     """Build stage `index` of `plan` from a checkpoint folder, reading only its own tensors.
 
     The stage's modules are made on the meta device; then exactly the tensors they hold are
     read from the safetensors files (single or sharded) and placed by the stage's device
-    map, or all on `device` when given. Other stages' weights are never read. `points`
+    map, or all on `device` when given. Other stages' weights are never read. `point_options`
     switches on TransformerLens' optional hook points, as on a HookedModel.
     """
     from transformers import AutoConfig
@@ -175,18 +175,21 @@ def build_stage(
     spec = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
     modules = stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head)
-    stage = Stage(skeleton.config, layout, spec, modules, points)
+    stage = Stage(skeleton.config, layout, spec, modules, point_options)
     checkpoint = Checkpoint(
         source, model_class=type(skeleton).__name__, model_type=config.model_type, base_prefix=skeleton.base_model_prefix,
     )
-    _load(stage, checkpoint, layout, plan.torch_dtype, device)
+    _load(stage, checkpoint, layout, device)
     return stage.eval()
 
 
-def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, dtype: torch.dtype, device: Any) -> None:
+def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, device: Any) -> None:
+    """Read the stage's tensors, each in the dtype its skeleton gave it: the plan's, or float32
+    where the model class keeps a module in float32 (DeepSeek-V3's router), as transformers does."""
     from accelerate.utils import set_module_tensor_to_device
 
-    wanted = {path: hf_path(path, layout) for path, p in _meta_tensors(stage)}
+    meta = dict(_meta_tensors(stage))
+    wanted = {path: hf_path(path, layout) for path in meta}
     tied = getattr(stage.config, "tie_word_embeddings", False)
     for path, name in wanted.items():
         if name not in checkpoint and path.startswith("unembed.") and tied:
@@ -197,6 +200,7 @@ def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, dtype: torc
     tensors = checkpoint.read(sorted(set(wanted.values())))
     for path, name in wanted.items():
         target = device if device is not None else _device_for(path, stage.spec.device_map)
+        dtype = meta[path].dtype if meta[path].is_floating_point() else None
         set_module_tensor_to_device(stage, path, target, value=tensors[name], dtype=dtype)
     stage.loaded_keys = tuple(sorted(set(wanted.values())))
     if device is not None:

@@ -26,6 +26,9 @@ class ActivationCache(Mapping[str, Tensor]):
         batch: the id of the batch the cache belongs to.
         readout: resid -> logits (the model's final norm then unembedding), for logit_lens.
         norm: "layernorm" or "rmsnorm", the kind of the final norm, for apply_ln.
+        scales: what the model multiplies a component by as it enters the residual stream,
+            by hook suffix ({"hook_embed": 12.0, "hook_attn_out": 0.22, ...}: Granite), for
+            decompose_resid; none: 1.
 
     Example:
         >>> logits, cache = model.run_with_cache(tokens)
@@ -42,6 +45,7 @@ class ActivationCache(Mapping[str, Tensor]):
         batch: int = 0,
         readout: Optional[Callable[[Tensor], Tensor]] = None,
         norm: Optional[str] = None,
+        scales: Optional[Mapping[str, float]] = None,
     ):
         self._tensors = dict(tensors)
         self.attention_mask = attention_mask
@@ -49,6 +53,7 @@ class ActivationCache(Mapping[str, Tensor]):
         self.batch = batch
         self.readout = readout
         self.norm = norm
+        self.scales = dict(scales or {})
 
     def __getitem__(self, name: str) -> Tensor:
         try:
@@ -67,7 +72,10 @@ class ActivationCache(Mapping[str, Tensor]):
         return f"ActivationCache({len(self)} entries" + (":\n" + "\n".join(rows) + "\n)" if rows else ")")
 
     def _replace(self, tensors: Mapping[str, Tensor], **changes: Any) -> "ActivationCache":
-        fields = dict(attention_mask=self.attention_mask, examples=self.examples, batch=self.batch, readout=self.readout, norm=self.norm)
+        fields = dict(
+            attention_mask=self.attention_mask, examples=self.examples, batch=self.batch, readout=self.readout, norm=self.norm,
+            scales=self.scales,
+        )
         fields.update(changes)
         return ActivationCache(tensors, **fields)
 
@@ -130,12 +138,13 @@ class ActivationCache(Mapping[str, Tensor]):
 
     def decompose_resid(self, layer: Optional[int] = None, return_labels: bool = False) -> Union[Tensor, tuple[Tensor, list[str]]]:
         """The residual stream before `layer` split into what wrote it: embeddings, then each
-        layer's attention and MLP outputs, [component, batch, pos, d_model]."""
+        layer's attention and MLP outputs, [component, batch, pos, d_model], each as it entered
+        the stream (times the model's multiplier for it, see `scales`): they sum to resid_pre."""
         layer = self.n_layers() if layer is None else layer
         names = [n for n in ("hook_embed", "hook_pos_embed") if n in self._tensors]
         for i in range(layer):
             names += [f"blocks.{i}.hook_attn_out", f"blocks.{i}.hook_mlp_out"]
-        stacked = self.stack(names)
+        stacked = torch.stack([self[n] * self.scales.get(n.rsplit(".", 1)[-1], 1.0) for n in names])
         return (stacked, names) if return_labels else stacked
 
     def apply_ln_to_stack(self, stack: Tensor) -> Tensor:

@@ -162,17 +162,36 @@ def sweep(
     prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not spread else 0
     if prefix > 0:
         all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, positions, clean_cache)
-    elif is_tracer(model):  # the runs spread over the replicas
-        all_logits = model.coordinator.run_variants([(tokens, mask, specs) for _, _, tokens, mask, specs in runs])
+    elif is_tracer(model):
+        all_logits = _variant_logits(model, [run[1:] for run in runs])
     else:
         all_logits = [_run_one(model, layer, start_from, tokens, mask, specs) for layer, _, tokens, mask, specs in runs]
+    values = _scores(metric, [run[1:] for run in runs], all_logits, prefix)
+    grid = values.reshape(len(names), -1).cpu()
+    return SweepResult(tuple(names), tuple(over), grid, _baseline(model, corrupt, attention_mask, metric))
+
+
+def _variant_logits(model: Any, runs: list) -> list[Tensor]:
+    """Each run's logits (runs: (cells, tokens, mask, specs)); on a Tracer the runs spread over
+    the replicas."""
+    if is_tracer(model):
+        return model.coordinator.run_variants([(tokens, mask, specs) for _, tokens, mask, specs in runs])
+    return [run_logits(model, tokens, mask, specs) for _, tokens, mask, specs in runs]
+
+
+def _scores(metric: Metric, runs: list, all_logits: list[Tensor], prefix: int = 0) -> Tensor:
+    """The metric of each cell: the mean over its copy of the batch in its run's logits
+    (which cover the tokens from `prefix` on)."""
     values = []
-    for (_, group, tokens, mask, _), logits in zip(runs, all_logits):
-        tokens, mask = tokens[:, prefix:], None if mask is None else mask[:, prefix:]  # the logits cover what ran
-        values.append(batch_mean(metric.repeat(len(group)).per_example(logits, mask, tokens), len(group)))
-    baseline = float(metric(run_logits(model, corrupt, attention_mask, []), attention_mask, corrupt))
-    grid = torch.cat(values).reshape(len(names), -1).cpu()
-    return SweepResult(tuple(names), tuple(over), grid, baseline)
+    for (cells, tokens, mask, _), logits in zip(runs, all_logits):
+        tokens, mask = tokens[:, prefix:], None if mask is None else mask[:, prefix:]
+        values.append(batch_mean(metric.repeat(len(cells)).per_example(logits, mask, tokens), len(cells)))
+    return torch.cat(values)
+
+
+def _baseline(model: Any, tokens: Tensor, mask: Optional[Tensor], metric: Metric) -> float:
+    """The metric of the run with no cell changed."""
+    return float(metric(run_logits(model, tokens, mask, []), mask, tokens))
 
 
 def expert_sweep(
@@ -201,7 +220,10 @@ def expert_sweep(
         SweepResult over ("layer", "expert"): `.grid` [layer, expert], `.table`, `.baseline`
         (the metric with every expert in place).
     """
-    names = resolve_points(model, "blocks.*.mlp.hook_expert_weights", ("layer", "pos"))
+    names = sorted((n for n in model.hook_names() if n.endswith(".mlp.hook_expert_weights")), key=layer_index)
+    if not names:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise ValueError(f"expert_sweep needs a mixture-of-experts model; a {model_type} model has no blocks.<layer>.mlp.hook_expert_weights")
     if layers is not None:
         wanted = {int(layer) for layer in layers}
         missing = sorted(wanted - {layer_index(n) for n in names})
@@ -221,13 +243,5 @@ def expert_sweep(
         ]
         mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
         runs.append((group, tokens.repeat(len(group), 1), mask, specs))
-    if is_tracer(model):
-        all_logits = model.coordinator.run_variants([(t, m, specs) for _, t, m, specs in runs])
-    else:
-        all_logits = [run_logits(model, t, m, specs) for _, t, m, specs in runs]
-    values = [
-        batch_mean(metric.repeat(len(group)).per_example(logits, mask, t), len(group))
-        for (group, t, mask, _), logits in zip(runs, all_logits)
-    ]
-    baseline = float(metric(run_logits(model, tokens, attention_mask, []), attention_mask, tokens))
-    return SweepResult(tuple(names), ("layer", "expert"), torch.cat(values).reshape(len(names), n_experts).cpu(), baseline)
+    grid = _scores(metric, runs, _variant_logits(model, runs)).reshape(len(names), n_experts).cpu()
+    return SweepResult(tuple(names), ("layer", "expert"), grid, _baseline(model, tokens, attention_mask, metric))

@@ -21,7 +21,7 @@ from shardlens.hooks.model import token_ids
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.specs import HookSpec
-from shardlens.hooks.tapped import canonical_shape
+from shardlens.hooks.tapped import cache_fields, canonical_shape
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan
 from shardlens.tables import ActivationCache
@@ -114,7 +114,7 @@ class Tracer:
         device: Optional[str] = None,
         worker_threads: Optional[int] = None,
         stage_resources: Optional[Sequence[dict]] = None,
-        points: PointOptions = PointOptions(),
+        point_options: PointOptions = PointOptions(),
     ) -> "Tracer":
         """Plan `stages` stages of the checkpoint at `path` and start `replicas` pipelines.
 
@@ -141,7 +141,7 @@ class Tracer:
         try:
             coordinator = Coordinator(
                 os.fspath(path), plan, workers, replicas=replicas, microbatch_size=microbatch_size,
-                device=device, worker_threads=worker_threads, allow_code=allow_code, points=points,
+                device=device, worker_threads=worker_threads, allow_code=allow_code, point_options=point_options,
             )
         except BaseException:
             workers.shutdown()  # no actors (or Ray instance) of ours left behind by a failed start
@@ -460,4 +460,5 @@ class Tracer:
             results = {k: v[0] for k, v in results.items()}
         if device is not None:
             results = {k: v.to(device) for k, v in results.items()}
-        return output, ActivationCache(results, attention_mask=mask)
+        layout = layout_for(self.config) if self.config is not None else None
+        return output, ActivationCache(results, attention_mask=mask, **cache_fields(layout))

@@ -41,9 +41,16 @@ def tokens():
 
 
 def heads(model):
-    """(query heads, key/value heads, d_head of z)."""
-    shape = model.hook_shape
-    return shape("blocks.0.attn.hook_q")[0], shape("blocks.0.attn.hook_k")[0], shape("blocks.0.attn.hook_z")[1]
+    """(query heads, key/value heads, d_head of v and z), as the HF attention module and
+    config give them."""
+    config, attention = model.config, hf_module(model, 0, "attn")
+    n_heads = config.num_attention_heads
+    if hasattr(attention, "num_kv_heads"):  # Falcon (1 in multi-query Falcons)
+        n_kv = attention.num_kv_heads
+    else:
+        n_kv = n_heads // getattr(attention, "num_key_value_groups", 1)
+    d_head = getattr(config, "v_head_dim", None) or getattr(attention, "head_dim", None) or config.hidden_size // n_heads
+    return n_heads, n_kv, d_head
 
 
 def hf_block(model, layer):
@@ -69,6 +76,9 @@ def test_logits_caching_every_point_equal_the_unwrapped_model(model, reference, 
     assert len(cache) == len(model.hook_names()) > 30
     assert torch.allclose(logits, expected, atol=ATOL)
     assert torch.allclose(cache["hook_logits"], expected, atol=ATOL)
+    for name in cache:  # the shapes the model declares (Arrow, specs' checks) are the ones it produces
+        if model.hook_shape(name) is not None:
+            assert cache[name].shape[2:] == model.hook_shape(name), name
 
 
 def test_without_hooks_the_forward_is_the_plain_one(model, reference, tokens):
@@ -109,8 +119,8 @@ def test_loss_equals_transformers_loss(model, reference, tokens):
 def test_attention_shapes_and_gqa(model, tokens):
     n_heads, n_kv_heads, d_head = heads(model)
     _, cache = model.run_with_cache(tokens, names_filter="blocks.0.attn.*")
-    assert cache["blocks.0.attn.hook_q"].shape == (2, 9, n_heads, d_head)
-    assert cache["blocks.0.attn.hook_k"].shape == (2, 9, n_kv_heads, d_head)
+    assert cache["blocks.0.attn.hook_q"].shape[:3] == (2, 9, n_heads)  # (DeepSeek's q and k are wider than v)
+    assert cache["blocks.0.attn.hook_k"].shape[:3] == (2, 9, n_kv_heads)
     assert cache["blocks.0.attn.hook_v"].shape == (2, 9, n_kv_heads, d_head)
     assert cache["blocks.0.attn.hook_attn_scores"].shape == (2, n_heads, 9, 9)
     assert cache["blocks.0.attn.hook_z"].shape == (2, 9, n_heads, d_head)
@@ -455,3 +465,38 @@ def test_a_checkpoint_loads_in_the_dtype_its_config_names(tiny_checkpoints, tmp_
     assert sl.HookedModel.from_pretrained(tmp_path).model.dtype == torch.bfloat16  # as transformers' dtype="auto"
     assert sl.HookedModel.from_pretrained(tmp_path, dtype=torch.float32).model.dtype == torch.float32
     assert sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"]).model.dtype == torch.float32
+
+
+@pytest.mark.parametrize("name", ["gemma2", "granite", "cohere"])
+def test_hook_logits_is_after_the_familys_logit_transform(tiny_checkpoints, tokens, name):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name])
+    with torch.no_grad():
+        expected = load_reference(tiny_checkpoints[name])(tokens).logits
+    _, cache = model.run_with_cache(tokens, names_filter="hook_logits", labels=tokens)  # a loss first in the output
+    assert torch.allclose(cache["hook_logits"], expected, atol=ATOL)
+    _, resid = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_pre")
+    seen = {}
+    with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: seen.setdefault("x", x))]):
+        from_layer_1 = model.run_from(1, resid["blocks.1.hook_resid_pre"])
+    assert torch.allclose(from_layer_1, expected, atol=ATOL) and torch.equal(seen["x"], from_layer_1)
+
+
+@pytest.mark.parametrize("name", ["falcon", "falcon_7b"])
+def test_falcons_in_place_add_leaves_cached_mlp_outputs_alone(tiny_checkpoints, tokens, name):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name])
+    path = f"{model.layout.blocks}.1.{model.layout.block.mlp_out}"  # what the block adds the attention output into
+    _, post = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
+    with torch.no_grad():
+        expected = model.model.get_submodule(path)(post["blocks.1.mlp.hook_post"])
+    mlp = f"module:{model.layout.blocks}.1.{model.layout.block.mlp}"
+    for point in (f"module:{path}", mlp, "blocks.1.hook_mlp_out"):  # each cached alone
+        _, cache = model.run_with_cache(tokens, names_filter=point)
+        assert torch.allclose(cache[point], expected, atol=1e-6), point
+
+
+@pytest.mark.parametrize("name", ["granite", "gemma2", "gpt2"])
+def test_the_residual_decomposition_sums_to_the_residual_stream(tiny_checkpoints, tokens, name):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name])
+    _, cache = model.run_with_cache(tokens)
+    parts = cache.decompose_resid(layer=2)
+    assert torch.allclose(parts.sum(0), cache["blocks.2.hook_resid_pre"], atol=1e-5)

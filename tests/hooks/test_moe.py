@@ -57,7 +57,7 @@ def run_reference(reference, model, tokens, edit=None):
 def test_routing_points_equal_the_routers_outputs(pair, tokens):
     model, reference = pair
     expected_logits, routing = run_reference(reference, model, tokens)
-    logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.mlp.hook_*")
+    logits, cache = model.run_with_cache(tokens, names_filter=lambda name: ".mlp." in name)  # routing and any shared expert
     assert torch.allclose(logits, expected_logits, atol=1e-5)
     moe = model.layout.block_at(moe_layers(model)[0]).moe
     for layer, (router_logits, weights, indices) in routing.items():
@@ -123,7 +123,7 @@ def test_routing_statistics_count_each_experts_tokens(pair, tokens):
             expected = torch.bincount(rows, minlength=n_experts).float()
             assert torch.equal(cache[name + ".expert_counts"][example], expected)
             summed = torch.zeros(n_experts).index_add_(0, rows, weights.view(2, 9, -1)[example].flatten().float())
-            assert torch.allclose(cache[name + ".expert_weights"][example], summed, atol=1e-6)
+            assert torch.allclose(cache[name + ".expert_weight_sums"][example], summed, atol=1e-6)
 
 
 def test_routing_ops_refuse_wrong_points_and_experts(tiny_checkpoints):
@@ -137,6 +137,10 @@ def test_routing_ops_refuse_wrong_points_and_experts(tiny_checkpoints):
     assert not model.has_hooks()
     with pytest.raises(ValueError, match="expert indices"):
         ops.AblateExperts([-1])
+    with pytest.raises(ValueError, match="name one twice"):
+        ops.RouteTo([1, 1])
+    with pytest.raises(ValueError, match="no head axis"):
+        model.add_spec(Spec("blocks.0.mlp.hook_expert_weights", ops.AblateExperts([0], heads=[1])))
     assert ops.AblateExperts([1], renormalize=True) == sl.HookSpec.from_json(Spec("x", ops.AblateExperts([1], renormalize=True)).to_json()).op
 
 
@@ -156,11 +160,14 @@ def test_expert_sweep_equals_one_run_per_cell(tiny_checkpoints, tokens, renormal
     assert result.table.column_names == ["point", "layer", "pos", "head", "expert", "value"]
     with pytest.raises(ValueError, match="no mixture-of-experts block"):
         patching.expert_sweep(model, tokens, metric=metric, layers=[1])
+    dense = sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
+    with pytest.raises(ValueError, match="needs a mixture-of-experts model; a llama model has no"):
+        patching.expert_sweep(dense, tokens, metric=metric)
 
 
 @pytest.mark.parametrize("name", [f for f in MOE_FAMILIES if f != "gpt_oss"])
 def test_each_expert_on_request(tiny_checkpoints, tokens, name):
-    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], points=sl.PointOptions(expert_points=True))
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], point_options=sl.PointOptions(expert_points=True))
     reference = load_reference(tiny_checkpoints[name])
     layer = moe_layers(model)[-1]
     moe = model.layout.block_at(layer).moe
@@ -191,4 +198,12 @@ def test_each_expert_on_request(tiny_checkpoints, tokens, name):
 
 def test_experts_of_another_form_have_no_points(tiny_checkpoints):
     with pytest.raises(NotImplementedError, match="gpt_oss models have no per-expert hook points"):
-        sl.HookedModel.from_pretrained(tiny_checkpoints["gpt_oss"], points=sl.PointOptions(expert_points=True))
+        sl.HookedModel.from_pretrained(tiny_checkpoints["gpt_oss"], point_options=sl.PointOptions(expert_points=True))
+
+
+def test_routing_statistics_of_chosen_positions(tiny_checkpoints, tokens):
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints["mixtral"])
+    spec = Spec("blocks.1.mlp.hook_expert_weights", ops.RoutingStats(positions=[[0, 1], [5]], batch=[1]))
+    _, cache = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_expert_indices", fwd_hooks=[spec])
+    chosen = cache["blocks.1.mlp.hook_expert_indices"][1, [0, 1, 5]].flatten()
+    assert torch.equal(cache["blocks.1.mlp.hook_expert_weights.expert_counts"], torch.bincount(chosen, minlength=4).float()[None])

@@ -143,3 +143,18 @@ def test_a_plan_is_sized_in_the_dtype_the_config_names(tmp_path, fields, billion
     head_copy = fields["vocab_size"] * fields["hidden_size"] if fields["tie_word_embeddings"] else 0  # the last stage's own unembedding
     assert sum(s.bytes for s in plan.stages) == pytest.approx((billions * 1e9 + head_copy) * size, rel=2e-3)
     assert ShardPlan.for_model(tmp_path, stages=4, dtype=torch.float16).dtype == "float16"
+
+
+def test_with_no_dtype_in_the_config_a_plan_takes_the_weights_dtype(tiny_checkpoints, tmp_path):
+    import json
+
+    import shardlens as sl
+    from tests.tiny_models import load_reference
+
+    load_reference(tiny_checkpoints["llama_gqa"]).to(torch.bfloat16).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert ShardPlan.for_model(tmp_path, stages=2).dtype == "bfloat16"
+    assert sl.HookedModel.from_pretrained(tmp_path).model.dtype == torch.bfloat16  # transformers' dtype="auto" agrees
+    assert ShardPlan.for_model(transformers.AutoConfig.from_pretrained(tmp_path), stages=2).dtype == "float32"  # no weights to read

@@ -63,7 +63,10 @@ def test_plan_sizes_a_large_config_in_its_own_dtype(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
     assert main(["plan", str(tmp_path), "--stages", "2"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("llama, 80 layers, bfloat16") and "70.5" in out.splitlines()[2] + out.splitlines()[3]
+    lines = out.splitlines()
+    assert lines[0] == "llama, 80 layers, bfloat16"
+    gigabytes = [float(line.split()[-1]) for line in lines[2:4]]  # the GB column of stages 0 and 1
+    assert sum(gigabytes) == pytest.approx(141.1, abs=0.1)  # 70.55B parameters x 2 bytes
 
 
 @pytest.mark.parametrize("argv, message", [

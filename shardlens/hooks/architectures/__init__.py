@@ -28,7 +28,7 @@ from shardlens.hooks.architectures.starcoder2 import starcoder2_layout
 
 LayoutFn = Callable[[Any], ModelLayout]
 
-# model_type -> layout; one line per family (tests/hooks/test_families.py lists what is covered)
+# model_type -> layout; one line per family (tests/hooks/test_coverage.py lists what is covered)
 LAYOUTS: dict[str, LayoutFn] = {
     "gpt2": gpt2_layout,
     "gpt_neox": gpt_neox_layout,

@@ -20,4 +20,5 @@ def deepseek_v3_layout(config) -> ModelLayout:
     latent = replace(LLAMA_BLOCK, qkv=())
     moe = moe_block(config, router="mlp.gate", shared_expert="mlp.shared_experts", base=latent)
     blocks = tuple(latent if layer < config.first_k_dense_replace else moe for layer in range(config.num_hidden_layers))
-    return llama_layout(config, moe, layer_blocks=blocks)
+    # latent attention expands keys and values to every head
+    return llama_layout(config, moe, layer_blocks=blocks, n_kv_heads=config.num_attention_heads)

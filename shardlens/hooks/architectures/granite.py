@@ -12,4 +12,7 @@ from shardlens.hooks.architectures.llama import llama_layout
 
 
 def granite_layout(config) -> ModelLayout:
-    return llama_layout(config, embed_multiplier=config.embedding_multiplier, logit_divisor=config.logits_scaling)
+    return llama_layout(
+        config, embed_multiplier=config.embedding_multiplier, residual_multiplier=config.residual_multiplier,
+        logit_divisor=config.logits_scaling,
+    )

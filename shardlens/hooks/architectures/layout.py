@@ -27,15 +27,19 @@ class MoELayout:
 
     transformers' MoE blocks share one shape: a router module returning (router logits
     [tokens, experts], expert weights [tokens, k], expert indices [tokens, k]) and an experts
-    module called as experts(hidden [tokens, d_model], indices, weights).
+    module called as experts(hidden [tokens, d_model], indices, weights). A shared expert is a
+    gated MLP every token goes through, its projections at shared_in / shared_in_linear /
+    shared_out within it.
     """
 
     router: str
     experts: str
     n_experts: int
     top_k: int
-    shared_expert: Optional[str] = None  # a dense MLP that every token goes through
-    shared_expert_gate: Optional[str] = None  # its scalar sigmoid gate (Qwen2-MoE)
+    shared_expert: Optional[str] = None
+    shared_in: str = "gate_proj"
+    shared_in_linear: str = "up_proj"
+    shared_out: str = "down_proj"
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,9 @@ class ModelLayout:
     # attention themselves instead of through AttentionInterface (Falcon); it calls shardlens_attention
     layer_blocks: tuple = ()  # per layer, where layers differ (dense and MoE layers); else `block`
     attention_kinds: tuple = ()  # per layer "full_attention" / "sliding_attention"; () : all full
+    n_kv_heads: Optional[int] = None  # key/value heads where config.num_key_value_heads does not say
     embed_multiplier: float = 1.0
+    residual_multiplier: float = 1.0  # each block adds this x hook_attn_out and x hook_mlp_out (Granite)
     logit_multiplier: float = 1.0
     logit_divisor: float = 1.0
     logit_softcap: Optional[float] = None

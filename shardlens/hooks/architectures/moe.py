@@ -8,13 +8,14 @@ from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, MoELa
 from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
 
 
-def moe_block(config, *, router: str, shared_expert: Optional[str] = None, shared_expert_gate: Optional[str] = None,
-              base: BlockLayout = LLAMA_BLOCK) -> BlockLayout:
+def moe_block(config, *, router: str, shared_expert: Optional[str] = None, base: BlockLayout = LLAMA_BLOCK) -> BlockLayout:
     """`base` with its MLP replaced by routed experts (`mlp.experts`) behind `router`."""
-    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None) or config.n_routed_experts
+    counts = [getattr(config, name, None) for name in ("num_local_experts", "num_experts", "n_routed_experts")]
+    n_experts = next((n for n in counts if n is not None), None)
+    if not n_experts:
+        raise ValueError(f"{config.model_type} config names no experts (num_local_experts / num_experts / n_routed_experts: {counts})")
     moe = MoELayout(
-        router=router, experts="mlp.experts", n_experts=n_experts, top_k=config.num_experts_per_tok,
-        shared_expert=shared_expert, shared_expert_gate=shared_expert_gate,
+        router=router, experts="mlp.experts", n_experts=n_experts, top_k=config.num_experts_per_tok, shared_expert=shared_expert,
     )
     return replace(base, mlp_in=None, mlp_in_linear=None, mlp_out=None, moe=moe)
 
@@ -26,10 +27,12 @@ def mixtral_layout(config) -> ModelLayout:
 def qwen_moe_layout(config) -> ModelLayout:
     """Qwen2-MoE (with a gated shared expert) and Qwen3-MoE: MoE in the layers the config's
     decoder_sparse_step and mlp_only_layers choose, Llama's MLP in the others."""
-    shared = {"shared_expert": "mlp.shared_expert", "shared_expert_gate": "mlp.shared_expert_gate"}
-    moe = moe_block(config, router="mlp.gate", **(shared if config.model_type == "qwen2_moe" else {}))
     sparse = [
         layer not in (config.mlp_only_layers or ()) and config.num_experts > 0 and (layer + 1) % config.decoder_sparse_step == 0
         for layer in range(config.num_hidden_layers)
     ]
+    if not any(sparse):  # num_experts=0: a dense model
+        return llama_layout(config)
+    shared = "mlp.shared_expert" if config.model_type == "qwen2_moe" else None  # (its sigmoid gate is not a point)
+    moe = moe_block(config, router="mlp.gate", shared_expert=shared)
     return llama_layout(config, moe, layer_blocks=tuple(moe if s else LLAMA_BLOCK for s in sparse))
