@@ -119,6 +119,11 @@ class Checkpoint:
         return next(iter(values.values()))
 
 
+# The conversions that build a model tensor from stored ones without any other input; others
+# (quantisation, fused-rope permutations) are left out, and their tensors reported missing.
+_MERGE_OPERATIONS = frozenset({"MergeModulelist", "Concatenate"})
+
+
 def _conversions(model_class: str, model_type: str) -> list[tuple[str, list, list, list]]:
     """transformers' checkpoint conversions for a model class (or else its model type), as
     ("rename", source regexes, targets, []) and ("merge", source patterns, targets, operations)."""
@@ -139,10 +144,6 @@ def _conversions(model_class: str, model_type: str) -> list[tuple[str, list, lis
             out.append(("merge", sources, targets, list(transform.operations)))
     return out
 
-
-# The conversions that build a model tensor from stored ones without any other input; others
-# (quantisation, fused-rope permutations) are left out, and their tensors reported missing.
-_MERGE_OPERATIONS = {"MergeModulelist", "Concatenate"}
 
 
 def _listify(value: Any) -> list:
