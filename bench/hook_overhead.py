@@ -20,7 +20,10 @@ drift in machine speed hits all of them alike, and the median of each is reporte
 Caching every point holds hundreds of MB per forward, which the plain forward frees as it
 goes; on the CPU, fresh memory costs page faults (the kernel zeroes each new page), whatever
 holds it. "plain HF + keep every module's output" is that cost with no framework: the plain
-forward with torch hooks that keep each module's output until the forward ends.
+forward with torch hooks that keep each module's output until the forward ends. To see the
+framework's own cost without the kernel's page zeroing, let glibc keep freed memory for reuse:
+
+    MALLOC_MMAP_THRESHOLD_=4294967296 MALLOC_TRIM_THRESHOLD_=8589934592 .venv/bin/python bench/hook_overhead.py
 
     .venv/bin/python bench/hook_overhead.py [--only toy|compute|latency|gemma2|mixtral] [--repeats N]
 """

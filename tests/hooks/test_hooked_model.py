@@ -6,7 +6,6 @@ output_hidden_states, torch autograd, and explicit recomputation from weights.
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import shardlens as sl
 from shardlens.hooks import HookNameError
