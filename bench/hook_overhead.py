@@ -146,13 +146,15 @@ def hf_section(name: str, repeats: int | None) -> None:
         hooked = sl.HookedModel.from_pretrained(folder)
         tokens = torch.randint(0, c["vocab"], (c["batch"], c["pos"]), generator=torch.Generator().manual_seed(0))
         variants = {**shardlens_variants(plain, hooked, tokens, "plain HF forward"), **competitor_variants(folder, tokens, c["layers"])}
-        with torch.no_grad():
-            medians = median_seconds(variants, repeats)
-    report(
-        f"{name}-bound: GPT-2 shape, {c['layers']} layers, d_model {c['d_model']}, vocab {c['vocab']}, "
-        f"tokens [{c['batch']}, {c['pos']}], {repeats} rounds, torch threads {torch.get_num_threads()}",
-        medians,
-    )
+        title = f"{name}-bound: GPT-2 shape, {c['layers']} layers, d_model {c['d_model']}, vocab {c['vocab']}, tokens [{c['batch']}, {c['pos']}]"
+        timed_section(title, variants, repeats)
+
+
+def timed_section(title: str, variants: dict[str, Callable[[], object]], repeats: int) -> None:
+    """Time the variants without gradients and print their ratios to the first."""
+    with torch.no_grad():
+        medians = median_seconds(variants, repeats)
+    report(f"{title}, {repeats} rounds, torch threads {torch.get_num_threads()}", medians)
 
 
 def shardlens_variants(plain: torch.nn.Module, hooked: sl.HookedModel, tokens: torch.Tensor, label: str) -> dict[str, Callable[[], object]]:
@@ -202,13 +204,8 @@ def family_section(name: str, repeats: int | None) -> None:
         hooked = sl.HookedModel.from_pretrained(tmp)
     tokens = torch.randint(0, config.vocab_size, (8, 128), generator=torch.Generator().manual_seed(0))
     variants = shardlens_variants(plain, hooked, tokens, f"plain HF forward ({plain.config._attn_implementation} attention)")
-    with torch.no_grad():
-        medians = median_seconds(variants, repeats)
-    report(
-        f"compute-bound: {name} shape, {config.num_hidden_layers} layers, d_model {config.hidden_size}, vocab {config.vocab_size}, "
-        f"tokens [8, 128], {repeats} rounds, torch threads {torch.get_num_threads()}",
-        medians,
-    )
+    title = f"compute-bound: {name} shape, {config.num_hidden_layers} layers, d_model {config.hidden_size}, vocab {config.vocab_size}, tokens [8, 128]"
+    timed_section(title, variants, repeats)
 
 
 def main() -> None:
