@@ -25,6 +25,7 @@ _COMMON = dict(
 )
 _GQA = dict(num_key_value_heads=2)
 _MLP = dict(intermediate_size=64)
+_ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention"]
 
 # name -> (model_type, the config's own fields); every family is AutoConfig.for_model(model_type, ...)
 FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
@@ -33,6 +34,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "mistral": ("mistral", dict(**_MLP, **_GQA, sliding_window=4)),
     "qwen2": ("qwen2", dict(**_MLP, **_GQA, tie_word_embeddings=False)),
     "qwen3": ("qwen3", dict(**_MLP, **_GQA, head_dim=8)),
+    "smollm3": ("smollm3", dict(**_MLP, **_GQA, no_rope_layer_interval=2)),
+    "seed_oss": ("seed_oss", dict(**_MLP, **_GQA)),
+    "internlm3": ("internlm3", dict(**_MLP, **_GQA)),
+    "ernie4_5": ("ernie4_5", dict(**_MLP, **_GQA)),
+    "cwm": ("cwm", dict(**_MLP, **_GQA, sliding_window=4)),
     "gpt_neox": ("gpt_neox", dict(**_MLP, rotary_pct=0.5)),
     "gpt_neox_sequential": ("gpt_neox", dict(**_MLP, rotary_pct=0.5, use_parallel_residual=False)),
     "gptj": ("gptj", dict(n_inner=64, rotary_dim=4)),
@@ -43,7 +49,10 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma3": ("gemma3_text", dict(**_MLP, **_GQA, head_dim=8, sliding_window=4, sliding_window_pattern=2, final_logit_softcapping=3.0)),
     "phi": ("phi", dict(**_MLP, partial_rotary_factor=0.5, qk_layernorm=True, tie_word_embeddings=False)),
     "phi3": ("phi3", dict(**_MLP, **_GQA, sliding_window=4, tie_word_embeddings=False)),
+    "olmo": ("olmo", dict(**_MLP, **_GQA)),
     "olmo2": ("olmo2", dict(**_MLP, **_GQA)),
+    "olmo3": ("olmo3", dict(**_MLP, **_GQA, sliding_window=4, layer_types=_ALTERNATING)),
+    "exaone4": ("exaone4", dict(**_MLP, **_GQA, sliding_window=4, layer_types=_ALTERNATING)),
     "granite": ("granite", dict(**_MLP, **_GQA, embedding_multiplier=2.0, residual_multiplier=0.5, logits_scaling=3.0, attention_multiplier=0.3)),
     "cohere": ("cohere", dict(**_MLP, **_GQA, logit_scale=0.5, use_qk_norm=True, head_dim=8)),
     "stablelm": ("stablelm", dict(**_MLP, **_GQA, partial_rotary_factor=0.5, qk_layernorm=True)),

@@ -15,7 +15,7 @@ hook_q_input is [batch, pos, head, d_model]; hook_k_input and hook_v_input have 
 blocks.{L}.hook_mlp_in [batch, pos, d_model] is what the MLP's norm reads (resid_mid, or
 resid_pre in a parallel block), a copy, so that a patch changes the MLP's input only.
 
-OLMo-2 and OLMoE normalise q and k over all heads together (q_norm and k_norm span every head),
+OLMo-2, OLMo-3 and OLMoE normalise q and k over all heads together (q_norm and k_norm span every head),
 so there a patch of one head's q or k input also moves the other heads' q or k a little.
 """
 

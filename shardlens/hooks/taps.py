@@ -199,7 +199,8 @@ class NormTap(Tap):
         if kind == "layernorm_f32":
             var, mean = torch.var_mean(x32, -1, keepdim=True, correction=0)
             scale = self.hook_scale((var + self.eps).sqrt())
-            return (weight.float() * self.hook_normalized((x32 - mean) / scale)).to(x.dtype)
+            normalized = self.hook_normalized((x32 - mean) / scale)
+            return (normalized if weight is None else weight.float() * normalized).to(x.dtype)
         scale = self.hook_scale((x32.square().mean(-1, keepdim=True) + self.eps).sqrt())
         if kind == "rmsnorm":
             return weight * self.hook_normalized((x32 / scale).to(x.dtype))

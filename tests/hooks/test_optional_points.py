@@ -46,9 +46,11 @@ def test_switched_on_and_cached_they_change_nothing(tiny_checkpoints, tokens, na
 def test_a_patch_of_one_heads_input_reaches_that_head_only(tiny_checkpoints, tokens, other, name, point, attn_point):
     # In layer 0 a head's q (k, v) depends only on its input at that position (and the position),
     # so patching head h's input with another prompt's embeddings gives that prompt's q for head h.
-    if name in ("olmo2", "olmoe") and attn_point != "hook_v":
-        pytest.skip("OLMo-2 and OLMoE normalise q and k over all heads together: one head's input moves every head's norm")
     model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], point_options=ALL)
+    attention = model.model.get_submodule(model.layout.blocks)[0].get_submodule(model.layout.block.attn)
+    q_norm = getattr(attention, "q_norm", None)
+    if q_norm is not None and q_norm.weight.shape == (model.config.hidden_size,) and attn_point != "hook_v":
+        pytest.skip("q and k are normalised over all heads together (OLMo-2, OLMo-3, OLMoE): one head's input moves every head's norm")
     names = ["blocks.0.hook_resid_pre", f"blocks.0.attn.{attn_point}"]
     _, base = model.run_with_cache(tokens, names_filter=names)
     _, swapped = model.run_with_cache(other, names_filter=names)

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from shardlens.hooks.architectures.cohere import cohere_layout
 from shardlens.hooks.architectures.deepseek import deepseek_v3_layout
+from shardlens.hooks.architectures.exaone import exaone4_layout
 from shardlens.hooks.architectures.falcon import falcon_layout
 from shardlens.hooks.architectures.gemma import gemma2_layout, gemma3_layout, gemma_layout
 from shardlens.hooks.architectures.gpt2 import gpt2_layout
@@ -21,7 +22,7 @@ from shardlens.hooks.architectures.granite import granite_layout
 from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, MoELayout, attention_kinds
 from shardlens.hooks.architectures.llama import llama_layout
 from shardlens.hooks.architectures.moe import mixtral_layout, qwen_moe_layout
-from shardlens.hooks.architectures.olmo import olmo2_layout, olmoe_layout
+from shardlens.hooks.architectures.olmo import olmo2_layout, olmo3_layout, olmo_layout, olmoe_layout
 from shardlens.hooks.architectures.phi import phi3_layout, phi_layout
 from shardlens.hooks.architectures.stablelm import stablelm_layout
 from shardlens.hooks.architectures.starcoder2 import starcoder2_layout
@@ -38,12 +39,20 @@ LAYOUTS: dict[str, LayoutFn] = {
     "mistral": llama_layout,
     "qwen2": llama_layout,
     "qwen3": llama_layout,
+    "smollm3": llama_layout,
+    "seed_oss": llama_layout,
+    "internlm3": llama_layout,
+    "ernie4_5": llama_layout,
+    "cwm": llama_layout,
     "gemma": gemma_layout,
     "gemma2": gemma2_layout,
     "gemma3_text": gemma3_layout,
     "phi": phi_layout,
     "phi3": phi3_layout,
+    "olmo": olmo_layout,
     "olmo2": olmo2_layout,
+    "olmo3": olmo3_layout,
+    "exaone4": exaone4_layout,
     "granite": granite_layout,
     "cohere": cohere_layout,
     "stablelm": stablelm_layout,

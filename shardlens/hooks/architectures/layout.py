@@ -14,8 +14,8 @@ from typing import Any, Literal, Optional
 
 # How a norm computes (see taps.NormTap): LayerNorm in the input dtype; Llama's RMSNorm
 # (statistics in float32, cast back before the weight); RMSNorm with the weight applied in
-# float32 (OLMo-2, gpt-oss); Gemma's RMSNorm (float32, scaled by 1 + weight); Cohere's
-# LayerNorm (float32, no bias).
+# float32 (OLMo-2, gpt-oss); Gemma's RMSNorm (float32, scaled by 1 + weight); LayerNorm in
+# float32 (Cohere's, without bias; OLMo's, without weight or bias).
 NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_f32", "gemma_rmsnorm", "layernorm_f32"]
 ProjectionKind = Literal["linear", "conv1d"]  # nn.Linear (weight [out, in]) or GPT-2's Conv1D ([in, out])
 AttentionKind = Literal["full_attention", "sliding_attention"]

@@ -1,0 +1,12 @@
+"""EXAONE 4: OLMo-2's placement of norms (on the outputs of attention and MLP, no ln1 or
+ln2) with Llama's RMSNorm, q/k norms inside attention, and sliding-window layers."""
+
+from dataclasses import replace
+
+from shardlens.hooks.architectures.layout import ModelLayout
+from shardlens.hooks.architectures.llama import llama_layout
+from shardlens.hooks.architectures.olmo import OLMO2_BLOCK
+
+
+def exaone4_layout(config) -> ModelLayout:
+    return llama_layout(config, replace(OLMO2_BLOCK, norm="rmsnorm"))
