@@ -6,7 +6,7 @@ hook_k_input, hook_v_input), each normalised by ln1 on its own, so that a patch 
 head's copy reaches that head only (path patching needs it). In a Hugging Face block the
 attention reads one normalised tensor; while these points have hooks, the block's q/k/v
 projections are computed per head from the per-head copies instead (`HeadInputsTap`), which
-equals the plain projection when nothing is patched.
+equals the plain projection, up to rounding, when nothing is patched.
 
 hook_attn_in is [batch, pos, head, d_model] with one copy per query head; under grouped-query
 attention kv head g reads the copy of its group's first query head (g * n_heads / n_kv_heads).
@@ -15,8 +15,8 @@ hook_q_input is [batch, pos, head, d_model]; hook_k_input and hook_v_input have 
 blocks.{L}.hook_mlp_in [batch, pos, d_model] is what the MLP's norm reads (resid_mid, or
 resid_pre in a parallel block), a copy, so that a patch changes the MLP's input only.
 
-OLMo-2, OLMo-3 and OLMoE normalise q and k over all heads together (q_norm and k_norm span every head),
-so there a patch of one head's q or k input also moves the other heads' q or k a little.
+OLMo-2, OLMo-3 and OLMoE normalise q and k over all heads together (q_norm and k_norm span
+every head), so there a patch of one head's q or k input also moves the other heads' a little.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 
 from shardlens.hooks.architectures import BlockLayout
 from shardlens.hooks.hook_points import HookPoint
-from shardlens.hooks.taps import BlockPoints, Tap, ForwardSwap
+from shardlens.hooks.taps import BlockPoints, ForwardSwap, Tap
 
 # How a projection's output rows are laid out, in blocks of d_head rows each owned by one
 # (q|k|v, head): see `row_blocks`.
