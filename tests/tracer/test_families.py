@@ -28,6 +28,8 @@ def test_two_stages_on_the_local_backend_equal_one_process(tiny_checkpoints, tok
         assert sorted(tracer.hook_names()) == sorted(model.hook_names())
         logits, every = tracer.run_with_cache(tokens)
         loss, grads = tracer.run_with_cache(tokens, return_type="loss", names_filter="blocks.*.hook_resid_pre", incl_bwd=True)
+        generated = tracer.generate(tokens[:2, :4], max_new_tokens=6)  # past the 4-token sliding windows
+    assert torch.equal(generated, model.generate(tokens[:2, :4], max_new_tokens=6))
     assert torch.allclose(logits, logits_ref, atol=1e-5)
     assert_same_cache(every, every_ref)
     assert torch.allclose(every.decompose_resid(layer=2), every_ref.decompose_resid(layer=2), atol=1e-5)  # Granite's scales too
