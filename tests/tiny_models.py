@@ -24,6 +24,7 @@ _COMMON = dict(
     initializer_range=0.2, bos_token_id=1, eos_token_id=1, pad_token_id=0,
 )
 _GQA = dict(num_key_value_heads=2)
+_COMMON_TEXT = {k: v for k, v in _COMMON.items()}
 _MLP = dict(intermediate_size=64)
 _ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention"]
 
@@ -47,6 +48,11 @@ FAMILY_CONFIGS: dict[str, tuple[str, dict]] = {
     "gemma": ("gemma", dict(**_MLP, **_GQA, head_dim=8)),
     "gemma2": ("gemma2", dict(**_MLP, **_GQA, head_dim=8, sliding_window=4, attn_logit_softcapping=5.0, final_logit_softcapping=3.0)),
     "gemma3": ("gemma3_text", dict(**_MLP, **_GQA, head_dim=8, sliding_window=4, sliding_window_pattern=2, final_logit_softcapping=3.0)),
+    "gemma3_multimodal": ("gemma3", dict(  # a 4B-and-up Gemma 3: the text model beside a (tiny) vision tower
+        text_config=dict(**_COMMON_TEXT, **_MLP, **_GQA, head_dim=8, sliding_window=4, layer_types=_ALTERNATING, final_logit_softcapping=3.0),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28, patch_size=14),
+        mm_tokens_per_image=4, boi_token_index=VOCAB - 3, eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
+    )),
     "phi": ("phi", dict(**_MLP, partial_rotary_factor=0.5, qk_layernorm=True, tie_word_embeddings=False)),
     "phi3": ("phi3", dict(**_MLP, **_GQA, sliding_window=4, tie_word_embeddings=False)),
     "olmo": ("olmo", dict(**_MLP, **_GQA)),
@@ -80,7 +86,8 @@ MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gp
 
 def tiny_config(name: str) -> transformers.PretrainedConfig:
     model_type, fields = FAMILY_CONFIGS[name]
-    return AutoConfig.for_model(model_type, **{**_COMMON, **fields})
+    common = {} if "text_config" in fields else _COMMON  # a multimodal config takes its text model's fields in text_config
+    return AutoConfig.for_model(model_type, **{**common, **fields})
 
 
 def save_tiny_model(name: str, folder: Path, *, seed: int = 0, with_tokenizer: bool = True) -> Path:

@@ -86,8 +86,10 @@ class HookedModel(TappedModel):
         self.model = hf_model
         self.tokenizer = tokenizer
         self._last_attention_mask: Optional[Tensor] = None
-        self.config = getattr(hf_model, "config", None)
-        self.layout: Optional[ModelLayout] = layout_for(self.config) if self.config is not None else None
+        config = getattr(hf_model, "config", None)
+        self.layout: Optional[ModelLayout] = layout_for(config) if config is not None else None
+        # the language model's own config (a multimodal model's text_config): sizes, layers, masks
+        self.config = config.get_text_config() if config is not None else None
         if self.layout is None:
             if point_options != PointOptions():
                 raise ValueError(no_layout_for_options(self.config))

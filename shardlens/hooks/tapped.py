@@ -198,6 +198,7 @@ def cache_fields(layout: Optional[ModelLayout]) -> dict:
 def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tuple[int, ...]]:
     """The shape after [batch, pos] of the canonical hook point `name` of a model with this
     config and layout; None for attention scores and patterns (they depend on the input)."""
+    config = config.get_text_config()  # a multimodal model's language model
     d_model, n_heads = config.hidden_size, config.num_attention_heads
     n_kv = layout.n_kv_heads or getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or d_model // n_heads

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from safetensors import safe_open
+from torch import nn
+from transformers.conversion_mapping import get_model_conversion_mapping
+from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
 from shardlens.errors import ShardPlanError
 
@@ -23,41 +25,29 @@ INDEX = "model.safetensors.index.json"
 class Checkpoint:
     """The tensors of a checkpoint folder, read one by one: nothing is loaded until asked.
 
-    Keys are translated to the model's own parameter names with transformers' checkpoint
-    conversions for the model class or type: renamings (GPT-NeoX's "embed_out." ->
-    "lm_head."), the base model prefix (old GPT-2 files say "h.0..." for "transformer.h.0..."),
-    and merges of per-expert tensors into one (a mixture-of-experts checkpoint stores
-    `experts.3.gate_proj.weight`, the model holds `experts.gate_up_proj` for all experts):
-    a merged tensor is built, with transformers' own operations, from exactly its sources.
+    With `model` (the model the checkpoint is for, on the meta device, say), keys are
+    translated to its parameter names as transformers translates them when it loads the
+    checkpoint (transformers' own conversion mapping, renamings and base-model prefix): GPT-
+    NeoX's "embed_out." is "lm_head.", a multimodal Gemma 3's "language_model.model." is
+    "model.language_model.", and per-expert tensors (`experts.3.gate_proj.weight`) are merged
+    into the tensor the model holds for all experts (`experts.gate_up_proj`), by transformers'
+    own operations, from exactly their sources.
     """
 
-    def __init__(self, folder: os.PathLike, *, model_class: str = "", model_type: str = "", base_prefix: str = ""):
+    def __init__(self, folder: os.PathLike, *, model: Optional[nn.Module] = None):
         self.folder = Path(folder)
         self.files = self._files()
-        transforms = _conversions(model_class, model_type)
-        renamings = [(s, t) for kind, sources, targets, _ in transforms if kind == "rename" for s, t in zip(sources, targets)]
-        self._merges = [(sources, targets, ops) for kind, sources, targets, ops in transforms if kind == "merge"]
         self._file_key: dict[str, tuple[str, str]] = {}  # model name -> (file, key in file)
-        # merged model name -> its converter, and per source pattern: expert index -> (file, key)
-        self._merged: dict[str, tuple[int, list[dict[int, tuple[str, str]]]]] = {}
-        for key, file in self.files.items():
-            name = key
-            for pattern, target in renamings:
-                name = re.sub(pattern, target, name)
-            if base_prefix and not name.startswith(base_prefix + ".") and not name.startswith("lm_head"):
-                self._file_key.setdefault(f"{base_prefix}.{name}", (file, key))
-            self._file_key[name] = (file, key)
-            self._index_merge_source(name, (file, key))
-
-    def _index_merge_source(self, name: str, where: tuple[str, str]) -> None:
-        for converter, (sources, targets, _) in enumerate(self._merges):
-            for slot, pattern in enumerate(sources):
-                match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), name)
-                if match:
-                    merged = name[: match.start()] + targets[0] + name[match.end():]
-                    _, slots = self._merged.setdefault(merged, (converter, [{} for _ in sources]))
-                    slots[slot][int(match.group(1))] = where
-                    return
+        # merged model name -> (its converter, per source pattern the (file, key) of each expert, in order)
+        self._merged: dict[str, tuple[Any, dict[str, list[tuple[str, str]]]]] = {}
+        rename = _renamer(model)
+        for key in sorted(self.files, key=dot_natural_key):  # experts in index order, as transformers merges them
+            name, converter, pattern = rename(key)
+            if converter is None:
+                self._file_key[name] = (self.files[key], key)
+            elif {type(op).__name__ for op in converter.operations} <= _MERGE_OPERATIONS:
+                _, sources = self._merged.setdefault(name, (converter, {p: [] for p in converter.source_patterns}))
+                sources[pattern].append((self.files[key], key))
 
     def _files(self) -> dict[str, str]:
         index = self.folder / INDEX
@@ -89,8 +79,8 @@ class Checkpoint:
         wanted: dict[tuple[str, str], None] = {}  # (file, key) of every stored tensor to read, in order
         for name in names:
             if name in self._merged:
-                for slot in self._merged[name][1]:
-                    wanted.update(dict.fromkeys(slot[i] for i in sorted(slot)))
+                for sources in self._merged[name][1].values():
+                    wanted.update(dict.fromkeys(sources))
             elif name in self._file_key:
                 wanted[self._file_key[name]] = None
             else:
@@ -111,11 +101,10 @@ class Checkpoint:
 
     def _merge(self, name: str, stored: dict) -> torch.Tensor:
         """A merged tensor from its sources, by the converter's own operations."""
-        converter, slots = self._merged[name]
-        sources, targets, operations = self._merges[converter]
-        values: dict = {pattern: [stored[slot[i]] for i in sorted(slot)] for pattern, slot in zip(sources, slots)}
-        for operation in operations:
-            values = operation.convert(values, sources, targets)
+        converter, sources = self._merged[name]
+        values: dict = {pattern: [stored[where] for where in found] for pattern, found in sources.items()}
+        for operation in converter.operations:
+            values = operation.convert(values, converter.source_patterns, converter.target_patterns)
         return next(iter(values.values()))
 
 
@@ -124,27 +113,19 @@ class Checkpoint:
 _MERGE_OPERATIONS = frozenset({"MergeModulelist", "Concatenate"})
 
 
-def _conversions(model_class: str, model_type: str) -> list[tuple[str, list, list, list]]:
-    """transformers' checkpoint conversions for a model class (or else its model type), as
-    ("rename", source regexes, targets, []) and ("merge", source patterns, targets, operations)."""
-    if not (model_class or model_type):
-        return []
-    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+def _renamer(model: Optional[nn.Module]) -> Callable[[str], tuple[str, Any, Optional[str]]]:
+    """key -> (the model's name for it, the converter merging it or None, the converter's
+    source pattern it matched), as transformers renames checkpoint keys for `model`."""
+    if model is None:
+        return lambda key: (key, None, None)
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    names = dict.fromkeys(model.state_dict())
 
-    transforms = (get_checkpoint_conversion_mapping(model_class) if model_class else None) or (
-        get_checkpoint_conversion_mapping(model_type) if model_type else None
-    ) or []
-    out = []
-    for transform in transforms:
-        sources, targets = _listify(transform.source_patterns), _listify(transform.target_patterns)
-        kind = type(transform).__name__
-        if kind == "WeightRenaming":
-            out.append(("rename", sources, targets, []))
-        elif kind == "WeightConverter" and {type(op).__name__ for op in transform.operations} <= _MERGE_OPERATIONS:
-            out.append(("merge", sources, targets, list(transform.operations)))
-    return out
+    def rename(key: str) -> tuple[str, Any, Optional[str]]:
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, names)
+        converter = next((c for c in converters if pattern in c.source_patterns), None) if pattern else None
+        return name, converter, pattern
 
-
-
-def _listify(value: Any) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
+    return rename

@@ -118,7 +118,7 @@ class ShardPlan:
                 f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(LAYOUTS))}"
             )
         dtype = _dtype(dtype)
-        n_layers = config.num_hidden_layers
+        n_layers = config.get_text_config().num_hidden_layers
         if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
             raise ShardPlanError(f"stages must be a positive int; got {stages!r}")
         if stages > n_layers:

@@ -175,10 +175,8 @@ def build_stage(
     spec = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
     modules = stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head)
-    stage = Stage(skeleton.config, layout, spec, modules, point_options)
-    checkpoint = Checkpoint(
-        source, model_class=type(skeleton).__name__, model_type=config.model_type, base_prefix=skeleton.base_model_prefix,
-    )
+    stage = Stage(skeleton.config.get_text_config(), layout, spec, modules, point_options)
+    checkpoint = Checkpoint(source, model=skeleton)
     _load(stage, checkpoint, layout, device)
     return stage.eval()
 

@@ -79,7 +79,7 @@ def test_chained_backward_equals_the_whole_models_gradients(tiny_checkpoints, na
     for h in hidden:
         h.retain_grad()
     out.loss.backward()
-    n_layers = reference.config.num_hidden_layers
+    n_layers = reference.config.get_text_config().num_hidden_layers
 
     plan = ShardPlan.for_model(source, stages=3)
     stages = [build_stage(source, plan, i) for i in range(3)]
@@ -99,7 +99,7 @@ def test_chained_backward_equals_the_whole_models_gradients(tiny_checkpoints, na
         assert torch.allclose(store[f"blocks.{layer}.hook_resid_pre_grad"], hidden[layer].grad, atol=1e-6), layer
         if layer + 1 < n_layers:
             assert torch.allclose(store[f"blocks.{layer}.hook_resid_post_grad"], hidden[layer + 1].grad, atol=1e-6), layer
-    if not reference.config.tie_word_embeddings:  # tied: the whole model adds the unembedding's share
+    if not reference.config.get_text_config().tie_word_embeddings:  # tied: the whole model adds the unembedding's share
         embed = reference.get_input_embeddings().weight.grad
         assert torch.allclose(stages[0].embed.weight.grad, embed, atol=1e-6)
     # hook_embed is the embedding module's output: Granite multiplies it into the residual stream after

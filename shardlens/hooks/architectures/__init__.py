@@ -13,7 +13,7 @@ from shardlens.hooks.architectures.cohere import cohere_layout
 from shardlens.hooks.architectures.deepseek import deepseek_v3_layout
 from shardlens.hooks.architectures.exaone import exaone4_layout
 from shardlens.hooks.architectures.falcon import falcon_layout
-from shardlens.hooks.architectures.gemma import gemma2_layout, gemma3_layout, gemma_layout
+from shardlens.hooks.architectures.gemma import gemma2_layout, gemma3_layout, gemma3_multimodal_layout, gemma_layout
 from shardlens.hooks.architectures.gpt2 import gpt2_layout
 from shardlens.hooks.architectures.gpt_neox import gpt_neox_layout
 from shardlens.hooks.architectures.gpt_oss import gpt_oss_layout
@@ -47,6 +47,7 @@ LAYOUTS: dict[str, LayoutFn] = {
     "gemma": gemma_layout,
     "gemma2": gemma2_layout,
     "gemma3_text": gemma3_layout,
+    "gemma3": gemma3_multimodal_layout,
     "phi": phi_layout,
     "phi3": phi3_layout,
     "olmo": olmo_layout,

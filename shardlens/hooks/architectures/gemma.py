@@ -6,7 +6,10 @@ on the attention and MLP outputs (ln1_post, ln2_post: hook_attn_out and hook_mlp
 their outputs, what the residual stream adds), alternate sliding-window and global layers,
 and soft-cap the final logits (Gemma 2 also the attention scores, inside attention, so
 hook_attn_scores is after the cap). Gemma 3 has per-head q/k norms and a rotary embedding
-per attention kind.
+per attention kind. Gemma 3's multimodal checkpoints (model_type "gemma3": 4B and up) hold
+the same text model under model.language_model, with its config as text_config; shardlens
+hooks and shards that text model (its vision tower and projector are in no stage, so runs
+take token ids only).
 """
 
 from dataclasses import replace
@@ -31,4 +34,13 @@ def gemma2_layout(config) -> ModelLayout:
 def gemma3_layout(config) -> ModelLayout:
     return llama_layout(
         config, GEMMA2_BLOCK, logit_softcap=getattr(config, "final_logit_softcapping", None), rotary_by_layer_type=True,
+    )
+
+
+def gemma3_multimodal_layout(config) -> ModelLayout:
+    text = gemma3_layout(config.get_text_config())
+    return replace(
+        text, embed="model.language_model.embed_tokens", blocks="model.language_model.layers",
+        final_norm="model.language_model.norm", rotary="model.language_model.rotary_emb",
+        logit_softcap=None,  # transformers' Gemma3ForConditionalGeneration does not soft-cap its logits
     )
