@@ -169,26 +169,9 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="shardlens",
-        description="Trace transformer models across processes, GPUs and nodes with TransformerLens' hook API.",
-    )
-    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    demo = commands.add_parser(
-        "demo",
-        help="find the induction heads of the shipped model across 2 stages (no downloads)",
-        description="Run the shipped 2-layer induction model as a multi-stage Tracer (a local Ray "
-        "instance by default), sweep head-level activation patching and attribution patching on "
-        "an induction task, and write the results (Parquet), the residual stream (a Parquet "
-        "dataset) and a heatmap PNG.",
-    )
-    demo.add_argument("--out", default="shardlens-demo", help="output folder (default: ./shardlens-demo)")
-    demo.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the stages run (default: ray)")
-    demo.add_argument("--stages", type=int, default=2, choices=[1, 2], help="stages (default: 2)")
-    demo.set_defaults(run=_demo)
-
+def _add_model_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands that look at a model or a dataset without running a campaign: hooks,
+    families, plan, inspect."""
     hooks = commands.add_parser("hooks", help="list a model's hook points", description="List the hook points of a checkpoint's model (from its config; no weights are read).")
     hooks.add_argument("model", help="checkpoint folder or hub id")
     hooks.set_defaults(run=_hooks)
@@ -213,6 +196,29 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="describe a Parquet dataset of activations", description="List a dataset's hook points with rows, value shapes, dtypes and layout, and its metadata.")
     inspect.add_argument("dataset", help="dataset folder or URI")
     inspect.set_defaults(run=_inspect)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shardlens",
+        description="Trace transformer models across processes, GPUs and nodes with TransformerLens' hook API.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="find the induction heads of the shipped model across 2 stages (no downloads)",
+        description="Run the shipped 2-layer induction model as a multi-stage Tracer (a local Ray "
+        "instance by default), sweep head-level activation patching and attribution patching on "
+        "an induction task, and write the results (Parquet), the residual stream (a Parquet "
+        "dataset) and a heatmap PNG.",
+    )
+    demo.add_argument("--out", default="shardlens-demo", help="output folder (default: ./shardlens-demo)")
+    demo.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the stages run (default: ray)")
+    demo.add_argument("--stages", type=int, default=2, choices=[1, 2], help="stages (default: 2)")
+    demo.set_defaults(run=_demo)
+
+    _add_model_commands(commands)
 
     run = commands.add_parser("run", help="run (or resume) a campaign file", description="Run a campaign file's experiments as work units with a progress bar; finished units are skipped, so a rerun resumes. Writes the dataset, summary.json, summary.md and plots.")
     run.add_argument("campaign", help="the campaign YAML file")
