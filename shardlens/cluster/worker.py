@@ -38,7 +38,7 @@ class StageWorker:
         device: put the whole stage there instead of following the plan's device map.
         threads: torch threads for this worker (None: leave torch's default).
         allow_code: accept specs holding sl.ops.Code (pickled Python).
-        points: TransformerLens' optional hook points to add (sl.PointOptions fields).
+        point_options: TransformerLens' optional hook points to add (sl.PointOptions fields).
     """
 
     def __init__(

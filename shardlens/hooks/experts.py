@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shardlens.hooks.hook_points import HookPoint
-from shardlens.hooks.taps import Tap, ForwardSwap
+from shardlens.hooks.taps import BlockTokensTap, ForwardSwap, Tap
 
 
 def is_plain_experts(experts: nn.Module) -> bool:
@@ -32,24 +32,19 @@ def is_plain_experts(experts: nn.Module) -> bool:
     )
 
 
-class ExpertsTap(Tap):
+class ExpertsTap(BlockTokensTap):
     """Runs an experts module through per-expert points while any of them has hooks (the MoE
     block's input, seen on the way in, gives the points their [batch, pos] shape)."""
 
     def __init__(self, points: nn.ModuleDict, block: nn.Module, experts: nn.Module):
-        super().__init__(points["0"].hook_pre, experts)
+        super().__init__(points["0"].hook_pre, experts, block)
         self.points = [points[str(e)] for e in range(len(points))]
-        self.block = block
-        self._tokens: tuple = ()
 
     def wanted(self) -> bool:
         return any(p.active for e in self.points for p in (e.hook_pre, e.hook_pre_linear, e.hook_post, e.hook_out))
 
     def attach(self) -> list:
-        return [self.block.register_forward_pre_hook(self._block_input), ForwardSwap(self.module, self._forward)]
-
-    def _block_input(self, module: nn.Module, args: tuple) -> None:
-        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
+        return [self.record_tokens(), ForwardSwap(self.module, self._forward)]
 
     def _forward(self, hidden: Tensor, indices: Tensor, weights: Tensor) -> Tensor:
         """transformers' loop over experts, with hidden [tokens, d_model] and indices / weights

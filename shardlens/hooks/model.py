@@ -72,9 +72,9 @@ class HookedModel(TappedModel):
     Args:
         hf_model: a transformers causal LM (or, with module points only, any nn.Module).
         tokenizer: optional; lets forward take text and enables to_tokens / to_string.
-        points: TransformerLens' optional hook points to add (sl.PointOptions: hook_result,
-            split q/k/v inputs, attn_in, mlp_in, hook_tokens); also switched by the
-            set_use_* methods.
+        point_options: TransformerLens' optional hook points to add (sl.PointOptions:
+            hook_result, split q/k/v inputs, attn_in, mlp_in, hook_tokens, each expert); also
+            switched by the set_use_* methods.
 
     Example:
         >>> model = sl.HookedModel.from_pretrained("path/to/checkpoint")
@@ -97,6 +97,7 @@ class HookedModel(TappedModel):
             self._module_taps = module_taps(hf_model, paths)
         else:
             self._use_shardlens_attention()
+            self.logit_transform = LogitTransform(self.layout)  # for readouts outside the model's forward
             self._build_points(point_options)
         self.setup()
 
@@ -128,7 +129,7 @@ class HookedModel(TappedModel):
 
     def _use_shardlens_attention(self) -> None:
         if self.layout.attention_forward is not None:
-            return  # the family's attention modules get shardlens' forward (see _build_points)
+            return  # its attention modules run shardlens' forward while hooked (taps.AttentionForwardTap)
         self.model.set_attn_implementation(IMPLEMENTATION)
         if self.model.config._attn_implementation != IMPLEMENTATION:
             raise NotImplementedError(
@@ -250,11 +251,6 @@ class HookedModel(TappedModel):
         logits = self._readout(hidden)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
         return self.points.hook_logits(logits) if self.layout.transforms_logits else logits
-
-    def _readout(self, resid: Tensor) -> Tensor:
-        """The logits of a final residual stream: final norm, unembedding, logit transform."""
-        parts = self._parts()
-        return LogitTransform(self.layout)(parts.unembed(parts.final_norm(resid)))
 
     def _cache_context(self) -> dict:
         if self.layout is None:

@@ -76,6 +76,13 @@ class TappedModel(HookedRootModule):
             taps += expert_taps(block_points, block, block_layout, family)
         self.points, self._taps, self.point_options = points, taps, options
 
+    def _readout(self, resid: Tensor) -> Tensor:
+        """The logits of a final residual stream: final norm, unembedding, and what the
+        family's forward does to the logits (`logit_transform`, set by a model that holds the
+        head)."""
+        parts = self._parts()
+        return self.logit_transform(parts.unembed(parts.final_norm(resid)))
+
     @property
     def n_kv_heads(self) -> int:
         """Key/value heads per layer (as hook_k has them)."""

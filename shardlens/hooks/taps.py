@@ -297,17 +297,29 @@ class MoEPoints(nn.Module):
             self.shared_expert = MLPPoints(gated=True)
 
 
-class MoETap(Tap):
-    """Routes the router's logits and the experts' indices and weights through MoEPoints.
+class BlockTokensTap(Tap):
+    """A tap inside an MoE block, which flattens [batch, pos] into tokens: the block's input
+    shape, seen on the way in (`record_tokens`), gives its points their [batch, pos, ...]
+    shape back."""
 
-    The MoE block flattens [batch, pos] into tokens before routing; the block's input shape,
-    seen on the way in, gives the points their [batch, pos, ...] shape back.
-    """
+    def __init__(self, point: HookPoint, module: nn.Module, block: nn.Module):
+        super().__init__(point, module)
+        self.block = block
+        self._tokens: tuple[int, ...] = ()
+
+    def record_tokens(self) -> RemovableHandle:
+        return self.block.register_forward_pre_hook(self._block_input)
+
+    def _block_input(self, module: nn.Module, args: tuple) -> None:
+        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
+
+
+class MoETap(BlockTokensTap):
+    """Routes the router's logits and the experts' indices and weights through MoEPoints."""
 
     def __init__(self, points: MoEPoints, mlp: nn.Module, router: nn.Module, experts: nn.Module):
-        super().__init__(points.hook_router_logits, mlp)
+        super().__init__(points.hook_router_logits, mlp, mlp)
         self.points, self.router, self.experts = points, router, experts
-        self._tokens: tuple[int, ...] = ()
 
     def wanted(self) -> bool:
         p = self.points
@@ -315,13 +327,10 @@ class MoETap(Tap):
 
     def attach(self) -> list[RemovableHandle]:
         return [
-            self.module.register_forward_pre_hook(self._block_input),
+            self.record_tokens(),
             self.router.register_forward_hook(self._router_output, prepend=True),
             self.experts.register_forward_pre_hook(self._routing, with_kwargs=True),
         ]
-
-    def _block_input(self, module: nn.Module, args: tuple) -> None:
-        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
 
     def _router_output(self, module: nn.Module, args: tuple, output: tuple) -> tuple:
         logits = output[0]  # [tokens, experts]
@@ -347,15 +356,14 @@ class MoETap(Tap):
         return (hidden, indices.reshape(flat), weights.reshape(flat), *args[3:]), kwargs
 
 
-class SharedExpertTap(Tap):
+class SharedExpertTap(BlockTokensTap):
     """A shared expert's hook_pre, hook_pre_linear and hook_post, as [batch, pos, d_mlp]
     whether the MoE block hands the expert [batch, pos, d_model] (DeepSeek-V3) or its tokens
     flattened (Qwen2-MoE)."""
 
     def __init__(self, points: MLPPoints, block: nn.Module, expert: nn.Module, moe: MoELayout):
-        super().__init__(points.hook_pre, block)
+        super().__init__(points.hook_pre, block, block)
         self.points, self.expert, self.moe = points, expert, moe
-        self._tokens: tuple[int, ...] = ()
 
     def wanted(self) -> bool:
         return self.points.hook_pre.active or self.points.hook_pre_linear.active or self.points.hook_post.active
@@ -363,14 +371,11 @@ class SharedExpertTap(Tap):
     def attach(self) -> list[RemovableHandle]:
         part = self.expert.get_submodule
         return [
-            self.module.register_forward_pre_hook(self._block_input),
+            self.record_tokens(),
             part(self.moe.shared_in).register_forward_hook(lambda m, a, out: self._through(self.points.hook_pre, out), prepend=True),
             part(self.moe.shared_in_linear).register_forward_hook(lambda m, a, out: self._through(self.points.hook_pre_linear, out), prepend=True),
             part(self.moe.shared_out).register_forward_pre_hook(lambda m, args: (self._through(self.points.hook_post, args[0]), *args[1:])),
         ]
-
-    def _block_input(self, module: nn.Module, args: tuple) -> None:
-        self._tokens = tuple(args[0].shape[:-1])  # [batch, pos]
 
     def _through(self, point: HookPoint, x: Tensor) -> Tensor:
         return point(x.view(*self._tokens, x.shape[-1])).reshape(x.shape)

@@ -100,7 +100,7 @@ class Stage(TappedModel):
         hidden = run_layers(self.config, self.layout, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache)
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
         if self.last:
-            logits = self.logit_transform(self.unembed(self.final_norm(hidden)))
+            logits = self._readout(hidden)
             mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the new tokens' columns
             if io.metric is not None:
                 loss = io.metric(logits, mask, io.labels)

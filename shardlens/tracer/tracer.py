@@ -96,6 +96,7 @@ class Tracer:
         self.coordinator = coordinator
         self.tokenizer = tokenizer
         self.config = config
+        self.layout = layout_for(config) if config is not None else None  # the model's canonical layout, if any
         self.context_level = 0
 
     @classmethod
@@ -121,7 +122,8 @@ class Tracer:
         Args:
             backend: "ray" (actors; connects to `address`, or starts a local Ray instance) or
                 "local" (the same workers in this process).
-            dtype: the stages' parameter dtype; None: the one the checkpoint's config names.
+            dtype: the stages' parameter dtype; None: as transformers' dtype="auto" (see
+                ShardPlan.for_model).
             max_memory: each stage's device budgets (see ShardPlan.for_model); GPUs named
                 there are requested from Ray per worker.
             microbatch_size: examples per microbatch (default: the batch split evenly over
@@ -162,10 +164,9 @@ class Tracer:
     def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
         """The shape of a canonical hook point's tensors after [batch, pos] (as on a
         HookedModel), or None where it depends on the input or is unknown."""
-        layout = layout_for(self.config) if self.config is not None else None
-        if layout is None or name.startswith("module:") or name not in self.coordinator.hook_names:
+        if self.layout is None or name.startswith("module:") or name not in self.coordinator.hook_names:
             return None
-        return canonical_shape(self.config, layout, name)
+        return canonical_shape(self.config, self.layout, name)
 
     def shutdown(self) -> None:
         """Stop the workers (and the Ray instance, when this tracer started it)."""
@@ -460,5 +461,4 @@ class Tracer:
             results = {k: v[0] for k, v in results.items()}
         if device is not None:
             results = {k: v.to(device) for k, v in results.items()}
-        layout = layout_for(self.config) if self.config is not None else None
-        return output, ActivationCache(results, attention_mask=mask, **cache_fields(layout))
+        return output, ActivationCache(results, attention_mask=mask, **cache_fields(self.layout))
