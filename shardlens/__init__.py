@@ -15,6 +15,9 @@ from shardlens.hooks import (
     LensHandle,
     PointOptions,
     Points,
+    RunRequest,
+    RunResult,
+    Runner,
     Slice,
     ops,
     points,
@@ -23,7 +26,7 @@ from shardlens.sharding import ShardPlan, build_stage
 from shardlens.tables import ActivationCache, ParquetSink, read_cache
 from shardlens.tracer import Tracer, attribution, patching
 
-__version__ = "0.1.0"
+from shardlens.version import __version__
 
 __all__ = [
     "ActivationCache",
@@ -40,6 +43,9 @@ __all__ = [
     "PointOptions",
     "Points",
     "RemoteHookError",
+    "RunRequest",
+    "RunResult",
+    "Runner",
     "ShardPlan",
     "ShardPlanError",
     "Slice",

@@ -20,9 +20,11 @@ from torch import Tensor
 from shardlens.errors import RemoteHookError, WorkerError
 from shardlens.hooks.generation import copy_hf_cache, full_cache, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
+from shardlens.hooks.run import Destination
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan, StageIO, build_stage
+from shardlens.sharding.stage import Graph
 from shardlens.tables.cache import ActivationCache
 from shardlens.tables.parquet import ParquetSink
 
@@ -59,9 +61,8 @@ class StageWorker:
         self.stage = build_stage(source, ShardPlan.from_json(plan_json), index, device=device, point_options=PointOptions(**(point_options or {})))
         self.device = next(self.stage.parameters()).device
         self.incarnation = uuid.uuid4().hex  # changes when a restarted actor rebuilds
-        self._ctx = RunContext(self.stage, cache={})  # each batch gets its own store (see forward)
-        self._results: dict[str, dict[str, Tensor]] = {}
-        self._graphs: dict[str, Any] = {}
+        self._contexts: dict[str, RunContext] = {}  # each batch's own: what its specs read and store
+        self._graphs: dict[str, Graph] = {}
         self._kv_caches: dict[str, Any] = {}  # generation sessions: this stage's past keys and values
         self._sinks: dict[str, ParquetSink] = {}  # dataset path -> the sink of the run writing there
         self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0, "tokens": 0}  # tokens: batch x new positions run
@@ -80,45 +81,41 @@ class StageWorker:
     # ------------------------------------------------------------------ specs
 
     def install(self, level: Optional[int], specs: list[str]) -> None:
-        """Install specs (JSON) at a context level (None: permanent or level-less)."""
-        for text in specs:
-            spec = HookSpec.from_json(text, allow_code=self.allow_code)
-            self.stage._install_spec(spec, self._ctx, level=level)
+        """Install specs (JSON) at a context level (None: permanent or level-less); they act
+        in the context of the batch they run in."""
+        self.stage.install(level, [HookSpec.from_json(text, allow_code=self.allow_code) for text in specs])
 
-    def pop(self, level: int) -> None:
-        """Remove the hooks of one context level."""
-        self.stage.reset_hooks(clear_contexts=False, including_permanent=False, level=level)
+    def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
+        """Remove the specs of one context level (of every level when None)."""
+        self.stage.remove(level, including_permanent=including_permanent, direction=direction, clear_contexts=clear_contexts)
 
-    def reset(self, including_permanent: bool = False) -> None:
-        self.stage.reset_hooks(including_permanent=including_permanent)
-
-    def list_hooks(self) -> dict[str, int]:
-        return {name: len(handles) for name, handles in self.stage.list_hooks().items()}
+    def list_hooks(self) -> dict[str, list[HookSpec]]:
+        """The specs installed on this stage, by hook point."""
+        return self.stage.list_hooks()
 
     # ------------------------------------------------------------------ running
 
     def forward(
         self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None,
-        kv_cache: Optional[str] = None, kv_frozen: bool = False, kv_repeat: int = 1, keep_logits: bool = True,
+        kv: Optional[Any] = None, keep_logits: bool = True,
     ) -> StageIO:
         """Run one (micro)batch through the stage; keep the graph for backward if asked.
         Returns the StageIO for the next stage, on the CPU; a last stage's logits are packed
         (see `pack`: they go to the driver), or left out with keep_logits=False (when only the
         loss or metric is wanted: logits are the largest thing a run can send back).
 
-        With `kv_cache` (a session id) the stage keeps its layers' keys and values across
-        calls, `io` holds only the new tokens and its attention mask covers the cached ones
-        too. A frozen session is not extended: the run gets a copy, its batch repeated
-        `kv_repeat` times."""
+        With `kv` (a KVSession) the stage keeps its layers' keys and values across calls, `io`
+        holds only the new tokens and its attention mask covers the cached ones too. A frozen
+        session is not extended: the run gets a copy, its batch repeated `kv.repeat` times.
+        The batch gets a context of its own: what its specs store, and the `sources` they read."""
         start = time.perf_counter()
-        self._ctx.cache = self._results.setdefault(batch_id, {})
-        self._ctx.sources = sources or {}
+        ctx = self._contexts[batch_id] = RunContext(self.stage, {}, sources or {})
         io = _to(io, self.device)
-        cache = None if kv_cache is None else self._session_cache(kv_cache, io, kv_frozen, kv_repeat)
-        with torch.set_grad_enabled(keep_graph):
+        cache = None if kv is None else self._session_cache(kv.session, io, kv.frozen, kv.repeat)
+        with torch.set_grad_enabled(keep_graph), self.stage.running(ctx):
             out = self._guard(batch_id, lambda: self.stage(io, cache))
         if keep_graph:
-            self._graphs[batch_id], self.stage._pending = self.stage._pending, None
+            self._graphs[batch_id] = self.stage.detach_graph()
         self._times["forward_s"] += time.perf_counter() - start
         self._times["forwards"] += 1
         self._times["tokens"] += (out.logits if out.logits is not None else out.hidden).shape[:2].numel()
@@ -170,35 +167,39 @@ class StageWorker:
         start = time.perf_counter()
         if batch_id not in self._graphs:
             raise WorkerError(f"stage {self.index}, replica {self.replica}: no graph kept for batch {batch_id}")
-        self._ctx.cache = self._results.setdefault(batch_id, {})
-        self.stage._pending = self._graphs.pop(batch_id)
-        grad_in = self._guard(batch_id, lambda: self.stage.backward(None if grad is None else grad.to(self.device)))
+        graph = self._graphs.pop(batch_id)
+        with self.stage.running(self._contexts[batch_id]):
+            grad_in = self._guard(batch_id, lambda: self.stage.backward(None if grad is None else grad.to(self.device), graph))
         self._times["backward_s"] += time.perf_counter() - start
         return None if grad_in is None else grad_in.detach().cpu()
 
+    def _results(self, batch_id: str) -> dict[str, Tensor]:
+        """What the stage's reading specs stored for a batch; the batch's context is forgotten."""
+        ctx = self._contexts.pop(batch_id, None)
+        return {} if ctx is None else ctx.cache
+
     def take(self, batch_id: str) -> dict[str, "Packed"]:
         """What the stage's reading specs stored for a batch, packed (see `pack`); forgets them."""
-        return {name: pack(t) for name, t in self._results.pop(batch_id, {}).items()}
+        return {name: pack(t) for name, t in self._results(batch_id).items()}
 
-    def write(
-        self, batch_id: str, path: str, *, layout: str, examples: Tensor, attention_mask: Optional[Tensor], batch: int,
-        metadata: Optional[dict], name: Optional[str] = None,
-    ) -> list[str]:
-        """Queue what the stage's reading specs stored for a batch (the rows `examples` of the
-        dataset) for the Parquet dataset at `path`, one part per hook point (see ParquetSink;
-        `name` names them), and forget it; returns the paths the parts will have. They are
-        written in the background while the stage runs its next microbatch;
-        finish_writes(path) waits for them. Raises the failure of an earlier write of the run."""
-        results = self._results.pop(batch_id, {})
+    def write(self, batch_id: str, destination: Destination, start: int, attention_mask: Optional[Tensor]) -> list[str]:
+        """Queue what the stage's reading specs stored for a batch for the destination's
+        Parquet dataset, one part per hook point (see ParquetSink); `destination.examples` are
+        the batch's rows in it, `start` its first row in the run's batch (which names the
+        parts). Forgets the results; returns the paths the parts will have. They are written
+        in the background while the stage runs its next microbatch; finish_writes(path) waits
+        for them. Raises the failure of an earlier write of the run."""
+        results = self._results(batch_id)
         if not results:
             return []
         # On the host first: the sink holds the cache until its parts are on disk, and
         # device memory should not wait for that.
         results = {entry: tensor.cpu() for entry, tensor in results.items()}
-        cache = ActivationCache(results, attention_mask=attention_mask, examples=examples, batch=batch)
+        cache = ActivationCache(results, attention_mask=attention_mask, examples=destination.examples, batch=destination.batch)
+        path = destination.path
         if path not in self._sinks:
-            self._sinks[path] = ParquetSink(path, metadata=metadata, layout=layout, threads=1)
-        return self._sinks[path].write(cache, name=name)
+            self._sinks[path] = ParquetSink(path, metadata=dict(destination.metadata or {}), layout=destination.layout, threads=1)
+        return self._sinks[path].write(cache, name=destination.part_name(start))
 
     def finish_writes(self, path: str) -> list[str]:
         """Wait until every part queued for `path` is published, and close that sink; returns
@@ -210,7 +211,7 @@ class StageWorker:
         return sink.parts
 
     def drop(self, batch_id: str) -> None:
-        self._results.pop(batch_id, None)
+        self._contexts.pop(batch_id, None)
         self._graphs.pop(batch_id, None)
         self._kv_caches.pop(batch_id, None)
 
@@ -219,7 +220,7 @@ class StageWorker:
         if self.device.type == "cuda":
             memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
         return {"stage": self.index, "replica": self.replica, "pid": os.getpid(), **memory, **self._times,
-                "pending_graphs": len(self._graphs), "pending_results": len(self._results)}
+                "pending_graphs": len(self._graphs), "pending_results": len(self._contexts)}
 
     def _guard(self, batch_id: str, run: Any) -> Any:
         try:

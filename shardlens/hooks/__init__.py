@@ -1,13 +1,10 @@
 """Hooks: TransformerLens-compatible hook points for one process (no Ray here)."""
 
 from shardlens.errors import HookNameError
-from shardlens.hooks.hook_points import (
-    CachingHook,
-    HookedRootModule,
-    HookIntrospectionMixin,
-    HookPoint,
-    LensHandle,
-)
+from shardlens.hooks.hook_api import HookAPI, Runner
+from shardlens.hooks.hook_point import HookPoint, LensHandle
+from shardlens.hooks.root_module import CachingHook, HookedRootModule, HookIntrospectionMixin
+from shardlens.hooks.run import Destination, Resume, RunRequest, RunResult
 from shardlens.hooks.model import HookedModel
 from shardlens.hooks.names import NamesFilter
 from shardlens.hooks import ops
@@ -17,6 +14,8 @@ from shardlens.hooks.taps import PointOptions
 
 __all__ = [
     "CachingHook",
+    "Destination",
+    "HookAPI",
     "HookedModel",
     "HookedRootModule",
     "HookIntrospectionMixin",
@@ -27,6 +26,10 @@ __all__ = [
     "NamesFilter",
     "PointOptions",
     "Points",
+    "Resume",
+    "RunRequest",
+    "RunResult",
+    "Runner",
     "Slice",
     "ops",
     "points",

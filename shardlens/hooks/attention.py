@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.models.falcon.modeling_falcon import apply_rotary_pos_emb
 
-from shardlens.hooks.hook_points import HookPoint
+from shardlens.hooks.hook_point import HookPoint
 
 IMPLEMENTATION = "shardlens"
 _POINTS_ATTR = "_shardlens_attention_points"

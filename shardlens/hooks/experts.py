@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardlens.hooks.hook_points import HookPoint
+from shardlens.hooks.hook_point import HookPoint
 from shardlens.hooks.taps import BlockTokensTap, ForwardSwap, Tap
 
 

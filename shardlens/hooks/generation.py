@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 from torch import Tensor
@@ -46,6 +46,16 @@ class KeyValueCache:
 
     def freeze(self) -> None:
         self.frozen = True
+
+    def close(self) -> None:
+        """Free the cached keys and values (a run can no longer use the cache)."""
+        self.hf_cache = None
+
+    def __enter__(self) -> "KeyValueCache":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     def unfreeze(self) -> None:
         self.frozen = False
@@ -182,39 +192,3 @@ def decode_loop(
         if stop_at_eos and eos is not None and bool(finished.all()):
             break
     return tokens
-
-
-def generate(
-    model: Any,
-    input: Any,
-    *,
-    max_new_tokens: int,
-    use_kv_cache: bool = True,
-    fwd_hooks: Sequence = (),
-    attention_mask: Optional[Tensor] = None,
-    store: Optional[dict] = None,
-    **sampling: Any,
-) -> Tensor:
-    """Generate tokens from a HookedModel with hooks / specs active at every step.
-
-    Returns [batch, prompt + new] token ids. `sampling`: temperature (0: greedy), top_k,
-    top_p, stop_at_eos, seed (see decode_loop). What reading specs read at step k goes into
-    `store` under ``<entry>.step<k>``.
-    """
-    tokens, mask = model._inputs(input, attention_mask)
-    mask = torch.ones_like(tokens) if mask is None else mask.long()
-    step_store: dict = {}
-    with torch.no_grad(), model.hooks(fwd_hooks=fwd_hooks, store=step_store):
-        cache = KeyValueCache.init_cache(model.config, tokens.device, tokens.shape[0]) if use_kv_cache else None
-
-        def step(all_tokens: Tensor, all_mask: Tensor, new_tokens: Tensor, new_mask: Tensor) -> Tensor:
-            if cache is None:
-                return model(all_tokens, attention_mask=all_mask)
-            return model(new_tokens, attention_mask=new_mask, past_kv_cache=cache)
-
-        def after_step(index: int) -> None:
-            if store is not None:
-                store.update({f"{name}.step{index}": value for name, value in step_store.items()})
-            step_store.clear()
-
-        return decode_loop(step, tokens, mask, model.config, max_new_tokens=max_new_tokens, after_step=after_step, **sampling)

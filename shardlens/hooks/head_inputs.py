@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from shardlens.hooks.architectures import BlockLayout
-from shardlens.hooks.hook_points import HookPoint
+from shardlens.hooks.hook_point import HookPoint
 from shardlens.hooks.taps import BlockPoints, ForwardSwap, Tap
 
 # How a projection's output rows are laid out, in blocks of d_head rows each owned by one

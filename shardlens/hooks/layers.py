@@ -1,13 +1,15 @@
 """Running decoder blocks as a Hugging Face model's own forward runs them.
 
-HookedModel.run_from and a sharded Stage both run a range of a model's blocks outside the
-model's forward; this is the one place that knows what that forward hands each block.
+A HookedModel resuming at a layer and a sharded Stage both run a range of a model's blocks
+outside the model's forward; this is the one place that knows what that forward hands each
+block, and how both score the logits they end with.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
+import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
@@ -54,3 +56,30 @@ def run_layers(
         hidden = block(hidden, **kwargs)
         hidden = hidden[0] if isinstance(hidden, tuple) else hidden
     return hidden
+
+
+def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    """Mean cross-entropy of predicting each next token, over positions where both the token
+    and its successor are real (not padding). Computed in float32."""
+    log_probs = logits[:, :-1].float().log_softmax(-1)
+    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [batch, pos - 1]
+    if attention_mask is None:
+        return nll.mean()
+    mask = attention_mask.to(logits.device).bool()
+    return nll[mask[:, :-1] & mask[:, 1:]].mean()
+
+
+def positions_from_mask(attention_mask: Tensor) -> Tensor:
+    """Position ids that count only real tokens, so a left-padded example sees the positions
+    it would see alone."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def default_positions(tokens_or_hidden: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """The position ids a forward uses when none are given: from the mask when it has
+    padding, else 0..pos-1 for every example (one row each, so that hook_pos_embed is
+    [batch, pos, d_model])."""
+    if attention_mask is not None and not bool(attention_mask.all()):
+        return positions_from_mask(attention_mask)
+    batch, pos = tokens_or_hidden.shape[:2]
+    return torch.arange(pos, device=tokens_or_hidden.device).expand(batch, -1)

@@ -1,63 +1,25 @@
-"""HookedModel: a Hugging Face causal LM with TransformerLens hook points, run by its own forward."""
+"""HookedModel: a Hugging Face causal LM with TransformerLens hook points, run in this process."""
 
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor, nn
 
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
-from shardlens.hooks.generation import KeyValueCache, generate
-from shardlens.hooks.metrics import Metric
-from shardlens.hooks.layers import run_layers
+from shardlens.hooks.generation import KeyValueCache
+from shardlens.hooks.hook_api import HookAPI
+from shardlens.hooks.lens import WeightViews
+from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
+from shardlens.hooks.run import Resume, RunRequest
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.tapped import TappedModel, cache_fields, no_layout_for_options
 
-ReturnType = Optional[str]  # "logits" | "loss" | "both" | "metric" | None
-_RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 
-
-def token_ids(input: Any, attention_mask: Optional[Tensor], tokenizer: Callable[[], Any]) -> tuple[Tensor, Optional[Tensor]]:
-    """Token ids [batch, pos] and the attention mask (None when there is none) of `input`:
-    integer ids ([batch, pos] or [pos]) or text, encoded with padding by `tokenizer()` (which
-    raises when there is no tokenizer)."""
-    if isinstance(input, (str, list)) and (isinstance(input, str) or all(isinstance(s, str) for s in input)):
-        encoded = tokenizer()(input, return_tensors="pt", padding=True)
-        tokens, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    elif isinstance(input, Tensor):
-        if input.dtype.is_floating_point or input.dtype == torch.bool:
-            raise TypeError(f"token ids must be an integer tensor; got dtype {input.dtype}")
-        tokens = input[None] if input.ndim == 1 else input
-        if tokens.ndim != 2:
-            raise ValueError(f"token ids must be [batch, pos] or [pos]; got shape {tuple(input.shape)}")
-    else:
-        raise TypeError(f"input must be token ids (a tensor) or text; got {type(input).__name__}")
-    if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, tokens {tuple(tokens.shape)}")
-    return tokens, attention_mask
-
-
-def next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-    """Mean cross-entropy of predicting each next token, over positions where both the token
-    and its successor are real (not padding). Computed in float32."""
-    log_probs = logits[:, :-1].float().log_softmax(-1)
-    nll = -log_probs.gather(-1, tokens[:, 1:, None].to(logits.device))[..., 0]  # [batch, pos - 1]
-    if attention_mask is None:
-        return nll.mean()
-    mask = attention_mask.to(logits.device).bool()
-    return nll[mask[:, :-1] & mask[:, 1:]].mean()
-
-
-def positions_from_mask(attention_mask: Tensor) -> Tensor:
-    """Position ids that count only real tokens, so a left-padded example sees the positions
-    it would see alone."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-class HookedModel(TappedModel):
+class HookedModel(WeightViews, TappedModel):
     """A transformers causal LM whose own forward runs through canonical hook points.
 
     Registered architectures (see `shardlens.hooks.architectures`) get the TransformerLens
@@ -76,6 +38,9 @@ class HookedModel(TappedModel):
             hook_result, split q/k/v inputs, attn_in, mlp_in, hook_tokens, each expert); also
             switched by the set_use_* methods.
 
+    TransformerLens' analysis code reads `cfg`, `to_str_tokens`, `to_single_token` and the
+    weight views (W_E, W_Q, W_O, W_in, W_U, ...; see shardlens.hooks.lens.WeightViews).
+
     Example:
         >>> model = sl.HookedModel.from_pretrained("path/to/checkpoint")
         >>> logits, cache = model.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
@@ -85,7 +50,6 @@ class HookedModel(TappedModel):
         super().__init__()
         self.model = hf_model
         self.tokenizer = tokenizer
-        self._last_attention_mask: Optional[Tensor] = None
         config = getattr(hf_model, "config", None)
         self.layout: Optional[ModelLayout] = layout_for(config) if config is not None else None
         # the language model's own config (a multimodal model's text_config): sizes, layers, masks
@@ -98,7 +62,7 @@ class HookedModel(TappedModel):
         else:
             self._use_shardlens_attention()
             self.logit_transform = LogitTransform(self.layout)  # for readouts outside the model's forward
-            self._build_points(point_options)
+            self.build_points(point_options)
         self.setup()
 
     @classmethod
@@ -123,7 +87,8 @@ class HookedModel(TappedModel):
         from transformers import AutoModelForCausalLM
 
         hf_model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, device_map=device_map, **hf_kwargs)
-        return cls(hf_model.eval(), _load_tokenizer(path_or_name), point_options=point_options)
+        # in eval mode, as transformers' from_pretrained returns a model (no dropout)
+        return cls(hf_model, load_tokenizer(path_or_name), point_options=point_options).eval()
 
     # ------------------------------------------------------------------ hook points
 
@@ -157,23 +122,26 @@ class HookedModel(TappedModel):
 
     # ------------------------------------------------------------------ running
 
+    _request = HookAPI._request  # a language model's runs take token ids, return_type, attention_mask, ...
+
     def forward(
         self,
         input: Any = None,
         *args: Any,
-        return_type: ReturnType = "logits",
+        return_type: Optional[str] = "logits",
         attention_mask: Optional[Tensor] = None,
-        metric: Optional[Metric] = None,
+        metric: Any = None,
         past_kv_cache: Optional[KeyValueCache] = None,
         **kwargs: Any,
     ) -> Any:
-        """Run the wrapped model through its hook points.
+        """Run the wrapped model through its hook points (one run: see `run`).
 
         Args:
             input: token ids [batch, pos] (or [pos]), a string or list of strings (needs a
                 tokenizer). A model that is not a causal LM gets all arguments as they are.
             return_type: "logits" [batch, pos, vocab], "loss" (mean next-token loss, a scalar),
                 "both" (logits, loss), "metric" (the value of `metric`, a scalar), or None.
+                With a metric given, "loss" and "both" give the metric's value.
             attention_mask: [batch, pos], 1 for real tokens, 0 for padding. Position ids then
                 count only real tokens, so padding does not shift an example's positions.
             metric: an sl.metrics score, for return_type="metric".
@@ -181,110 +149,102 @@ class HookedModel(TappedModel):
                 runs, attending to them; the cache grows unless it is frozen.
             **kwargs: passed to the wrapped model's forward.
         """
-        self._sync_taps()
-        if self.layout is None and not hasattr(self.model, "get_output_embeddings"):
-            return self.model(input, *args, **kwargs)
-        if return_type not in _RETURN_TYPES:
-            raise ValueError(f"return_type must be one of {_RETURN_TYPES}; got {return_type!r}")
-        tokens, attention_mask = self._inputs(input, attention_mask)
-        self._last_attention_mask = attention_mask
-        if past_kv_cache is not None:
-            return self._run_with_kv_cache(tokens, attention_mask, past_kv_cache, return_type, metric, kwargs)
-        if attention_mask is not None and "position_ids" not in kwargs and not bool(attention_mask.all()):
-            kwargs["position_ids"] = positions_from_mask(attention_mask)
-        elif self.layout is not None and self.layout.pos_embed and "position_ids" not in kwargs:
-            # one row per example, so that hook_pos_embed is [batch, pos, d_model] as in TransformerLens
-            kwargs["position_ids"] = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
-        logits = self.model(input_ids=tokens, attention_mask=attention_mask, use_cache=False, *args, **kwargs).logits
-        if return_type == "logits":
-            return logits
-        if return_type is None:
-            return None
-        if return_type == "metric":
-            if metric is None:
-                raise ValueError("return_type='metric' needs metric=sl.metrics....")
-            return metric(logits, attention_mask, tokens)
-        loss = next_token_loss(logits, tokens, attention_mask)
-        return loss if return_type == "loss" else (logits, loss)
+        if not self._is_lm:
+            return self.call_with((input, *args), kwargs)
+        options = dict(return_type=return_type, attention_mask=attention_mask, metric=metric, past_kv_cache=past_kv_cache)
+        return self.call_with((input, *args), {**options, **kwargs})
 
-    def _run_with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, return_type: Any, metric: Any, kwargs: dict) -> Any:
-        new_mask = torch.ones_like(tokens) if mask is None else mask
+    @property
+    def _is_lm(self) -> bool:
+        return self.layout is not None or hasattr(self.model, "get_output_embeddings")
+
+    def _compute(self, request: RunRequest) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
+        self.sync_taps()
+        if not self._is_lm:
+            mask = {} if request.attention_mask is None else {"attention_mask": request.attention_mask}
+            output = self.model(request.input, **mask, **request.forward_kwargs)
+            return output, output, None
+        tokens, mask = self.tokens_of(request.input, request.attention_mask)
+        if request.resume is not None:
+            logits = self._resume(request.resume, tokens, mask)
+        elif request.kv_cache is not None:
+            logits = self._with_kv_cache(tokens, mask, request.kv_cache, request.forward_kwargs)
+        else:
+            kwargs = dict(request.forward_kwargs)
+            if "position_ids" not in kwargs and ((mask is not None and not bool(mask.all())) or (self.layout and self.layout.pos_embed)):
+                kwargs["position_ids"] = default_positions(tokens, mask)
+            logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
+        value = None
+        if request.return_type not in ("logits", None) or request.grads:
+            value = request.metric(logits, mask, tokens) if request.metric is not None else next_token_loss(logits, tokens, mask)
+        output = {"logits": logits, None: None, "both": (logits, value)}.get(request.return_type, value)
+        return output, value, mask
+
+    def _with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, kwargs: dict) -> Tensor:
+        """The logits of the new tokens, attending to the cached ones; a failed run leaves
+        the cache as it was."""
+        if not isinstance(cache, KeyValueCache) or not hasattr(cache, "hf_cache") or cache.hf_cache is None:
+            raise TypeError(f"past_kv_cache must be a KeyValueCache of this model (model.init_kv_cache()); got {type(cache).__name__}")
         held = cache.seq_len
-        full_mask = cache.append_attention_mask(new_mask)
+        full_mask = cache.append_attention_mask(torch.ones_like(tokens) if mask is None else mask)
         positions = positions_from_mask(full_mask)[:, -tokens.shape[1]:]
         try:
-            logits = self.model(
+            return self.model(
                 input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
             ).logits
-            if return_type in ("logits", None):
-                return logits if return_type else None
-            if return_type == "metric":
-                return metric(logits, new_mask, tokens)
-            loss = next_token_loss(logits, tokens, new_mask)
-            return loss if return_type == "loss" else (logits, loss)
-        except BaseException:  # the cache has grown (in the layers that ran): a failed run leaves it as it was
+        except BaseException:  # the cache has grown (in the layers that ran)
             if not cache.frozen:
                 cache.truncate(held)
             raise
 
-    def generate(self, input: Any, **kwargs: Any) -> Tensor:
-        """Generate tokens with hooks and specs active at every step (greedy by default);
-        see shardlens.hooks.generation.generate for the options."""
-        return generate(self, input, **kwargs)
-
-    def run_from(self, layer: int, resid_pre: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
-        """The logits of the model run from layer `layer` on, given that layer's resid_pre
-        [batch, pos, d_model]: what the whole forward gives when the layers before produced
-        `resid_pre`, without recomputing them. Hook points of the layers run fire as usual."""
+    def _resume(self, resume: Resume, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
+        """The logits of the model run from layer `resume.layer` on, given that layer's
+        resid_pre: the layers before are not run. Hook points of the layers run fire as usual."""
         if self.layout is None:
-            raise ValueError("run_from needs a registered architecture")
-        self._sync_taps()
+            raise ValueError("resuming at a layer needs a registered architecture")
         parts = self._parts()
-        batch, pos = resid_pre.shape[:2]
-        if attention_mask is not None and not bool(attention_mask.all()):
-            position_ids = positions_from_mask(attention_mask)
-        else:
-            position_ids = torch.arange(pos, device=resid_pre.device).expand(batch, -1)
+        hidden = resume.resid_pre
+        if hidden.shape[:2] != tokens.shape:
+            raise ValueError(f"resume.resid_pre is {tuple(hidden.shape)}, the tokens {tuple(tokens.shape)}: they must agree on [batch, pos]")
         rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
-        blocks = {i: block for i, block in parts.blocks.items() if i >= layer}
-        hidden = run_layers(self.config, self.layout, blocks, rotary, resid_pre, attention_mask, position_ids)
-        logits = self._readout(hidden)
+        blocks = {i: block for i, block in parts.blocks.items() if i >= resume.layer}
+        hidden = run_layers(self.config, self.layout, blocks, rotary, hidden, mask, default_positions(hidden, mask))
+        logits = self.readout(hidden)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
         return self.points.hook_logits(logits) if self.layout.transforms_logits else logits
 
-    def _cache_context(self) -> dict:
+    def init_kv_cache(self, batch_size: int = 1) -> KeyValueCache:
+        """An empty key/value cache of this model: pass it as past_kv_cache= to a run, freeze()
+        it to share a prefix between runs."""
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        return KeyValueCache.init_cache(self.config, self._device, batch_size)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    def _place(self, tokens: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        device = self._device
+        return tokens.to(device), None if mask is None else mask.to(device)
+
+    def _cache_fields(self) -> dict:
         if self.layout is None:
             return {}
-        return {"attention_mask": self._last_attention_mask, "readout": self._readout, **cache_fields(self.layout)}
+        return {"readout": self.readout, **cache_fields(self.layout)}
 
-    def _inputs(self, input: Any, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
-        tokens, attention_mask = token_ids(input, attention_mask, lambda: self._tokenizer_or_raise("text input"))
-        device = self.model.get_input_embeddings().weight.device
-        return tokens.to(device), None if attention_mask is None else attention_mask.to(device)
+    def _lens_config_args(self) -> tuple[Any, dict]:
+        if self.layout is None:
+            return super()._lens_config_args()
+        weight = self.model.get_input_embeddings().weight
+        return self.model.config, dict(device=weight.device, dtype=weight.dtype, options=self.point_options)
 
-    def _tokenizer_or_raise(self, what: str) -> Any:
-        if self.tokenizer is None:
-            raise ValueError(f"{what} needs a tokenizer: pass HookedModel(model, tokenizer) or load a checkpoint that has one")
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        return self.tokenizer
-
-    def to_tokens(self, text: Union[str, list[str]], *, padding_side: Optional[str] = None) -> Tensor:
-        """Token ids [batch, pos] for a string or list of strings (padded with the pad token)."""
-        tokenizer = self._tokenizer_or_raise("to_tokens")
-        options = {} if padding_side is None else {"padding_side": padding_side}
-        return tokenizer(text, return_tensors="pt", padding=True, **options)["input_ids"]
-
-    def to_string(self, tokens: Union[Tensor, list[int]]) -> Union[str, list[str]]:
-        """The text of token ids: a string for [pos], a list of strings for [batch, pos]."""
-        tokenizer = self._tokenizer_or_raise("to_string")
-        tokens = torch.as_tensor(tokens)
-        if tokens.ndim == 2:
-            return tokenizer.batch_decode(tokens)
-        return tokenizer.decode(tokens)
+    def _dataset_metadata(self) -> dict:
+        dtype = next(self.model.parameters()).dtype
+        return {"model": getattr(self.config, "_name_or_path", None), "dtype": str(dtype).removeprefix("torch.")}
 
 
-def _load_tokenizer(path_or_name: Union[str, os.PathLike]) -> Any:
+def load_tokenizer(path_or_name: Union[str, os.PathLike]) -> Any:
     """The checkpoint's tokenizer, or None when a local checkpoint has none."""
     from transformers import AutoTokenizer
 

@@ -145,10 +145,14 @@ def _check_sizes(selector: Index, size: int, what: str, name: str) -> None:
 
 @dataclass(frozen=True, eq=False)
 class Op:
-    """The base of every op. Subclasses set `reads` (puts results in ctx) and `direction`."""
+    """The base of every op. Subclasses say what they need as data: `reads` (puts results
+    in ctx), `direction`, `needs_grad` (a run must backpropagate for it to act) and
+    `creates_points` (hook points it makes under each point it acts at, by suffix)."""
 
     reads: ClassVar[bool] = False
     direction: ClassVar[str] = "fwd"  # "fwd": sees activations; "bwd": sees gradients
+    either_direction: ClassVar[bool] = False  # acts on activations or gradients, as its spec says
+    creates_points: ClassVar[tuple[str, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -158,8 +162,12 @@ class Op:
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> Optional[Tensor]:
         raise NotImplementedError
 
+    @property
+    def needs_grad(self) -> bool:
+        return self.direction == "bwd"
+
     def check(self, name: str, root: Any) -> None:
-        """Refuse, before anything runs, a hook point this op cannot act on."""
+        """Refuse, before anything runs, a hook point this op cannot act on (changes nothing)."""
 
     def __eq__(self, other: object) -> bool:
         return type(self) is type(other) and all(
@@ -707,6 +715,11 @@ def _ops_tuple(ops: Any, field_name: str) -> tuple:
     return ops
 
 
+def _created(ops: Sequence[Op]) -> tuple[str, ...]:
+    """The hook points a composition of ops makes (by suffix), each once, in order."""
+    return tuple(dict.fromkeys(sub for op in ops for sub in op.creates_points))
+
+
 def _same_direction(ops: Sequence[Op], field_name: str) -> str:
     directions = {op.direction for op in ops}
     if len(directions) > 1:
@@ -731,6 +744,14 @@ class Chain(Op):
     @property
     def direction(self) -> str:  # type: ignore[override]
         return _same_direction(self.ops, "Chain")
+
+    @property
+    def needs_grad(self) -> bool:
+        return any(op.needs_grad for op in self.ops)
+
+    @property
+    def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]
+        return _created(self.ops)
 
     def check(self, name: str, root: Any) -> None:
         for op in self.ops:
@@ -776,6 +797,14 @@ class FwdBwd(Op):
     def reads(self) -> bool:  # type: ignore[override]
         return any(op.reads for op in self.fwd + self.bwd + self.fwd2)
 
+    @property
+    def needs_grad(self) -> bool:
+        return bool(self.bwd) or any(op.needs_grad for op in self.fwd + self.fwd2)
+
+    @property
+    def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]
+        return _created(self.fwd + self.bwd + self.fwd2)
+
     def check(self, name: str, root: Any) -> None:
         for op in self.fwd + self.bwd + self.fwd2:
             op.check(name, root)
@@ -808,6 +837,14 @@ class When(Op):
     @property
     def direction(self) -> str:  # type: ignore[override]
         return self.op.direction
+
+    @property
+    def needs_grad(self) -> bool:
+        return self.op.needs_grad
+
+    @property
+    def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.op.creates_points
 
     def check(self, name: str, root: Any) -> None:
         self.op.check(name, root)
@@ -857,6 +894,7 @@ class Splice(Op):
     the output is the reconstruction alone, and hook_error sees x - reconstruction.
     """
 
+    creates_points: ClassVar[tuple[str, ...]] = SPLICE_POINTS
     encoder: Linear
     decoder: Linear
     _: KW_ONLY
@@ -866,10 +904,6 @@ class Splice(Op):
         for name in ("encoder", "decoder"):
             if not isinstance(getattr(self, name), Linear):
                 raise ValueError(f"Splice.{name} must be an sl.ops.Linear; got {type(getattr(self, name)).__name__}")
-
-    def check(self, name: str, root: Any) -> None:
-        for sub in SPLICE_POINTS:
-            root.add_hook_point(f"{name}.{sub}")
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> Tensor:
         points = ctx.root.hook_dict
@@ -891,6 +925,7 @@ class Code(Op):
     allow_code=True.
     """
 
+    either_direction: ClassVar[bool] = True
     fn: Callable
 
     def __post_init__(self) -> None:

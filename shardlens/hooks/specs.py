@@ -98,7 +98,7 @@ class HookSpec:
         direction = self.op.direction if self.dir is None else self.dir
         if direction not in _DIRECTIONS:
             raise ValueError(f"dir must be 'fwd' or 'bwd'; got {self.dir!r}")
-        if direction != self.op.direction:
+        if direction != self.op.direction and not self.op.either_direction:
             kind = "gradients" if self.op.direction == "bwd" else "activations"
             raise ValueError(f"dir={direction!r}, but {type(self.op).__name__} acts on {kind} (dir={self.op.direction!r})")
         object.__setattr__(self, "dir", direction)
@@ -140,6 +140,15 @@ class HookSpec:
     def with_level(self, level: Optional[int]) -> "HookSpec":
         return dataclasses.replace(self, level=level)
 
+    @property
+    def needs_grad(self) -> bool:
+        """Whether a run must backpropagate for this spec to act."""
+        return self.dir == "bwd" or self.op.needs_grad
+
+    def created_names(self, names: Sequence[str]) -> list[str]:
+        """The hook points the op makes under the points `names` it acts at (a Splice's)."""
+        return [f"{name}.{sub}" for name in names for sub in self.op.creates_points]
+
 
 def _normalize_points(value: Any) -> PointsSelector:
     if isinstance(value, Points):
@@ -160,14 +169,16 @@ def _matches(selector: Union[str, Points], name: str) -> bool:
 
 
 class SpecHook:
-    """A spec's op bound to one run's context: a TransformerLens hook fn(tensor, hook)."""
+    """A spec's op as a TransformerLens hook fn(tensor, hook), acting in `ctx` when it was
+    installed with one (a store of its own), else in the context of the run it fires in
+    (`root.run_context`)."""
 
-    def __init__(self, op: Op, ctx: RunContext):
-        self.op, self.ctx = op, ctx
+    def __init__(self, op: Op, ctx: Optional[RunContext], root: Any):
+        self.op, self.ctx, self.root = op, ctx, root
 
     def __call__(self, tensor: Any, hook: Any) -> Any:
         try:
-            return self.op(tensor, hook, self.ctx)
+            return self.op(tensor, hook, self.ctx if self.ctx is not None else self.root.run_context)
         except Exception as error:
             # Unchanged for a caller in this process; a stage worker reads where it happened.
             if not hasattr(error, "shardlens_hook"):

@@ -15,7 +15,8 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.architectures import ModelLayout
 from shardlens.hooks.experts import expert_taps
 from shardlens.hooks.head_inputs import option_taps
-from shardlens.hooks.hook_points import HookedRootModule, HookPoint, layer_of
+from shardlens.hooks.hook_point import HookPoint, layer_of
+from shardlens.hooks.root_module import HookedRootModule
 from shardlens.hooks.names import is_glob
 from shardlens.hooks.taps import (
     ModelParts, ModelPoints, OutputTap, PointOptions, Tap, changed_in_place, head_weights, model_taps, module_point_name, module_taps,
@@ -37,7 +38,7 @@ class TappedModel(HookedRootModule):
 
     Subclasses set `config` and `layout` (None: module points only), say which modules the
     points tap into (`_parts`) and which module `module:<path>` names are relative to
-    (`_module_root`), call `_build_points`, and call `_sync_taps()` at the top of forward.
+    (`_module_root`), call `build_points`, and call `sync_taps()` at the top of forward.
     """
 
     config: Any
@@ -59,7 +60,7 @@ class TappedModel(HookedRootModule):
         """The path of the decoder blocks under the module root."""
         raise NotImplementedError
 
-    def _build_points(self, options: PointOptions) -> None:
+    def build_points(self, options: PointOptions) -> None:
         """Make the canonical points and their taps; the model's points change only once every
         tap is made (a family that cannot have an optional point leaves the model as it was)."""
         parts = self._parts()
@@ -76,7 +77,7 @@ class TappedModel(HookedRootModule):
             taps += expert_taps(block_points, block, block_layout, family)
         self.points, self._taps, self.point_options = points, taps, options
 
-    def _readout(self, resid: Tensor) -> Tensor:
+    def readout(self, resid: Tensor) -> Tensor:
         """The logits of a final residual stream: final norm, unembedding, and what the
         family's forward does to the logits (`logit_transform`, set by a model that holds the
         head)."""
@@ -97,8 +98,8 @@ class TappedModel(HookedRootModule):
             return
         if self.has_hooks():
             raise RuntimeError("switching optional hook points rebuilds them: call reset_hooks(including_permanent=True) first")
-        self._sync_taps()  # with no hooks: unwire everything before the points are replaced
-        self._build_points(options)
+        self.sync_taps()  # with no hooks: unwire everything before the points are replaced
+        self.build_points(options)
         self.setup()
 
     def set_use_attn_result(self, use_attn_result: bool) -> None:
@@ -159,7 +160,7 @@ class TappedModel(HookedRootModule):
                 if isinstance(name, str) and name.startswith(MODULE_PREFIX) and not is_glob(name) and name not in self.hook_dict:
                     self._add_module_point(name)
 
-    def _sync_taps(self) -> None:
+    def sync_taps(self) -> None:
         for tap in self._taps:
             tap.sync()
         for tap in self._module_taps.values():

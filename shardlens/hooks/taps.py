@@ -19,7 +19,7 @@ from torch.utils.hooks import RemovableHandle
 
 from shardlens.hooks.architectures import BlockLayout, ModelLayout, MoELayout
 from shardlens.hooks.attention import AttentionPoints
-from shardlens.hooks.hook_points import HookPoint
+from shardlens.hooks.hook_point import HookPoint
 
 
 def _mapping_key(output: Mapping) -> Optional[str]:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from shardlens.hooks.hook_points import HookedRootModule, HookPoint
+from shardlens.hooks.hook_point import HookPoint
+from shardlens.hooks.root_module import HookedRootModule
 
 
 class ToyAttention(nn.Module):

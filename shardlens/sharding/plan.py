@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shardlens.errors import ShardPlanError
-from shardlens.hooks.architectures import LAYOUTS, ModelLayout, layout_for
+from shardlens.hooks.architectures import LAYOUTS, ModelLayout, layout_for, layout_path
 from shardlens.sharding.checkpoint import Checkpoint
 
 Device = Union[int, str]
@@ -72,12 +72,15 @@ class StageSpec:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Stages of one model: see `ShardPlan.for_model`."""
+    """Stages of one model: see `ShardPlan.for_model`. `layout` is the import path of the
+    layout function the plan was made with (see hooks.architectures.register_layout): the
+    stages use it, in whatever process they are built."""
 
     model_type: str
     n_layers: int
     dtype: str
     stages: tuple
+    layout: Optional[str] = None
 
     @classmethod
     def for_model(
@@ -134,12 +137,12 @@ class ShardPlan:
             modules = stage_modules(skeleton, layout, layers, first=first, last=last)
             devices, device_map = _device_map(modules, layout, max_memory, size, index, layers)
             specs.append(StageSpec(index, layers, devices, device_map, size, first, last, resources[index]))
-        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs))
+        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs), layout_path(config.model_type))
 
     def to_dict(self) -> dict:
         return {
             "model_type": self.model_type, "n_layers": self.n_layers, "dtype": self.dtype,
-            "stages": [s.to_dict() for s in self.stages],
+            "stages": [s.to_dict() for s in self.stages], "layout": self.layout,
         }
 
     def to_json(self) -> str:
@@ -148,7 +151,8 @@ class ShardPlan:
     @classmethod
     def from_json(cls, text: str) -> "ShardPlan":
         data = json.loads(text)
-        return cls(data["model_type"], data["n_layers"], data["dtype"], tuple(StageSpec.from_dict(s) for s in data["stages"]))
+        stages = tuple(StageSpec.from_dict(s) for s in data["stages"])
+        return cls(data["model_type"], data["n_layers"], data["dtype"], stages, data.get("layout"))
 
     @property
     def torch_dtype(self) -> torch.dtype:

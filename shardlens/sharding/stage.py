@@ -17,14 +17,23 @@ import torch
 from torch import Tensor, nn
 
 from shardlens.errors import ShardPlanError
-from shardlens.hooks.architectures import ModelLayout, layout_for
+from shardlens.hooks.architectures import ModelLayout, layout_at, layout_for
 from shardlens.hooks.metrics import Metric
-from shardlens.hooks.model import next_token_loss, positions_from_mask
-from shardlens.hooks.layers import run_layers
+from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions
 from shardlens.hooks.tapped import TappedModel
 from shardlens.sharding.checkpoint import Checkpoint
 from shardlens.sharding.plan import ShardPlan, StageSpec, hf_path, meta_model, stage_modules
+
+
+@dataclass(frozen=True)
+class Graph:
+    """What a stage's backward needs of one forward: the leaf its input hidden states became
+    (None on stage 0) and the output to backpropagate from (the loss, or the hidden states
+    or logits)."""
+
+    leaf: Optional[Tensor]
+    output: Tensor
 
 
 @dataclass(frozen=True)
@@ -35,7 +44,8 @@ class StageIO:
     every stage passes on `hidden` [batch, pos, d_model] with the mask, positions and labels,
     from which the next stage rebuilds its attention mask and rotary embeddings. The last
     stage returns `logits`, and `loss`: the value of `metric` when one is given (labels are
-    the tokens), else the mean next-token loss when labels are given.
+    the tokens), else the mean next-token loss when labels are given. With `start_layer`
+    the batch enters at that layer (which this stage holds) with `hidden` as its resid_pre.
     """
 
     hidden: Optional[Tensor] = None
@@ -46,6 +56,7 @@ class StageIO:
     metric: Optional[Metric] = None
     logits: Optional[Tensor] = None
     loss: Optional[Tensor] = None
+    start_layer: Optional[int] = None
 
 
 class Stage(TappedModel):
@@ -59,8 +70,8 @@ class Stage(TappedModel):
         self.blocks = modules["blocks"]
         self.logit_transform = LogitTransform(layout) if spec.head else None
         self.loaded_keys: tuple[str, ...] = ()
-        self._pending: Optional[tuple[Optional[Tensor], Tensor]] = None
-        self._build_points(point_options)
+        self._pending: Optional[Graph] = None
+        self.build_points(point_options)
         self.setup()
 
     @property
@@ -91,16 +102,17 @@ class Stage(TappedModel):
         `backward` needs. With `cache` (a transformers DynamicCache of this stage's layers),
         `io` holds only new tokens, its attention mask covers the cached ones too, and the
         cache grows by the new tokens."""
-        self._sync_taps()
+        self.sync_taps()
         hidden, position_ids = self._entry(io, cached=cache is not None)
         leaf = None
-        if torch.is_grad_enabled() and not self.first:
+        if torch.is_grad_enabled() and (not self.first or io.start_layer is not None):
             leaf = hidden = hidden.detach().requires_grad_(True)
-        blocks = {int(layer): block for layer, block in self.blocks.items()}
+        start = -1 if io.start_layer is None else io.start_layer
+        blocks = {int(layer): block for layer, block in self.blocks.items() if int(layer) >= start}
         hidden = run_layers(self.config, self.layout, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache)
-        out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids)
+        out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids, start_layer=None)
         if self.last:
-            logits = self._readout(hidden)
+            logits = self.readout(hidden)
             mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the new tokens' columns
             if io.metric is not None:
                 loss = io.metric(logits, mask, io.labels)
@@ -108,11 +120,21 @@ class Stage(TappedModel):
                 loss = next_token_loss(logits, io.labels, mask) if io.labels is not None else None
             out = replace(out, hidden=None, logits=logits, loss=loss)
         if torch.is_grad_enabled():
-            self._pending = (leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))
+            self._pending = Graph(leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))
         return out
+
+    def detach_graph(self) -> Optional[Graph]:
+        """The graph the last forward kept (with gradients enabled), which this stage forgets:
+        for a caller that keeps one per batch and passes it back to backward."""
+        graph, self._pending = self._pending, None
+        return graph
 
     def _entry(self, io: StageIO, cached: bool = False) -> tuple[Tensor, Tensor]:
         """The hidden states entering the first block, and the position ids."""
+        if io.start_layer is not None:
+            if str(io.start_layer) not in self.blocks or io.hidden is None:
+                raise ValueError(f"stage {self.spec.index} holds layers {list(self.blocks)}; a batch entering at layer {io.start_layer} needs it, and hidden states")
+            return io.hidden, io.position_ids if io.position_ids is not None else default_positions(io.hidden, io.attention_mask)
         if not self.first:
             if io.hidden is None:
                 raise ValueError(f"stage {self.spec.index} takes hidden states from the stage before; StageIO.hidden is None")
@@ -125,11 +147,7 @@ class Stage(TappedModel):
                 raise ValueError("a run with a key/value cache needs the attention mask of the cached and new tokens")
             position_ids = positions_from_mask(io.attention_mask)[:, -io.input_ids.shape[1]:]
         if position_ids is None:
-            mask = io.attention_mask
-            if mask is not None and not bool(mask.all()):
-                position_ids = positions_from_mask(mask)
-            else:  # one row per example, so that hook_pos_embed is [batch, pos, d_model]
-                position_ids = torch.arange(io.input_ids.shape[1], device=io.input_ids.device).expand(io.input_ids.shape[0], -1)
+            position_ids = default_positions(io.input_ids, io.attention_mask)
         hidden = self.embed(io.input_ids)
         if self.layout.embed_multiplier != 1.0:  # Granite scales the embeddings in its forward
             hidden = hidden * self.layout.embed_multiplier
@@ -139,14 +157,15 @@ class Stage(TappedModel):
             hidden = self.embed_dropout(hidden)
         return hidden, position_ids
 
-    def backward(self, grad: Optional[Tensor] = None) -> Optional[Tensor]:
-        """Backpropagate through the last forward: from its loss (grad None), or from the
-        gradient of its output (hidden states, or logits on a last stage without labels).
-        Returns the gradient of the stage's input hidden states (None on stage 0)."""
-        if self._pending is None:
+    def backward(self, grad: Optional[Tensor] = None, graph: Optional[Graph] = None) -> Optional[Tensor]:
+        """Backpropagate through `graph` (default: the last forward's): from its loss (grad
+        None), or from the gradient of its output (hidden states, or logits on a last stage
+        without labels). Returns the gradient of the stage's input hidden states (None on
+        stage 0, unless the batch entered at a later layer)."""
+        graph = graph if graph is not None else self.detach_graph()
+        if graph is None:
             raise RuntimeError(f"stage {self.spec.index}: backward() needs a forward with gradients enabled first")
-        leaf, output = self._pending
-        self._pending = None
+        leaf, output = graph.leaf, graph.output
         if grad is None and output.numel() != 1:
             raise ValueError(f"stage {self.spec.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
         output.backward(None if grad is None else grad.to(output.device))
@@ -171,7 +190,7 @@ def build_stage(
     config = AutoConfig.from_pretrained(source)
     if config.model_type != plan.model_type:
         raise ShardPlanError(f"the plan is for {plan.model_type!r}, but {source} holds a {config.model_type!r} model")
-    layout = layout_for(config)
+    layout = _layout(plan, config)
     spec = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
     modules = stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head)
@@ -179,6 +198,19 @@ def build_stage(
     checkpoint = Checkpoint(source, model=skeleton)
     _load(stage, checkpoint, layout, device)
     return stage.eval()
+
+
+def _layout(plan: ShardPlan, config: Any) -> ModelLayout:
+    """The layout the plan was made with (imported by its path), else the one registered here."""
+    if plan.layout is not None:
+        try:
+            return layout_at(plan.layout, config)
+        except LookupError as error:
+            raise ShardPlanError(f"the plan's layout cannot be used here: {error}; define it in a module every worker imports") from None
+    layout = layout_for(config)
+    if layout is None:
+        raise ShardPlanError(f"no layout for model type {config.model_type!r} in this process, and the plan names none: use register_layout")
+    return layout
 
 
 def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, device: Any) -> None:

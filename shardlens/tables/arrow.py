@@ -28,6 +28,7 @@ from torch import Tensor
 
 from shardlens.tables.axes import base_name, layer_index, position_axis
 from shardlens.tables.cache import ActivationCache
+from shardlens.version import __version__
 
 LAYOUTS = ("example", "token")
 DTYPE_KEY = b"shardlens.dtype"
@@ -163,7 +164,5 @@ def _ints(column: pa.ChunkedArray) -> Tensor:
 
 def schema_metadata(metadata: Optional[Mapping]) -> dict[bytes, bytes]:
     """Schema metadata for a dataset: the caller's fields as JSON under b"shardlens"."""
-    from shardlens import __version__
-
     payload = {"shardlens_version": __version__, **(metadata or {})}
     return {b"shardlens": json.dumps(payload, sort_keys=True, default=str).encode()}

@@ -1,5 +1,5 @@
 """What sweeps and attribution share: the grid of cells (hook point x position or head),
-and how to run a model (HookedModel or Tracer) for a metric."""
+and how to run any runner (HookedModel, Tracer: see shardlens.hooks.hook_api) for a metric."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from torch import Tensor
 
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import Cache
+from shardlens.hooks.run import RunRequest
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import head_axis, layer_index
 
@@ -68,26 +69,18 @@ def resolve_points(model: Any, points: Any, over: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: (layer_index(n) if layer_index(n) is not None else -1, n))
 
 
-def is_tracer(model: Any) -> bool:
-    return hasattr(model, "coordinator")
-
-
-def run_logits(model: Any, tokens: Tensor, mask: Optional[Tensor], specs: list) -> Tensor:
-    """The logits of one run with these specs (the batch kept whole on a Tracer, since the
-    specs select batch rows)."""
-    if is_tracer(model):
-        return model.run_with_hooks(tokens, fwd_hooks=specs, attention_mask=mask, split=False)
+def run_logits(model: Any, tokens: Tensor, mask: Optional[Tensor], specs: Sequence[HookSpec]) -> Tensor:
+    """The logits of one run with these specs (the batch kept whole: the specs select rows)."""
     with torch.no_grad():
-        return model.run_with_hooks(tokens, fwd_hooks=specs, attention_mask=mask)
+        return model.run(RunRequest(tokens, attention_mask=mask, specs=tuple(specs), whole_batch=True)).output
 
 
 def cache_with_grads(model: Any, tokens: Tensor, mask: Optional[Tensor], names: list[str], metric: Metric, specs: Sequence = ()) -> tuple[Tensor, Any]:
     """(metric value, cache of `names` and their gradients of the metric)."""
-    split = not specs  # specs select rows of the batch: keep it whole
-    kwargs = dict(names_filter=names, incl_bwd=True, return_type="metric", metric=metric, attention_mask=mask, fwd_hooks=list(specs))
-    if is_tracer(model):
-        kwargs["split"] = split
-    value, cache = model.run_with_cache(tokens, **kwargs)
+    value, cache = model.run_with_cache(
+        tokens, names_filter=names, incl_bwd=True, return_type="metric", metric=metric, attention_mask=mask,
+        fwd_hooks=list(specs), whole_batch=bool(specs),  # specs select rows of the batch: keep it whole
+    )
     return value.detach(), cache
 
 

@@ -56,17 +56,19 @@ def run(out: Path, *, backend: str = "ray", stages: int = 2, model: Optional[Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    import shardlens as sl
+    from shardlens.hooks import metrics
+    from shardlens.tracer import attribution, patching
+    from shardlens.tracer.tracer import Tracer
 
     out.mkdir(parents=True, exist_ok=True)
     clean, corrupt, answer, wrong = induction_task()
-    metric = sl.metrics.logit_diff(answer, wrong)
-    with sl.Tracer.from_pretrained(model or MODEL, stages=stages, backend=backend) as tracer:
+    metric = metrics.logit_diff(answer, wrong)
+    with Tracer.from_pretrained(model or MODEL, stages=stages, backend=backend) as tracer:
         tracer.plan.describe()
         # each head patched at the last position only: where the next token is predicted
         cells = dict(points="z", metric=metric, over=("layer", "head"), positions=[clean.shape[1] - 1])
-        swept = sl.patching.sweep(tracer, clean, corrupt, **cells)
-        estimate = sl.attribution.atp(tracer, clean, corrupt, **cells)
+        swept = patching.sweep(tracer, clean, corrupt, **cells)
+        estimate = attribution.atp(tracer, clean, corrupt, **cells)
         clean_value = float(tracer(clean, return_type="metric", metric=metric))
         _, cache = tracer.run_with_cache(clean, names_filter="blocks.*.hook_resid_post")
     effect = swept.grid - swept.baseline

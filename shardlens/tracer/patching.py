@@ -2,12 +2,13 @@
 corrupted run, for every (hook point, position) or (hook point, head).
 
 Many patch variants run per forward pass: the corrupted batch is repeated along the batch
-axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). On a HookedModel
-the variants of one layer run from that layer's cached corrupted resid_pre: the layers
-before it are the corrupted run's, so they are not computed again. On a Tracer the runs
-are spread over the replicas, one run per replica at a time. Head cells patched only at
-later positions run against a frozen key/value cache of the shared prefix (HookedModel, or a
-Tracer with one replica).
+axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). The variants of one
+layer resume at that layer from the corrupted run's resid_pre there (sl.RunRequest's
+resume): the layers before it are the corrupted run's, so they are not computed again (on
+a Tracer, the run enters at the stage that holds the layer). The runs go through the
+runner's run_variants: a Tracer spreads them over its replicas. Head cells patched only at
+later positions run against a frozen key/value cache of the shared prefix (on a runner that
+runs one variant at a time: a HookedModel, or a Tracer with one replica).
 """
 
 from __future__ import annotations
@@ -19,11 +20,10 @@ from torch import Tensor
 
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import AblateExperts, Patch
+from shardlens.hooks.run import Resume, RunRequest
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import layer_index
-from shardlens.tracer.cells import CellGrid, batch_mean, is_tracer, resolve_points, run_logits
-
-SweepResult = CellGrid
+from shardlens.tracer.cells import CellGrid, batch_mean, resolve_points, run_logits
 
 
 def _cells(names: list[str], over: Sequence[str], clean_cache: Any) -> list[tuple[str, int]]:
@@ -45,9 +45,9 @@ def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: 
 
 
 def _corrupt_resid(model: Any, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
-    """The corrupted run's resid_pre of each layer the cells are in, on a HookedModel (where
-    a run can start mid-model); empty on a Tracer."""
-    if is_tracer(model) or not hasattr(model, "run_from") or model.layout is None:
+    """The corrupted run's resid_pre of each layer the cells are in (a run patched there can
+    start from it); empty for a model without canonical layers."""
+    if getattr(model, "layout", None) is None:
         return {}
     layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
@@ -64,48 +64,35 @@ def _by_layer(cells: list, start_from: dict) -> list:
     return list(groups.items())
 
 
-def _run_one(model: Any, layer: Optional[int], start_from: dict, tokens: Tensor, mask: Optional[Tensor], specs: list) -> Tensor:
-    """One run of a HookedModel: from `layer`'s cached corrupted resid_pre when known."""
-    if layer is None:
-        return run_logits(model, tokens, mask, specs)
-    with torch.no_grad(), model.hooks(fwd_hooks=specs):
-        return model.run_from(layer, start_from[layer].repeat(tokens.shape[0] // start_from[layer].shape[0], 1, 1), mask)
+def _request(tokens: Tensor, mask: Optional[Tensor], specs: list, resume: Optional[Resume] = None, kv_cache: Any = None) -> RunRequest:
+    return RunRequest(tokens, attention_mask=mask, specs=tuple(specs), resume=resume, kv_cache=kv_cache, whole_batch=True)
+
+
+def _run_all(model: Any, requests: list[RunRequest]) -> list[Tensor]:
+    """Each request's logits: run_variants spreads them over a Tracer's replicas."""
+    with torch.no_grad():
+        return [result.output for result in model.run_variants(requests)]
 
 
 def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
-    of the corrupted prefix (computed once); the patches move to suffix coordinates. On a
-    Tracer the prefix's keys and values stay on the stages (of the first replica)."""
-    from shardlens.hooks.generation import KeyValueCache
-
-    if is_tracer(model):
-        cache = model.init_kv_cache(corrupt.shape[0])
-    else:
-        cache = KeyValueCache.init_cache(model.config, corrupt.device, corrupt.shape[0])
-    try:
-        return _suffix_runs(model, cache, corrupt, mask, prefix, runs, positions, clean_cache)
-    finally:
-        if is_tracer(model):
-            cache.close()
-
-
-def _suffix_runs(model: Any, cache: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
-    with torch.no_grad():
+    of the corrupted prefix (computed once; on a Tracer it stays on the stages); the patches
+    move to suffix coordinates."""
+    with model.init_kv_cache(corrupt.shape[0]) as cache, torch.no_grad():
         model(corrupt[:, :prefix], attention_mask=None if mask is None else mask[:, :prefix], past_kv_cache=cache)
-    cache.freeze()
-    shifted = [p % corrupt.shape[1] - prefix for p in positions]
-    batch = corrupt.shape[0]
-    out = []
-    for _, group, tokens, run_mask, _ in runs:
-        specs = [
-            HookSpec(name, Patch(clean_cache[name][:, list(positions), index:index + 1], heads=[index], positions=shifted,
-                                 batch=list(range(j * batch, (j + 1) * batch))))
-            for j, (name, index) in enumerate(group)
-        ]
-        suffix_mask = None if run_mask is None else run_mask[:, prefix:]
-        with torch.no_grad(), model.hooks(fwd_hooks=specs):
-            out.append(model(tokens[:, prefix:], attention_mask=suffix_mask, past_kv_cache=cache.repeat(len(group))))
-    return out
+        cache.freeze()
+        shifted = [p % corrupt.shape[1] - prefix for p in positions]
+        batch = corrupt.shape[0]
+        requests = []
+        for _, group, tokens, run_mask, _ in runs:
+            specs = [
+                HookSpec(name, Patch(clean_cache[name][:, list(positions), index:index + 1], heads=[index], positions=shifted,
+                                     batch=list(range(j * batch, (j + 1) * batch))))
+                for j, (name, index) in enumerate(group)
+            ]
+            suffix_mask = None if run_mask is None else run_mask[:, prefix:]
+            requests.append(_request(tokens[:, prefix:], suffix_mask, specs, kv_cache=cache.repeat(len(group))))
+        return _run_all(model, requests)
 
 
 def sweep(
@@ -120,7 +107,7 @@ def sweep(
     positions: Optional[Sequence[int]] = None,
     max_batch: int = 64,
     reuse_prefix: bool = True,
-) -> SweepResult:
+) -> CellGrid:
     """Patch each clean activation (cell) into the corrupted run and score it.
 
     Args:
@@ -137,7 +124,7 @@ def sweep(
             whole runs spread over the replicas instead).
 
     Returns:
-        SweepResult: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
+        CellGrid: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
         corrupted run's metric).
     """
     if clean.shape != corrupt.shape:
@@ -149,7 +136,10 @@ def sweep(
     _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
     batch = clean.shape[0]
     cells = _cells(names, over, clean_cache)
-    start_from = _corrupt_resid(model, corrupt, attention_mask, names)
+    # A runner that runs several variants at once (a Tracer with replicas) spreads whole runs
+    # instead of sharing a prefix: the prefix would live on one replica.
+    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and model.parallel_runs == 1 else 0
+    start_from = _corrupt_resid(model, corrupt, attention_mask, names) if prefix == 0 else {}
     per_run = max(1, max_batch // batch)
     runs = []  # (layer to start from or None, group of cells, tokens, mask, specs)
     for layer, layer_cells in _by_layer(cells, start_from):
@@ -158,25 +148,17 @@ def sweep(
             specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
             mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
             runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
-    spread = is_tracer(model) and model.coordinator.replicas > 1
-    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and not spread else 0
     if prefix > 0:
         all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, positions, clean_cache)
-    elif is_tracer(model):
-        all_logits = _variant_logits(model, [run[1:] for run in runs])
     else:
-        all_logits = [_run_one(model, layer, start_from, tokens, mask, specs) for layer, _, tokens, mask, specs in runs]
+        requests = [
+            _request(tokens, mask, specs, None if layer is None else Resume(layer, start_from[layer].repeat(len(group), 1, 1)))
+            for layer, group, tokens, mask, specs in runs
+        ]
+        all_logits = _run_all(model, requests)
     values = _scores(metric, [run[1:] for run in runs], all_logits, prefix)
     grid = values.reshape(len(names), -1).cpu()
-    return SweepResult(tuple(names), tuple(over), grid, _baseline(model, corrupt, attention_mask, metric))
-
-
-def _variant_logits(model: Any, runs: list) -> list[Tensor]:
-    """Each run's logits (runs: (cells, tokens, mask, specs)); on a Tracer the runs spread over
-    the replicas."""
-    if is_tracer(model):
-        return model.coordinator.run_variants([(tokens, mask, specs) for _, tokens, mask, specs in runs])
-    return [run_logits(model, tokens, mask, specs) for _, tokens, mask, specs in runs]
+    return CellGrid(tuple(names), tuple(over), grid, _baseline(model, corrupt, attention_mask, metric))
 
 
 def _scores(metric: Metric, runs: list, all_logits: list[Tensor], prefix: int = 0) -> Tensor:
@@ -203,7 +185,7 @@ def expert_sweep(
     layers: Optional[Sequence[int]] = None,
     attention_mask: Optional[Tensor] = None,
     max_batch: int = 64,
-) -> SweepResult:
+) -> CellGrid:
     """Ablate each expert of each mixture-of-experts layer in turn and score the run.
 
     Each cell (layer, expert) takes that expert out of that layer's routing for every token
@@ -217,7 +199,7 @@ def expert_sweep(
         layers: the MoE layers to sweep (default: all).
 
     Returns:
-        SweepResult over ("layer", "expert"): `.grid` [layer, expert], `.table`, `.baseline`
+        CellGrid over ("layer", "expert"): `.grid` [layer, expert], `.table`, `.baseline`
         (the metric with every expert in place).
     """
     names = sorted((n for n in model.hook_names() if n.endswith(".mlp.hook_expert_weights")), key=layer_index)
@@ -243,5 +225,6 @@ def expert_sweep(
         ]
         mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
         runs.append((group, tokens.repeat(len(group), 1), mask, specs))
-    grid = _scores(metric, runs, _variant_logits(model, runs)).reshape(len(names), n_experts).cpu()
-    return SweepResult(tuple(names), ("layer", "expert"), grid, _baseline(model, tokens, attention_mask, metric))
+    all_logits = _run_all(model, [_request(tokens, mask, specs) for _, tokens, mask, specs in runs])
+    grid = _scores(metric, runs, all_logits).reshape(len(names), n_experts).cpu()
+    return CellGrid(tuple(names), ("layer", "expert"), grid, _baseline(model, tokens, attention_mask, metric))

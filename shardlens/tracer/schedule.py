@@ -17,8 +17,8 @@ from string import Template
 
 import yaml
 
-from shardlens import __version__
 from shardlens.tracer.campaign import load_campaign
+from shardlens.version import __version__
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 IMAGE = f"ghcr.io/shardlens/shardlens:{__version__}"

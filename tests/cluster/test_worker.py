@@ -24,17 +24,22 @@ def tokens():
     return torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(0))
 
 
-def test_levels_install_and_pop(workers):
+def test_levels_install_and_remove(workers):
     first, _ = workers
     first.install(1, [Spec("hook_embed", ops.Scale(1.0)).to_json()])
     first.install(2, [Spec("blocks.0.hook_resid_pre", ops.Scale(1.0)).to_json()])
     first.install(None, [Spec("blocks.1.hook_resid_pre", ops.Scale(1.0), permanent=True).to_json()])
-    assert first.list_hooks() == {"hook_embed": 1, "blocks.0.hook_resid_pre": 1, "blocks.1.hook_resid_pre": 1}
-    first.pop(2)
+    listed = first.list_hooks()
+    assert {name: [(s.op, s.level, s.permanent) for s in specs] for name, specs in listed.items()} == {
+        "hook_embed": [(ops.Scale(1.0), 1, False)],
+        "blocks.0.hook_resid_pre": [(ops.Scale(1.0), 2, False)],
+        "blocks.1.hook_resid_pre": [(ops.Scale(1.0), None, True)],
+    }
+    first.remove(2)
     assert "blocks.0.hook_resid_pre" not in first.list_hooks()
-    first.reset()
-    assert first.list_hooks() == {"blocks.1.hook_resid_pre": 1}
-    first.reset(including_permanent=True)
+    first.remove(None)
+    assert list(first.list_hooks()) == ["blocks.1.hook_resid_pre"]
+    first.remove(None, including_permanent=True)
     assert first.list_hooks() == {}
 
 

@@ -1,10 +1,13 @@
-"""An independent forward pass of ToyTransformer, from its weights with plain torch ops.
+"""Independent references for tests: a forward pass of ToyTransformer from its weights with
+plain torch ops, and gradients by plain autograd.
 
-It shares no code with the model or the hook core, so cached activations can be checked
-against it.
+toy_reference shares no code with the model or the hook core, so cached activations can be
+checked against it; grad_through_leaf uses one plain forward hook and torch.autograd, none
+of the backward hook machinery, so cached gradients can be checked against it.
 """
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -53,3 +56,31 @@ def logits_from_resid(model, resid: torch.Tensor) -> torch.Tensor:
     """The logits the final norm and unembedding give for a final residual stream."""
     x = F.layer_norm(resid, resid.shape[-1:], model.ln_final.weight, model.ln_final.bias, model.ln_final.eps)
     return x @ model.unembed.weight.T + model.unembed.bias
+
+
+def grad_through_leaf(
+    model, name: str, run: Callable[[], torch.Tensor], *, fwd_hooks: Sequence = ()
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The activation at `name` and d run() / d activation, by plain autograd.
+
+    A forward hook replaces the activation with a fresh leaf tensor, and torch.autograd.grad
+    differentiates the scalar `run()` returns with respect to it. The leaf cuts the graph
+    above the hook point, so take one name per run.
+
+    Args:
+        run: one forward of `model`, returning a scalar (a loss or a metric).
+        fwd_hooks: hooks to run before the leaf is made (on `name` too, if it is among them).
+
+    Returns:
+        (activation, gradient), both detached, each shaped like the activation.
+    """
+    leaf = {}
+
+    def make_leaf(x, hook):
+        leaf["x"] = x.detach().clone().requires_grad_(True)
+        return leaf["x"]
+
+    with model.hooks(fwd_hooks=[*fwd_hooks, (name, make_leaf)]):
+        value = run()
+    (grad,) = torch.autograd.grad(value, leaf["x"])
+    return leaf["x"].detach(), grad

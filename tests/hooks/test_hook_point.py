@@ -31,15 +31,33 @@ def test_forward_hook_may_replace_or_leave_the_value():
 def test_prepend_runs_first_in_both_directions():
     hp = named()
     order = []
-    for direction in ("fwd", "bwd"):
-        hp.add_hook(lambda x, hook, d=direction: order.append(f"{d}-a"), dir=direction)
-        hp.add_hook(lambda x, hook, d=direction: order.append(f"{d}-b"), dir=direction)
-        hp.add_hook(lambda x, hook, d=direction: order.append(f"{d}-first"), dir=direction, prepend=True)
+
+    def hook(label, transform):
+        def fn(x, hook):
+            order.append(label)
+            return transform(x)
+
+        return fn
+
+    handles = {}
+    for d in ("fwd", "bwd"):
+        a = hook(f"{d}-a", lambda t: t + 1)
+        b = hook(f"{d}-b", lambda t: t * 10)
+        c = hook(f"{d}-c", lambda t: t - 3)
+        hp.add_hook(a, dir=d)
+        hp.add_hook(b, dir=d, prepend=True)  # before a
+        hp.add_hook(c, dir=d, prepend=True)  # before b, the latest first
+        handles[d] = [c, b, a]
     x = torch.ones(3, requires_grad=True)
-    hp(x).sum().backward()
-    assert order == ["fwd-first", "fwd-a", "fwd-b", "bwd-first", "bwd-a", "bwd-b"]
-    assert [h.user_hook for h in hp.fwd_hooks][0] is hp.fwd_hooks[0].user_hook
-    assert len(hp.fwd_hooks) == len(hp.bwd_hooks) == 3
+    out = hp(x)
+    out.sum().backward()
+    assert order == ["fwd-c", "fwd-b", "fwd-a", "bwd-c", "bwd-b", "bwd-a"]
+    # Each hook sees the previous one's result: (1 - 3) * 10 + 1; appended in order it would be (1 + 1) * 10 - 3.
+    assert torch.equal(out, torch.full((3,), -19.0))
+    # The bwd chain turns sum()'s gradient, 1, into -19; the fwd chain's slope, 10, carries it to x.
+    assert torch.equal(x.grad, torch.full((3,), -190.0))
+    assert [h.user_hook for h in hp.fwd_hooks] == handles["fwd"]
+    assert [h.user_hook for h in hp.bwd_hooks] == handles["bwd"]
 
 
 def test_backward_hook_receives_the_gradient_tensor_and_may_replace_it():

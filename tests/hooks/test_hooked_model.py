@@ -9,6 +9,7 @@ import torch
 
 import shardlens as sl
 from shardlens.hooks import HookNameError
+from tests.hooks.reference import grad_through_leaf
 from tests.tiny_models import FAMILIES, load_reference
 
 ATOL = 1e-5
@@ -313,15 +314,7 @@ def test_gradients_equal_autograd(model, tokens):
         names.append("blocks.1.hook_resid_mid")
     _, cache = model.run_with_cache(tokens, return_type="loss", names_filter=names, incl_bwd=True)
     for name in names:
-        leaf = {}
-
-        def make_leaf(x, hook):
-            leaf["x"] = x.detach().clone().requires_grad_(True)
-            return leaf["x"]
-
-        with model.hooks(fwd_hooks=[(name, make_leaf)]):
-            loss = model(tokens, return_type="loss")
-        (expected,) = torch.autograd.grad(loss, leaf["x"])
+        _, expected = grad_through_leaf(model, name, lambda: model(tokens, return_type="loss"))
         assert torch.allclose(cache[name + "_grad"], expected, atol=1e-6), name
 
 
@@ -476,7 +469,7 @@ def test_hook_logits_is_after_the_familys_logit_transform(tiny_checkpoints, toke
     _, resid = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_pre")
     seen = {}
     with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: seen.setdefault("x", x))]):
-        from_layer_1 = model.run_from(1, resid["blocks.1.hook_resid_pre"])
+        from_layer_1 = model.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(1, resid["blocks.1.hook_resid_pre"]))).output
     assert torch.allclose(from_layer_1, expected, atol=ATOL) and torch.equal(seen["x"], from_layer_1)
 
 

@@ -6,26 +6,14 @@ import torch
 
 import shardlens as sl
 from shardlens.hooks import HookedRootModule, HookIntrospectionMixin, HookNameError, HookPoint
-from tests.hooks.reference import logits_from_resid, toy_reference
+from tests.hooks.reference import grad_through_leaf, logits_from_resid, toy_reference
 
 ATOL = 1e-5
 
 
 def grads_by_autograd(model, tokens, names):
-    """d loss / d activation for each name, by replacing each activation with a leaf tensor."""
-    leaves = {}
-
-    def make_leaf(x, hook):
-        leaves[hook.name] = x.detach().requires_grad_(True)
-        return leaves[hook.name]
-
-    # Replacing an activation with a leaf cuts the graph above it, so take one name per run.
-    grads = {}
-    for name in names:
-        with model.hooks(fwd_hooks=[(name, make_leaf)]):
-            loss = model(tokens, return_type="loss")
-        (grads[name],) = torch.autograd.grad(loss, leaves[name])
-    return grads
+    """d loss / d activation for each name, by plain autograd through a leaf, one run per name."""
+    return {name: grad_through_leaf(model, name, lambda: model(tokens, return_type="loss"))[1] for name in names}
 
 
 # ---------------------------------------------------------------- setup and names
@@ -128,7 +116,7 @@ def test_nested_contexts_remove_only_their_level_also_when_raising(model, tokens
         assert model.context_level == 1
         assert not model.has_hooks(level=2)
         assert set(model.list_hooks()) == {"hook_logits", "hook_embed", "blocks.0.hook_resid_pre"}
-        assert model.list_hooks()["blocks.0.hook_resid_pre"][0].context_level == 1
+        assert model.list_hooks()["blocks.0.hook_resid_pre"][0].level == 1
     assert model.context_level == 0
     assert set(model.list_hooks()) == {"hook_logits", "hook_embed"}
 

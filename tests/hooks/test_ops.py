@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import shardlens as sl
+from tests.hooks.reference import grad_through_leaf
 
 ops = sl.ops
 Spec = sl.HookSpec
@@ -31,16 +32,8 @@ def full_cache(model, tokens, names, **kwargs):
 
 
 def grad_at(model, tokens, name, fwd_hooks=()):
-    """d loss / d activation at `name`, by replacing it with a leaf (plain autograd)."""
-    leaf = {}
-
-    def make_leaf(x, hook):
-        leaf["x"] = x.detach().clone().requires_grad_(True)
-        return leaf["x"]
-
-    with model.hooks(fwd_hooks=list(fwd_hooks) + [(name, make_leaf)]):
-        loss = model(tokens, return_type="loss")
-    return torch.autograd.grad(loss, leaf["x"])[0]
+    """d loss / d activation at `name`, by plain autograd through a leaf."""
+    return grad_through_leaf(model, name, lambda: model(tokens, return_type="loss"), fwd_hooks=fwd_hooks)[1]
 
 
 # ---------------------------------------------------------------- reading ops

@@ -1,6 +1,7 @@
 """build_stage and Stage: chained stages against the whole Hugging Face model."""
 
 import contextlib
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -218,3 +219,10 @@ def test_bad_inputs(tiny_checkpoints, tokens):
     with torch.no_grad():
         out = last(first(StageIO(input_ids=tokens)))
     assert out.loss is None and out.logits.shape == (2, 9, 97)
+
+
+def test_a_plans_layout_that_cannot_be_imported_is_named(tiny_checkpoints):
+    source = tiny_checkpoints["llama_gqa"]
+    plan = dataclasses.replace(ShardPlan.for_model(source, stages=2), layout="tests.nowhere:no_layout")
+    with pytest.raises(ShardPlanError, match="'tests.nowhere:no_layout' cannot be imported"):
+        build_stage(source, ShardPlan.from_json(plan.to_json()), 0)

@@ -56,6 +56,14 @@ def test_apply_ln_matches_the_final_norms_normalized(run):
 
 def test_to_device_copies_and_keeps_context(run):
     _, _, cache = run
+    before = {name: t.clone() for name, t in cache.items()}
     moved = cache.to("cpu")
-    assert set(moved) == set(cache) and moved.readout is cache.readout
+    assert moved is not cache and set(moved) == set(cache) and moved.readout is cache.readout
+    assert all(torch.equal(moved[name], before[name]) for name in before)
+    # To another device ("meta": shapes and dtypes, no data) the copy moves and the original stays put.
+    meta = cache.to("meta")
+    assert all(t.device.type == "meta" for t in meta.values())
+    assert {name: (t.shape, t.dtype) for name, t in meta.items()} == {name: (t.shape, t.dtype) for name, t in before.items()}
+    assert all(cache[name].device.type == "cpu" and torch.equal(cache[name], before[name]) for name in before)
+    assert meta.readout is cache.readout and meta.norm == cache.norm and meta.scales == cache.scales
     assert "ActivationCache(" in repr(cache) and "hook_embed: [2, 6, 32] float32" in repr(cache)

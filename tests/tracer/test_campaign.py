@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import shardlens as sl
-from shardlens.tracer import campaign as campaign_module
+from shardlens.tracer.campaign import units as campaign_module
 from shardlens.tracer.campaign import CampaignError, load_campaign, run_campaign
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "induction"

@@ -1,9 +1,11 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from shardlens import ShardPlanError
 from shardlens.tracer.cli import main
 
 
@@ -69,20 +71,23 @@ def test_plan_sizes_a_large_config_in_its_own_dtype(tmp_path, capsys):
     assert sum(gigabytes) == pytest.approx(141.1, abs=0.1)  # 70.55B parameters x 2 bytes
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["plan", "/no/such/model"], "shardlens plan: error: no checkpoint folder at /no/such/model"),
-    (["plan", "PLACEHOLDER", "--stages", "9"], "stages=9 but the model has 2 layers"),
-    (["plan", "PLACEHOLDER", "--max-memory", "0:40GiB"], "DEVICE=SIZE"),
-    (["inspect", "/no/such/dataset"], "shardlens inspect: error:"),
-    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", "[{node_a: 1}]"], "--stage-resources must be JSON"),
-    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", '[{"node_a": 1}]'], "stage_resources must be a list of 2 dicts"),
+@pytest.mark.parametrize("argv, error, message", [
+    (["plan", "/no/such/model"], ShardPlanError, "no checkpoint folder at /no/such/model"),
+    (["plan", "PLACEHOLDER", "--stages", "9"], ShardPlanError, "stages=9 but the model has 2 layers"),
+    (["plan", "PLACEHOLDER", "--max-memory", "0:40GiB"], ValueError, "--max-memory takes DEVICE=SIZE pairs"),
+    (["inspect", "/no/such/dataset"], FileNotFoundError, "/no/such/dataset"),
+    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", "[{node_a: 1}]"], ValueError, "--stage-resources must be JSON"),
+    (["plan", "PLACEHOLDER", "--stages", "2", "--stage-resources", '[{"node_a": 1}]'], ShardPlanError,
+     "stage_resources must be a list of 2 dicts"),
 ])
-def test_bad_input_is_one_line_and_non_zero(argv, message, capsys):
+def test_bad_input_is_one_line_and_non_zero(argv, error, message, capsys):
     from shardlens.tracer.demo import MODEL
 
     argv = [str(MODEL) if a == "PLACEHOLDER" else a for a in argv]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
-    with pytest.raises(Exception):
+    assert err.startswith(f"shardlens {argv[0]}: error: {message}")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(error, match=re.escape(message)) as info:  # --debug: the exception itself
         main(["--debug", *argv])
+    assert info.type is error

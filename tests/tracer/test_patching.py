@@ -6,6 +6,7 @@ import torch
 
 import shardlens as sl
 from shardlens.tracer import attribution, patching
+from tests.hooks.reference import grad_through_leaf
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +63,19 @@ def test_sweep_equals_the_naive_loop(model, task, points, over, max_batch):
 
 
 def test_patching_the_clean_run_into_itself_changes_nothing(model, task):
-    clean, _, metric = task
-    result = patching.sweep(model, clean, clean, points="resid_pre", metric=metric)
-    assert torch.allclose(result.grid, torch.full_like(result.grid, result.baseline), atol=1e-5)
+    clean, corrupt, metric = task
+    with torch.no_grad():
+        clean_value, corrupt_value = float(metric(model(clean))), float(metric(model(corrupt)))
+    assert abs(clean_value - corrupt_value) > 1  # so a cell that did not patch cannot pass for one that did
+    itself = patching.sweep(model, clean, clean, points="resid_pre", metric=metric)
+    assert torch.allclose(itself.grid, torch.full_like(itself.grid, clean_value), atol=1e-5)
+    # Into corrupt, which differs from clean only at position 2: under the causal mask, positions 0 and 1 hold
+    # the clean run's own activations at every layer, so patching them changes nothing; patching position 2
+    # before the first layer makes corrupt the clean run. A sweep that ignored its patches gives corrupt_value
+    # everywhere.
+    into_corrupt = patching.sweep(model, clean, corrupt, points="resid_pre", metric=metric)
+    assert torch.allclose(into_corrupt.grid[:, :2], torch.full_like(into_corrupt.grid[:, :2], corrupt_value), atol=1e-5)
+    assert float(into_corrupt.grid[0, 2]) == pytest.approx(clean_value, abs=1e-5)
 
 
 def test_integrated_gradients_are_complete(model, task):
@@ -80,16 +91,8 @@ def test_integrated_gradients_are_complete(model, task):
 def test_grad_x_act_is_activation_times_autograd_gradient(model, task):
     clean, _, metric = task
     result = attribution.grad_x_act(model, clean, points="blocks.1.hook_resid_pre", metric=metric)
-    leaf = {}
-
-    def make_leaf(x, hook):
-        leaf["x"] = x.detach().clone().requires_grad_(True)
-        return leaf["x"]
-
-    with model.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", make_leaf)]):
-        value = model(clean, return_type="metric", metric=metric)
-    (grad,) = torch.autograd.grad(value, leaf["x"])
-    assert torch.allclose(result.grid[0], (leaf["x"] * grad).sum((0, 2)).detach(), atol=1e-6)
+    act, grad = grad_through_leaf(model, "blocks.1.hook_resid_pre", lambda: model(clean, return_type="metric", metric=metric))
+    assert torch.allclose(result.grid[0], (act * grad).sum((0, 2)), atol=1e-6)
 
 
 def test_atp_tracks_head_patching_effects(model, task):
@@ -138,7 +141,7 @@ def test_a_tracer_sweep_spreads_its_runs_over_the_replicas(ray_session, tiny_che
         got = patching.sweep(tracer, clean, corrupt, points="resid_pre", metric=metric, max_batch=6)
         before = [s["forwards"] for s in tracer.stats()]
         specs = [sl.HookSpec("blocks.0.hook_resid_pre", sl.ops.Scale(float(k))) for k in range(2)]
-        logits = tracer.coordinator.run_variants([(corrupt, None, [spec]) for spec in specs])
+        logits = [r.output for r in tracer.run_variants([sl.RunRequest(corrupt, specs=(spec,)) for spec in specs])]
         after = [s["forwards"] for s in tracer.stats()]
     assert torch.allclose(got.grid, expected.grid, atol=1e-5)
     assert [a - b for a, b in zip(after, before)] == [1, 1]  # one variant on each replica
@@ -193,6 +196,12 @@ def test_a_tracer_sweep_reuses_the_prefix_on_its_stages(tiny_checkpoints, model,
             assert torch.allclose(got.grid, expected.grid, atol=1e-5)
             assert got.baseline == pytest.approx(expected.baseline, abs=1e-6)
         assert tracer.coordinator.workers[0][0]._kv_caches == {}  # the sweep's prefix cache was freed
-    batch = clean.shape[0]
-    variants = model.config.num_hidden_layers * model.config.num_attention_heads * batch  # rows of the patched runs
-    assert tokens[False] - tokens[True] == variants * 4 - batch * 4  # 4 prefix positions run once, not per variant
+        first_stage_layers = len(tracer.plan.stages[0].layers)
+    batch, length, heads = clean.shape[0], clean.shape[1], model.config.num_attention_heads
+    # Tokens stage 0 runs besides the clean and baseline runs (the same in both sweeps). Without
+    # the prefix: the corrupted run (for each layer's resid_pre), then each variant resumes at
+    # its layer, so stage 0 runs only those of its own layers, whole. With it: the 4 prefix
+    # positions once, and every variant's last positions only.
+    resumed = batch * length + first_stage_layers * heads * batch * length
+    suffixes = batch * 4 + model.config.num_hidden_layers * heads * batch * (length - 4)
+    assert tokens[False] - tokens[True] == resumed - suffixes

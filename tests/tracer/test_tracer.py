@@ -1,4 +1,6 @@
-"""Tracer on both backends against the one-process HookedModel."""
+"""What only a Tracer does, on both backends, against the one-process HookedModel: stages,
+replicas, microbatches, workers writing datasets, restarts, sessions on the stages. The hook
+API every runner shares is tested once for all of them in test_hook_api.py."""
 
 import json
 import os
@@ -67,7 +69,7 @@ def test_forward_only_results_leave_each_stage_microbatch_by_microbatch(tiny_che
     forward = StageWorker.forward
 
     def counting(self, batch_id, *args, **kwargs):
-        held.append(len(self._results))
+        held.append(len(self._contexts))
         return forward(self, batch_id, *args, **kwargs)
 
     monkeypatch.setattr(StageWorker, "forward", counting)
@@ -243,8 +245,10 @@ def test_workers_on_this_machine_share_its_folders(tiny_checkpoints, tmp_path):
 
 
 def worker_hooks(tracer):
+    """How many specs each worker holds, by hook point."""
     backend = tracer.coordinator.backend
-    return [backend.get(backend.call(w, "list_hooks")) for row in tracer.coordinator.workers for w in row]
+    listed = [backend.get(backend.call(w, "list_hooks")) for row in tracer.coordinator.workers for w in row]
+    return [{name: len(specs) for name, specs in hooks.items()} for hooks in listed]
 
 
 def test_levels_nest_and_unwind_on_error(tiny_checkpoints, tokens):
@@ -263,7 +267,7 @@ def test_a_spec_goes_only_to_the_stage_that_has_its_points(tiny_checkpoints):
     with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
         with tracer.hooks(fwd_hooks=[Spec("blocks.2.attn.hook_z", ops.Ablate())]):
             assert worker_hooks(tracer) == [{}, {"blocks.2.attn.hook_z": 1}]
-            entry = tracer.coordinator.stack[-1]
+            entry = tracer.coordinator.stack.entries[-1]
             assert entry.per_stage[0] == () and len(entry.per_stage[1]) == 1
 
 
@@ -365,16 +369,6 @@ def test_shutdown_leaves_no_worker_processes(ray_session, tiny_checkpoints):
     while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(pid_alive(p) for p in pids)
-
-
-def test_predicates_with_ops_select_points_on_every_stage(tiny_checkpoints, tokens, reference):
-    is_z = lambda name: name.endswith("hook_z")  # noqa: E731
-    expected_logits = reference["llama_gqa"].run_with_hooks(tokens, fwd_hooks=[Spec(sl.points("z"), ops.Ablate(heads=[1]))])
-    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
-        logits = tracer.run_with_hooks(tokens, fwd_hooks=[(is_z, ops.Ablate(heads=[1]))])
-        with pytest.raises(HookNameError, match="predicate"):
-            tracer.run_with_hooks(tokens, fwd_hooks=[(lambda name: False, ops.Ablate())])
-    assert torch.allclose(logits, expected_logits, atol=1e-5)
 
 
 def test_bad_tracer_arguments_are_refused(tiny_checkpoints):
@@ -490,11 +484,14 @@ def test_resources_no_node_offers_are_refused_before_any_worker_starts(ray_sessi
         assert tracer.placement() == [{"replica": 0, "stage": 0, "node": "local"}, {"replica": 0, "stage": 1, "node": "local"}]
 
 
-def test_bad_input_is_refused_as_on_a_hooked_model(tiny_checkpoints, tokens):
-    with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, backend="local") as tracer:
-        with pytest.raises(TypeError, match="token ids must be an integer tensor; got dtype torch.float32"):
-            tracer(tokens.float())
-        with pytest.raises(ValueError, match=r"token ids must be \[batch, pos\] or \[pos\]; got shape \(2, 4, 9\)"):
-            tracer(tokens[None].expand(2, -1, -1))
-        with pytest.raises(ValueError, match=r"attention_mask has shape \(4, 8\), tokens \(4, 9\)"):
-            tracer(tokens, attention_mask=torch.ones(4, 8, dtype=torch.long))
+def test_a_layout_registered_here_reaches_the_ray_workers(ray_session, tiny_checkpoints, tokens, monkeypatch):
+    from shardlens.hooks.architectures import LAYOUTS
+    from tests.sharding.layouts import doubled_logits_layout
+    from tests.tiny_models import load_reference
+
+    monkeypatch.setitem(LAYOUTS, "llama", doubled_logits_layout)  # as register_layout, undone after the test
+    with torch.no_grad():
+        expected = load_reference(tiny_checkpoints["llama_gqa"])(tokens).logits * 2
+    with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray") as tracer:
+        assert tracer.plan.layout == "tests.sharding.layouts:doubled_logits_layout"
+        assert torch.allclose(tracer(tokens), expected, atol=1e-5)

@@ -68,7 +68,10 @@ LAYOUTS: dict[str, LayoutFn] = {
 
 
 def register_layout(model_type: str, layout: LayoutFn) -> None:
-    """Give models of `model_type` the canonical hook names, laid out by `layout(config)`."""
+    """Give models of `model_type` the canonical hook names, laid out by `layout(config)`.
+
+    A plan made in this process names the function by import path, and stage workers in
+    other processes import it from there: define it in a module they can import."""
     LAYOUTS[model_type] = layout
 
 
@@ -91,6 +94,32 @@ def layout_for(config: Any) -> Optional[ModelLayout]:
     return layout(config) if layout is not None else None
 
 
+def layout_path(model_type: str) -> Optional[str]:
+    """The import path ("module:function") of the layout registered for `model_type`, so
+    that another process (a stage worker) can use the same one; None when none is."""
+    layout = LAYOUTS.get(model_type)
+    return None if layout is None else f"{layout.__module__}:{layout.__qualname__}"
+
+
+def layout_at(path: str, config: Any) -> ModelLayout:
+    """The layout the function at import path `path` ("module:function") gives `config`.
+
+    Raises:
+        LookupError: naming the path, when it cannot be imported.
+    """
+    import importlib
+
+    module, _, name = path.partition(":")
+    try:
+        function = importlib.import_module(module)
+        for part in name.split("."):
+            function = getattr(function, part)
+    except (ImportError, AttributeError) as error:
+        raise LookupError(f"layout {path!r} cannot be imported in this process ({type(error).__name__}: {error})") from None
+    return function(config)
+
+
 __all__ = [
-    "BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "decoder_model_types", "layout_for", "register_layout",
+    "BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "decoder_model_types", "layout_at", "layout_for",
+    "layout_path", "register_layout",
 ]

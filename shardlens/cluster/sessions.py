@@ -1,0 +1,69 @@
+"""Key/value sessions: keys and values of earlier tokens kept on the stages between runs.
+
+A session lives on the first replica's stages, each holding its own layers' keys and values
+under the session's id. `StageKeyValueCache` is the driver's handle on one: a KeyValueCache
+whose entries stay on the stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
+
+
+@dataclass(frozen=True)
+class KVSession:
+    """A key/value session kept on the first replica's stages: its id, whether a run may
+    extend it, how many times a run repeats its batch (frozen sessions only), and how many
+    tokens it holds before the run (a failed run cuts it back to them)."""
+
+    session: str
+    frozen: bool = False
+    repeat: int = 1
+    held: int = 0
+
+
+class StageKeyValueCache(KeyValueCache):
+    """A Tracer's key/value cache: each stage of the first replica keeps its own layers'
+    keys and values under `session`; this handle holds only the attention mask so far, the
+    frozen flag, and how many times a run repeats the cached batch.
+
+    Example:
+        >>> cache = tracer.init_kv_cache(batch_size=2)
+        >>> tracer(prefix, past_kv_cache=cache); cache.freeze()
+        >>> logits, acts = tracer.run_with_cache(suffix, past_kv_cache=cache)   # only the suffix runs
+        >>> cache.close()                                                          # the stages forget it
+    """
+
+    def __init__(self, coordinator: Any, session: str, previous_attention_mask: Tensor, frozen: bool = False, times: int = 1):
+        super().__init__(None, previous_attention_mask, frozen)
+        self.coordinator, self.session, self.times = coordinator, session, times
+
+    @property
+    def entries(self) -> list[KeyValueCacheEntry]:
+        """Every layer's past keys and values, fetched from the stages (of the cached batch,
+        not repeated)."""
+        by_layer = self.coordinator.kv_entries(self.session)
+        return [KeyValueCacheEntry(*by_layer[layer]) for layer in sorted(by_layer)]
+
+    def repeat(self, times: int) -> "StageKeyValueCache":
+        """A frozen view whose batch is this batch repeated `times` times (the stages copy
+        their entries per run; nothing is copied now)."""
+        if not isinstance(times, int) or times < 1:
+            raise ValueError(f"times must be a positive int; got {times!r}")
+        return StageKeyValueCache(self.coordinator, self.session, self.previous_attention_mask.repeat(times, 1), True, self.times * times)
+
+    def for_run(self) -> Any:
+        raise TypeError("a Tracer's key/value cache lives on its stages: pass it as past_kv_cache= to the Tracer")
+
+    def session_of_run(self) -> KVSession:
+        """The session as one run sees it (before the run)."""
+        return KVSession(self.session, self.frozen, self.times, self.seq_len)
+
+    def close(self) -> None:
+        """Make the stages forget this cache's keys and values (and every repeat of it)."""
+        self.coordinator.end_session(self.session)

@@ -1,0 +1,175 @@
+"""Running a campaign as resumable work units.
+
+A work unit is one (experiment, data batch). Its result is written as Parquet parts with
+deterministic names under a hidden temporary name, synced to disk and renamed when
+complete. A sweep, atp or ig unit writes one part from the driver, and is finished once
+that part exists. An extract unit's activations do not pass through the driver where the
+workers share the output folder with it: they write them (Tracer.write_cache); otherwise
+the driver gathers and writes them. The unit is finished once its marker
+`<experiment>/_done/b<batch>.json` (listing its parts) exists; a rerun first removes what
+an interrupted run of the unit left. So a campaign killed at any moment (or a machine that
+crashed) and run again yields the dataset an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from shardlens.hooks import metrics
+from shardlens.hooks.names import names_predicate
+from shardlens.tables import ActivationCache, ParquetSink
+from shardlens.tables.parquet import flush_to_disk
+from shardlens.tracer import attribution, patching
+from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
+from shardlens.tracer.campaign.report import summarize
+from shardlens.tracer.campaign.schema import Campaign, load_campaign
+from shardlens.tracer.tracer import Tracer
+
+
+@dataclass
+class Unit:
+    experiment: dict
+    batch: int
+    rows: list = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return f"part-b{self.batch:05d}"
+
+    @property
+    def part(self) -> str:
+        return f"{self.name}.parquet"
+
+    def marker(self, out: Path) -> Path:
+        """The file whose existence says that this extract unit is finished."""
+        return out / self.experiment["name"] / "_done" / f"b{self.batch:05d}.json"
+
+
+def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write` a file under a hidden temporary name, sync it, then rename it to `path`:
+    a file that exists counts as done when a campaign resumes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp"
+    write(temporary)
+    flush_to_disk(temporary)
+    os.replace(temporary, path)
+
+
+def _metric(campaign: Campaign, tensors: dict) -> Any:
+    kind = campaign.metric.get("kind", "logit_diff")
+    if kind == "logit_diff":
+        return metrics.logit_diff(tensors["answer"], tensors["wrong"])
+    if kind in ("prob", "log_prob"):
+        return getattr(metrics, kind)(tensors["answer"])
+    return metrics.loss()
+
+
+def _unit_done(unit: Unit, out: Path) -> bool:
+    if unit.experiment["kind"] == "extract":
+        return unit.marker(out).exists()
+    return (out / unit.experiment["name"] / unit.part).exists()
+
+
+def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], clean: torch.Tensor,
+             workers_write: bool) -> None:
+    """Write the unit's activations (from the workers when they share `out` with this
+    process; else gathered here); then its marker says it is finished."""
+    directory = out / unit.experiment["name"]
+    # What an interrupted run of this unit left (parts named for another microbatch size
+    # would not be replaced by this run's).
+    for leftover in [*directory.glob(f"hook=*/{unit.part}"), *directory.glob(f"hook=*/{unit.name}-*.parquet")]:
+        leftover.unlink()
+    layout = unit.experiment.get("layout", "example")
+    examples = torch.arange(len(unit.rows)) + unit.batch * campaign.data.get("batch_size", 16)
+    metadata = {"campaign": campaign.name, "experiment": unit.experiment["name"]}
+    if workers_write:
+        _, parts = tracer.write_cache(
+            clean, directory, names_filter=hooks, layout=layout, return_type=None, examples=examples, batch=unit.batch,
+            name=unit.name, metadata=metadata,
+        )
+    else:
+        _, cache = tracer.run_with_cache(clean, names_filter=hooks, return_type=None)
+        with ParquetSink(directory, layout=layout, metadata=metadata) as sink:
+            parts = sink.write(ActivationCache(dict(cache), examples=examples, batch=unit.batch), name=unit.name)
+    listing = json.dumps(sorted(os.path.relpath(part, directory) for part in parts), indent=1)
+    _write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
+
+
+def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], workers_write: bool) -> None:
+    experiment, tensors = unit.experiment, batch_tensors(campaign, unit.rows, tracer.tokenizer)
+    directory = out / experiment["name"]
+    kind = experiment["kind"]
+    if kind == "extract":
+        _extract(unit, tracer, campaign, out, hooks, tensors["clean"], workers_write)
+        return
+    metric = _metric(campaign, tensors)
+    over = tuple(experiment.get("over", ["layer", "pos"]))
+    common = dict(points=experiment["points"], metric=metric, over=over)
+    if experiment.get("positions") is not None:
+        common["positions"] = experiment["positions"]
+    if kind == "sweep":
+        result = patching.sweep(tracer, tensors["clean"], tensors["corrupt"], **common)
+    elif kind == "atp":
+        result = attribution.atp(tracer, tensors["clean"], tensors["corrupt"], **common)
+    else:
+        common.pop("positions", None)
+        result = attribution.integrated_gradients(tracer, tensors["clean"], tensors["corrupt"], steps=experiment.get("steps", 16), **common)
+    table = result.table
+    table = table.append_column("batch", pa.array([unit.batch] * table.num_rows, pa.int32()))
+    table = table.append_column("baseline", pa.array([result.baseline] * table.num_rows, pa.float64()))
+    _write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
+
+
+def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
+    """Run (or resume) a campaign; returns its summary."""
+    from tqdm.auto import tqdm
+
+    campaign = load_campaign(path)
+    rows = load_rows(campaign)
+    check_fields(campaign, rows)
+    batch_size = campaign.data.get("batch_size", 16)
+    batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+    out = campaign.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    cluster = campaign.cluster
+    tracer = Tracer.from_pretrained(
+        _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
+        backend=cluster.get("backend", "ray"), address=cluster.get("address"),
+        dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
+        microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
+    )
+    try:
+        extract_hooks = {}
+        for experiment in campaign.experiments:
+            if experiment["kind"] == "extract":
+                selected = names_predicate(experiment["points"], tracer.hook_names())
+                extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
+        units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
+        todo = [u for u in units if not _unit_done(u, out)]
+        # Workers on other machines write extract parts only through a filesystem they share with this one.
+        workers_write = bool(extract_hooks) and tracer.shares(out)
+        start = time.perf_counter()
+        with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
+            for unit in todo:
+                _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
+                bar.update(1)
+    finally:
+        tracer.shutdown()
+    summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
+    return summary
+
+
+def _source(campaign: Campaign) -> str:
+    source = campaign.model["source"]
+    local = campaign.path.parent / source
+    return str(local) if not os.path.isabs(source) and local.exists() else source

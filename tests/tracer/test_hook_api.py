@@ -1,0 +1,206 @@
+"""The whole hook API, run the same way against every runner: a HookedModel in this process,
+a 2-stage Tracer in this process, and a 2-stage Tracer on Ray (two replicas).
+
+Each test compares with references that share no code with the runners: the plain
+transformers model (its logits, hidden states and autograd gradients) and plain torch hooks.
+"""
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import shardlens as sl
+from shardlens.errors import HookNameError
+from tests.tiny_models import load_reference
+
+FAMILY = "llama_gqa"
+ATOL = 1e-5
+RUNNERS = ["hooked_model", "tracer_local", "tracer_ray"]
+
+
+@pytest.fixture(scope="module", params=RUNNERS)
+def runner(request, tiny_checkpoints):
+    source = tiny_checkpoints[FAMILY]
+    if request.param == "hooked_model":
+        yield sl.HookedModel.from_pretrained(source)
+        return
+    if request.param == "tracer_local":
+        options = dict(stages=2, backend="local")
+    else:
+        request.getfixturevalue("ray_session")
+        options = dict(stages=2, replicas=2, backend="ray", microbatch_size=1)
+    with sl.Tracer.from_pretrained(source, allow_code=True, **options) as tracer:
+        yield tracer
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_checkpoints):
+    return load_reference(tiny_checkpoints[FAMILY])
+
+
+@pytest.fixture
+def tokens():
+    return torch.randint(3, 97, (2, 7), generator=torch.Generator().manual_seed(0))
+
+
+def test_hook_names_and_cfg_are_the_models(runner, hf):
+    assert len(runner.hook_names()) == len(set(runner.hook_names()))
+    layers = hf.config.num_hidden_layers
+    assert [f"blocks.{layer}.hook_resid_post" for layer in range(layers)] == [n for n in runner.hook_names() if n.endswith("hook_resid_post")]
+    assert (runner.cfg.n_layers, runner.cfg.d_model, runner.cfg.n_key_value_heads) == (layers, hf.config.hidden_size, hf.config.num_key_value_heads)
+
+
+def test_run_with_cache_gives_the_models_logits_and_hidden_states(runner, hf, tokens):
+    with torch.no_grad():
+        out = hf(tokens, output_hidden_states=True)
+    logits, cache = runner.run_with_cache(tokens, names_filter="blocks.*.hook_resid_pre")
+    assert torch.allclose(logits, out.logits, atol=ATOL)
+    assert sorted(cache) == [f"blocks.{layer}.hook_resid_pre" for layer in range(hf.config.num_hidden_layers)]
+    for layer in range(hf.config.num_hidden_layers):
+        assert torch.allclose(cache[f"blocks.{layer}.hook_resid_pre"], out.hidden_states[layer], atol=ATOL)
+
+
+def test_incl_bwd_gives_autograds_gradients(runner, hf, tokens):
+    out = hf(tokens, labels=tokens, output_hidden_states=True)
+    for hidden in out.hidden_states:
+        hidden.retain_grad()
+    out.loss.backward()
+    loss, cache = runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True)
+    assert torch.allclose(loss, out.loss, atol=ATOL)
+    assert torch.allclose(cache["blocks.1.hook_resid_pre_grad"], out.hidden_states[1].grad, atol=ATOL)
+    hf.zero_grad()
+
+
+def scaled_reference(hf, tokens, layer, factor):
+    """The logits with decoder layer `layer`'s output scaled, by a plain torch forward hook."""
+    handle = hf.model.layers[layer].register_forward_hook(lambda module, args, output: output * factor)
+    try:
+        with torch.no_grad():
+            return hf(tokens).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("hook", ["spec", "op", "function"])
+def test_run_with_hooks_takes_specs_ops_and_functions(runner, hf, tokens, hook):
+    name, op = "blocks.0.hook_resid_post", sl.ops.Scale(0.5)
+    item = {"spec": sl.HookSpec(name, op), "op": (name, op), "function": (name, lambda x, hook: x * 0.5)}[hook]
+    logits = runner.run_with_hooks(tokens, fwd_hooks=[item])
+    assert torch.allclose(logits, scaled_reference(hf, tokens, 0, 0.5), atol=ATOL)
+    assert not runner.has_hooks()
+
+
+def test_levels_nest_unwind_and_list_the_same_way(runner):
+    runner.add_hook("blocks.0.hook_resid_post", sl.ops.Scale(1.0))  # level None
+    runner.add_perma_hook("hook_embed", sl.ops.Scale(1.0))
+    with runner.hooks(fwd_hooks=[("blocks.1.hook_resid_pre", sl.ops.Scale(1.0))]):
+        with pytest.raises(RuntimeError, match="inside"):
+            with runner.hooks(fwd_hooks=[("blocks.2.hook_resid_pre", sl.ops.Scale(1.0))], bwd_hooks=[sl.HookSpec("blocks.2.hook_resid_pre", sl.ops.CacheGrad())]):
+                assert runner.context_level == 2 and runner.has_hooks(level=2) and runner.has_hooks(dir="bwd", level=2)
+                raise RuntimeError("inside")
+        assert runner.context_level == 1 and not runner.has_hooks(level=2)
+        listed = runner.list_hooks()
+        assert {name: [(s.op, s.dir, s.level, s.permanent) for s in specs] for name, specs in listed.items()} == {
+            "hook_embed": [(sl.ops.Scale(1.0), "fwd", None, True)],
+            "blocks.0.hook_resid_post": [(sl.ops.Scale(1.0), "fwd", None, False)],
+            "blocks.1.hook_resid_pre": [(sl.ops.Scale(1.0), "fwd", 1, False)],
+        }
+        assert list(runner.list_hooks(including_permanent=False, name_filter="blocks.*")) == ["blocks.0.hook_resid_post", "blocks.1.hook_resid_pre"]
+    runner.reset_hooks()
+    assert list(runner.list_hooks()) == ["hook_embed"]
+    runner.reset_hooks(including_permanent=True)
+    assert not runner.has_hooks() and runner.context_level == 0
+
+
+def test_reading_specs_fill_the_blocks_store_and_patches_read_sources(runner, hf, tokens):
+    store: dict = {}
+    with runner.hooks(fwd_hooks=[sl.HookSpec("blocks.1.hook_resid_pre", sl.ops.Cache())], store=store):
+        runner(tokens)
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    assert torch.allclose(store["blocks.1.hook_resid_pre"], hidden[1], atol=ATOL)
+    with pytest.raises(ValueError, match="keeps no results"):
+        runner.run_with_hooks(tokens, fwd_hooks=[sl.HookSpec("blocks.1.hook_resid_pre", sl.ops.Cache())])
+    scaled = {"blocks.0.hook_resid_post": hidden[1] * 0.5}  # resid_post of layer 0 is layer 1's input
+    patch = sl.HookSpec("blocks.0.hook_resid_post", sl.ops.Patch(from_cache="scaled"))
+    logits = runner.run_with_hooks(tokens, fwd_hooks=[patch], sources={"scaled": scaled})
+    assert torch.allclose(logits, scaled_reference(hf, tokens, 0, 0.5), atol=ATOL)
+
+
+def test_pos_slice_remove_batch_dim_and_device(runner, hf, tokens):
+    with torch.no_grad():
+        hidden = hf(tokens[:1], output_hidden_states=True).hidden_states
+    _, cache = runner.run_with_cache(tokens[:1], names_filter="blocks.2.hook_resid_pre", pos_slice=(2, 5), remove_batch_dim=True, device="meta")
+    assert cache["blocks.2.hook_resid_pre"].device.type == "meta" and cache["blocks.2.hook_resid_pre"].shape == (3, hf.config.hidden_size)
+    _, cache = runner.run_with_cache(tokens[:1], names_filter="blocks.2.hook_resid_pre", pos_slice=-1, remove_batch_dim=True)
+    assert torch.allclose(cache["blocks.2.hook_resid_pre"], hidden[2][0, -1:], atol=ATOL)
+    with pytest.raises(ValueError, match="batch of one"):
+        runner.run_with_cache(tokens, names_filter="blocks.2.hook_resid_pre", remove_batch_dim=True)
+
+
+def test_a_backward_hook_may_return_a_one_tuple(runner, tokens):
+    # TransformerLens' own test_backward_hook_runs_successfully returns (grad,)
+    seen = {}
+    cache_grad = sl.HookSpec("blocks.0.hook_resid_post", sl.ops.CacheGrad())
+    _, reference = runner.run_with_cache(tokens, return_type="loss", names_filter=[], incl_bwd=True, bwd_hooks=[cache_grad])
+    _, cache = runner.run_with_cache(
+        tokens, return_type="loss", names_filter=[], incl_bwd=True,
+        bwd_hooks=[("blocks.0.hook_resid_post", lambda grad, hook: (grad * 2,)), cache_grad],
+    )
+    seen["grad"] = cache["blocks.0.hook_resid_post_grad"]
+    assert torch.allclose(seen["grad"], reference["blocks.0.hook_resid_post_grad"] * 2, atol=ATOL)
+
+
+def test_generation_is_transformers_greedy_generation(runner, hf, tokens):
+    expected = hf.generate(tokens, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(runner.generate(tokens, max_new_tokens=4, stop_at_eos=False), expected)
+    store: dict = {}
+    runner.generate(tokens, max_new_tokens=2, stop_at_eos=False, fwd_hooks=[sl.HookSpec("hook_logits", sl.ops.Cache())], store=store)
+    assert sorted(store) == ["hook_logits.step0", "hook_logits.step1"]
+    assert torch.allclose(store["hook_logits.step0"][:, -1], hf(tokens).logits[:, -1], atol=ATOL)
+
+
+def test_a_frozen_key_value_prefix_gives_the_whole_forward(runner, hf, tokens):
+    with torch.no_grad():
+        expected = hf(tokens).logits
+    with runner.init_kv_cache(tokens.shape[0]) as cache:
+        runner(tokens[:, :4], past_kv_cache=cache)
+        cache.freeze()
+        logits, acts = runner.run_with_cache(tokens[:, 4:], past_kv_cache=cache, names_filter="hook_logits")
+        again = runner(tokens[:, 4:], past_kv_cache=cache)
+    assert torch.allclose(logits, expected[:, 4:], atol=ATOL) and torch.allclose(again, expected[:, 4:], atol=ATOL)
+    assert torch.allclose(acts["hook_logits"], expected[:, 4:], atol=ATOL)
+
+
+def test_write_cache_writes_what_run_with_cache_returns(runner, tokens, tmp_path):
+    _, cache = runner.run_with_cache(tokens, names_filter="blocks.*.hook_resid_post")
+    _, parts = runner.write_cache(tokens, tmp_path, names_filter="blocks.*.hook_resid_post", return_type=None, name="b0")
+    assert parts and all(part.startswith(str(tmp_path)) for part in parts)
+    back = sl.read_cache(tmp_path)
+    assert sorted(back) == sorted(cache)
+    for name in cache:
+        assert torch.equal(back[name], cache[name])
+    assert pq.read_schema(parts[0]).metadata  # the model's metadata in every part
+
+
+def test_run_variants_run_each_request_with_its_own_specs(runner, hf, tokens):
+    requests = [sl.RunRequest(tokens, specs=(sl.HookSpec("blocks.1.hook_resid_post", sl.ops.Scale(f)),)) for f in (0.5, 2.0, 0.0)]
+    with torch.no_grad():
+        results = runner.run_variants(requests)
+    for factor, result in zip((0.5, 2.0, 0.0), results):
+        assert torch.allclose(result.output, scaled_reference(hf, tokens, 1, factor), atol=ATOL)
+    assert not runner.has_hooks()
+
+
+def test_bad_input_gets_the_same_clear_error(runner, tokens):
+    with pytest.raises(HookNameError, match="blocks.0.hook_resid_post"):
+        runner.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pots", sl.ops.Scale(1.0))])
+    with pytest.raises(HookNameError, match="predicate"):
+        runner.run_with_hooks(tokens, fwd_hooks=[(lambda name: False, sl.ops.Scale(1.0))])
+    with pytest.raises(ValueError, match="return_type must be one of"):
+        runner(tokens, return_type="probs")
+    with pytest.raises(ValueError, match="needs metric="):
+        runner(tokens, return_type="metric")
+    with pytest.raises(TypeError, match="integer tensor"):
+        runner(tokens.float())
+    assert not runner.has_hooks() and runner.context_level == 0
