@@ -204,7 +204,40 @@ def test_no_private_attributes_across_subsystems(source):
     assert not found, report(found)
 
 
+MAX_POSITIONAL = 6
+# Signatures others dictate: TransformerLens' check_and_add_hook, transformers' attention
+# interface and FalconAttention.forward.
+DICTATED = {"check_and_add_hook", "shardlens_attention", "falcon_attention"}
+
+
+def long_signatures(source: Source) -> list[str]:
+    """Functions taking more than MAX_POSITIONAL positional parameters (besides self / cls):
+    what they take past that should be keyword-only, or a value."""
+    found = []
+    for node in walk(source.tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name not in DICTATED:
+            positional = [a.arg for a in node.args.posonlyargs + node.args.args if a.arg not in ("self", "cls")]
+            if len(positional) > MAX_POSITIONAL:
+                found.append(f"{source.name}:{node.lineno}: {node.name} takes {len(positional)} positional parameters")
+    return found
+
+
+@by_name
+def test_no_function_takes_more_than_six_positional_parameters(source):
+    found = long_signatures(source)
+    assert not found, report(found)
+
+
 # The checkers themselves, on synthetic modules: each finds its violation and passes clean code.
+
+
+def test_long_signatures_are_found():
+    source = read(
+        "shardlens.hooks.fake",
+        "def run(a, b, c, d, e, f, g):\n    pass\n"
+        "def fine(self, a, b, c, d, e, f, *, g):\n    pass\n",
+    )
+    assert long_signatures(source) == ["shardlens.hooks.fake:1: run takes 7 positional parameters"]
 
 
 def test_upward_imports_are_found():

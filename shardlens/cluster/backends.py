@@ -33,9 +33,10 @@ class LocalBackend:
     def __init__(self) -> None:
         self.count = 0
 
-    def make_workers(self, specs: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
-        """One StageWorker per spec (constructor keywords); `needs` (cluster resources) do not apply here."""
-        workers = [StageWorker(**spec) for spec in specs]
+    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
+        """One StageWorker per entry of `arguments` (its constructor keywords); `needs` (cluster
+        resources) do not apply here."""
+        workers = [StageWorker(**kwargs) for kwargs in arguments]
         self.count += len(workers)
         return workers
 
@@ -120,17 +121,17 @@ class RayBackend:
                     raise WorkerError(f"could not connect to the Ray cluster at {address} ({attempt} attempt{'s' * (attempt > 1)}): {error}") from error
                 time.sleep(2.0)
 
-    def make_workers(self, specs: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
-        """One actor per spec (StageWorker keywords). needs[i]: the worker's custom
-        resources, and "memory", the bytes of host memory its weights take."""
+    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
+        """One actor per entry of `arguments` (StageWorker keywords). needs[i]: the worker's
+        custom resources, and "memory", the bytes of host memory its weights take."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        needs = [dict(n) for n in needs] if needs is not None else [{} for _ in specs]
-        self.labels = [f"stage {spec.get('index')}, replica {spec.get('replica', 0)}" for spec in specs]
+        needs = [dict(n) for n in needs] if needs is not None else [{} for _ in arguments]
+        self.labels = [f"stage {kwargs.get('index')}, replica {kwargs.get('replica', 0)}" for kwargs in arguments]
         self.needs = [{k: v for k, v in n.items() if k != "memory"} for n in needs]
         self._check_offered()
-        cpus = min(1.0, self.ray.cluster_resources().get("CPU", 1.0) / len(specs))
+        cpus = min(1.0, self.ray.cluster_resources().get("CPU", 1.0) / len(arguments))
         bundles = []
         for need in needs:
             memory = int(need.pop("memory", 0))
@@ -142,7 +143,7 @@ class RayBackend:
             raise WorkerError(f"the cluster could not place the workers' bundles within 300 s: {bundles}") from None
         self._note_nodes(self._bundle_nodes(), self.ray.nodes())
         actor_class = self.ray.remote(StageWorker)
-        for i, spec in enumerate(specs):
+        for i, kwargs in enumerate(arguments):
             options = dict(
                 num_cpus=cpus, num_gpus=self.gpus, max_restarts=self.max_restarts, max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=i),
@@ -150,7 +151,7 @@ class RayBackend:
             if bundles[i].get("memory"):
                 options["memory"] = bundles[i]["memory"]
             options["resources"] = dict(self.needs[i])
-            self.actors.append(actor_class.options(**options).remote(**spec))
+            self.actors.append(actor_class.options(**options).remote(**kwargs))
         return list(self.actors)
 
     def _check_offered(self) -> None:

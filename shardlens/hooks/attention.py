@@ -82,7 +82,7 @@ def shardlens_attention(
     if points is None:
         if plain:
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        return _attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, _NO_POINTS)
+        return _attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, kwargs=kwargs, points=_NO_POINTS)
     hook_q, hook_k, hook_v, hook_scores, hook_pattern, hook_z = points
     if hook_q.active:
         query = _through(hook_q, query)
@@ -92,7 +92,8 @@ def shardlens_attention(
         value = _through(hook_v, value)
     if plain and not (hook_scores.active or hook_pattern.active or hook_z.active):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    return _attention(module, query, key, value, attention_mask, dropout, scaling, kwargs, (hook_scores, hook_pattern, hook_z))
+    points = (hook_scores, hook_pattern, hook_z)
+    return _attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, kwargs=kwargs, points=points)
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -103,7 +104,7 @@ _NO_POINTS = (_identity, _identity, _identity)
 
 
 def _attention(
-    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+    module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor], *,
     dropout: float, scaling: Optional[float], kwargs: dict, points: tuple,
 ) -> tuple[Tensor, Tensor]:
     """What eager attention computes, with scores, pattern and z through `points`.

@@ -22,6 +22,7 @@ def run_layers(
     blocks: dict[int, nn.Module],
     rotary: Optional[nn.Module],
     hidden: Tensor,
+    *,
     attention_mask: Optional[Tensor],
     position_ids: Tensor,
     cache: Any = None,

@@ -16,7 +16,7 @@ from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.run import Resume, RunRequest
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
-from shardlens.hooks.tapped import TappedModel, cache_fields, no_layout_for_options
+from shardlens.hooks.tapped_model import TappedModel, cache_fields, no_layout_for_options
 
 
 class HookedModel(WeightViews, TappedModel):
@@ -208,7 +208,7 @@ class HookedModel(WeightViews, TappedModel):
             raise ValueError(f"resume.resid_pre is {tuple(hidden.shape)}, the tokens {tuple(tokens.shape)}: they must agree on [batch, pos]")
         rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
         blocks = {i: block for i, block in parts.blocks.items() if i >= resume.layer}
-        hidden = run_layers(self.config, self.layout, blocks, rotary, hidden, mask, default_positions(hidden, mask))
+        hidden = run_layers(self.config, self.layout, blocks, rotary, hidden, attention_mask=mask, position_ids=default_positions(hidden, mask))
         logits = self.readout(hidden)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
         return self.points.hook_logits(logits) if self.layout.transforms_logits else logits

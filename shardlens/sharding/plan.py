@@ -26,7 +26,7 @@ Device = Union[int, str]
 
 
 @dataclass(frozen=True)
-class StageSpec:
+class StagePlan:
     """One stage of a plan.
 
     Attributes:
@@ -62,7 +62,7 @@ class StageSpec:
         }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "StageSpec":
+    def from_dict(cls, data: dict) -> "StagePlan":
         devices = tuple(data["devices"])
         return cls(
             index=data["index"], layers=range(*data["layers"]), devices=devices, device_map=dict(data["device_map"]),
@@ -130,14 +130,14 @@ class ShardPlan:
         skeleton = meta_model(config, dtype)
         sizes = _part_bytes(skeleton, layout, n_layers)
         ranges = balance(sizes["blocks"], stages, first_extra=sizes["embed"], last_extra=sizes["head"])
-        specs = []
+        stage_plans = []
         for index, layers in enumerate(ranges):
             first, last = index == 0, index == stages - 1
             size = sum(sizes["blocks"][i] for i in layers) + first * sizes["embed"] + last * sizes["head"]
             modules = stage_modules(skeleton, layout, layers, first=first, last=last)
             devices, device_map = _device_map(modules, layout, max_memory, size, index, layers)
-            specs.append(StageSpec(index, layers, devices, device_map, size, first, last, resources[index]))
-        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(specs), layout_path(config.model_type))
+            stage_plans.append(StagePlan(index, layers, devices, device_map, size, first, last, resources[index]))
+        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(stage_plans), layout_path(config.model_type))
 
     def to_dict(self) -> dict:
         return {
@@ -151,7 +151,7 @@ class ShardPlan:
     @classmethod
     def from_json(cls, text: str) -> "ShardPlan":
         data = json.loads(text)
-        stages = tuple(StageSpec.from_dict(s) for s in data["stages"])
+        stages = tuple(StagePlan.from_dict(s) for s in data["stages"])
         return cls(data["model_type"], data["n_layers"], data["dtype"], stages, data.get("layout"))
 
     @property

@@ -21,9 +21,9 @@ from shardlens.hooks.architectures import ModelLayout, layout_at, layout_for
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions
-from shardlens.hooks.tapped import TappedModel
+from shardlens.hooks.tapped_model import TappedModel
 from shardlens.sharding.checkpoint import Checkpoint
-from shardlens.sharding.plan import ShardPlan, StageSpec, hf_path, meta_model, stage_modules
+from shardlens.sharding.plan import ShardPlan, StagePlan, hf_path, meta_model, stage_modules
 
 
 @dataclass(frozen=True)
@@ -62,13 +62,13 @@ class StageIO:
 class Stage(TappedModel):
     """One stage of a model: see `build_stage`."""
 
-    def __init__(self, config: Any, layout: ModelLayout, spec: StageSpec, modules: nn.ModuleDict, point_options: PointOptions = PointOptions()):
+    def __init__(self, config: Any, layout: ModelLayout, stage_plan: StagePlan, modules: nn.ModuleDict, point_options: PointOptions = PointOptions()):
         super().__init__()
-        self.config, self.layout, self.spec = config, layout, spec
+        self.config, self.layout, self.stage_plan = config, layout, stage_plan
         for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
             setattr(self, name, modules[name] if name in modules else None)
         self.blocks = modules["blocks"]
-        self.logit_transform = LogitTransform(layout) if spec.head else None
+        self.logit_transform = LogitTransform(layout) if stage_plan.head else None
         self.loaded_keys: tuple[str, ...] = ()
         self._pending: Optional[Graph] = None
         self.build_points(point_options)
@@ -76,11 +76,11 @@ class Stage(TappedModel):
 
     @property
     def first(self) -> bool:
-        return self.spec.embed
+        return self.stage_plan.embed
 
     @property
     def last(self) -> bool:
-        return self.spec.head
+        return self.stage_plan.head
 
     def _parts(self) -> ModelParts:
         return ModelParts(
@@ -109,7 +109,9 @@ class Stage(TappedModel):
             leaf = hidden = hidden.detach().requires_grad_(True)
         start = -1 if io.start_layer is None else io.start_layer
         blocks = {int(layer): block for layer, block in self.blocks.items() if int(layer) >= start}
-        hidden = run_layers(self.config, self.layout, blocks, self.rotary, hidden, io.attention_mask, position_ids, cache)
+        hidden = run_layers(
+            self.config, self.layout, blocks, self.rotary, hidden, attention_mask=io.attention_mask, position_ids=position_ids, cache=cache,
+        )
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids, start_layer=None)
         if self.last:
             logits = self.readout(hidden)
@@ -133,11 +135,11 @@ class Stage(TappedModel):
         """The hidden states entering the first block, and the position ids."""
         if io.start_layer is not None:
             if str(io.start_layer) not in self.blocks or io.hidden is None:
-                raise ValueError(f"stage {self.spec.index} holds layers {list(self.blocks)}; a batch entering at layer {io.start_layer} needs it, and hidden states")
+                raise ValueError(f"stage {self.stage_plan.index} holds layers {list(self.blocks)}; a batch entering at layer {io.start_layer} needs it, and hidden states")
             return io.hidden, io.position_ids if io.position_ids is not None else default_positions(io.hidden, io.attention_mask)
         if not self.first:
             if io.hidden is None:
-                raise ValueError(f"stage {self.spec.index} takes hidden states from the stage before; StageIO.hidden is None")
+                raise ValueError(f"stage {self.stage_plan.index} takes hidden states from the stage before; StageIO.hidden is None")
             return io.hidden, io.position_ids
         if io.input_ids is None:
             raise ValueError("stage 0 takes token ids; StageIO.input_ids is None")
@@ -164,10 +166,10 @@ class Stage(TappedModel):
         stage 0, unless the batch entered at a later layer)."""
         graph = graph if graph is not None else self.detach_graph()
         if graph is None:
-            raise RuntimeError(f"stage {self.spec.index}: backward() needs a forward with gradients enabled first")
+            raise RuntimeError(f"stage {self.stage_plan.index}: backward() needs a forward with gradients enabled first")
         leaf, output = graph.leaf, graph.output
         if grad is None and output.numel() != 1:
-            raise ValueError(f"stage {self.spec.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
+            raise ValueError(f"stage {self.stage_plan.index} returned {tuple(output.shape)}, not a loss: pass the gradient of its output")
         output.backward(None if grad is None else grad.to(output.device))
         return None if leaf is None else leaf.grad
 
@@ -191,10 +193,10 @@ def build_stage(
     if config.model_type != plan.model_type:
         raise ShardPlanError(f"the plan is for {plan.model_type!r}, but {source} holds a {config.model_type!r} model")
     layout = _layout(plan, config)
-    spec = plan.stages[index]
+    stage_plan = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
-    modules = stage_modules(skeleton, layout, spec.layers, first=spec.embed, last=spec.head)
-    stage = Stage(skeleton.config.get_text_config(), layout, spec, modules, point_options)
+    modules = stage_modules(skeleton, layout, stage_plan.layers, first=stage_plan.embed, last=stage_plan.head)
+    stage = Stage(skeleton.config.get_text_config(), layout, stage_plan, modules, point_options)
     checkpoint = Checkpoint(source, model=skeleton)
     _load(stage, checkpoint, layout, device)
     return stage.eval()
@@ -226,19 +228,19 @@ def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, device: Any
             wanted[path] = f"{layout.embed}.weight"  # tied: the last stage gets its own copy
     missing = sorted(name for name in wanted.values() if name not in checkpoint)
     if missing:
-        raise ShardPlanError(f"{checkpoint.folder} lacks tensors stage {stage.spec.index} needs: {missing[:5]}")
+        raise ShardPlanError(f"{checkpoint.folder} lacks tensors stage {stage.stage_plan.index} needs: {missing[:5]}")
     tensors = checkpoint.read(sorted(set(wanted.values())))
     for path, name in wanted.items():
-        target = device if device is not None else _device_for(path, stage.spec.device_map)
+        target = device if device is not None else _device_for(path, stage.stage_plan.device_map)
         dtype = meta[path].dtype if meta[path].is_floating_point() else None
         set_module_tensor_to_device(stage, path, target, value=tensors[name], dtype=dtype)
     stage.loaded_keys = tuple(sorted(set(wanted.values())))
     if device is not None:
         stage.to(device)  # buffers made at init (rotary inv_freq) follow the weights
-    elif len({str(d) for d in stage.spec.device_map.values()}) > 1:
+    elif len({str(d) for d in stage.stage_plan.device_map.values()}) > 1:
         from accelerate import dispatch_model
 
-        dispatch_model(stage, device_map=stage.spec.device_map)
+        dispatch_model(stage, device_map=stage.stage_plan.device_map)
 
 
 def _meta_tensors(module: nn.Module) -> list[tuple[str, Tensor]]:

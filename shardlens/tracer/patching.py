@@ -74,7 +74,7 @@ def _run_all(model: Any, requests: list[RunRequest]) -> list[Tensor]:
         return [result.output for result in model.run_variants(requests)]
 
 
-def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], prefix: int, runs: list, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
+def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], runs: list, *, prefix: int, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
     of the corrupted prefix (computed once; on a Tracer it stays on the stages); the patches
     move to suffix coordinates."""
@@ -149,7 +149,7 @@ def sweep(
             mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
             runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
     if prefix > 0:
-        all_logits = _run_after_prefix(model, corrupt, attention_mask, prefix, runs, positions, clean_cache)
+        all_logits = _run_after_prefix(model, corrupt, attention_mask, runs, prefix=prefix, positions=positions, clean_cache=clean_cache)
     else:
         requests = [
             _request(tokens, mask, specs, None if layer is None else Resume(layer, start_from[layer].repeat(len(group), 1, 1)))

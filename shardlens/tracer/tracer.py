@@ -19,7 +19,7 @@ from shardlens.hooks.model import load_tokenizer
 from shardlens.hooks.ops import Code, Op
 from shardlens.hooks.run import RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
-from shardlens.hooks.tapped import cache_fields, canonical_shape
+from shardlens.hooks.tapped_model import cache_fields, canonical_shape
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan
 from shardlens.tables.parquet import is_uri

@@ -221,13 +221,13 @@ def test_scale_grad_and_stop_grad(llama, tokens):
 # ---------------------------------------------------------------- composition
 
 
-def test_chain_runs_in_order_and_when_picks_layers(llama, tokens):
+def test_chain_runs_in_order_and_at_layers_picks_layers(llama, tokens):
     resid = full_cache(llama, tokens, RESID)[RESID]
     _, cache = llama.run_with_cache(tokens, names_filter=[], fwd_hooks=[
         Spec(RESID, ops.Chain([ops.Scale(2.0), ops.Cache(), ops.Add(torch.ones(32))]))])
     assert torch.equal(cache[RESID], resid * 2)
     _, cache = llama.run_with_cache(tokens, names_filter=[], fwd_hooks=[
-        Spec("blocks.*.hook_resid_pre", ops.When(ops.Cache(), layers=[0, 2]))])
+        Spec("blocks.*.hook_resid_pre", ops.AtLayers(ops.Cache(), layers=[0, 2]))])
     assert sorted(cache) == ["blocks.0.hook_resid_pre", "blocks.2.hook_resid_pre"]
 
 

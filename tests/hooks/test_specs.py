@@ -33,7 +33,7 @@ EVERY_OP = [
     ops.StopGrad(batch=1),
     ops.Chain([ops.Scale(2.0), ops.Cache()]),
     ops.FwdBwd(fwd=[ops.Scale(2.0)], bwd=[ops.CacheGrad(), ops.ScaleGrad(0.5)], fwd2=[ops.Add(T[1])]),
-    ops.When(ops.Ablate("zero"), layers=range(1, 3)),
+    ops.AtLayers(ops.Ablate("zero"), layers=range(1, 3)),
     ops.Splice(SAE, ops.Linear(torch.eye(4).double()), add_error=False),
 ]
 
@@ -86,7 +86,7 @@ def test_points_forms_round_trip():
         (lambda: ops.AttnPatternBlocks([[1]], reduce="max"), "reduce"),
         (lambda: ops.Chain([ops.Cache(), ops.CacheGrad()]), "mixes forward and backward"),
         (lambda: ops.FwdBwd(bwd=[ops.Cache()]), "FwdBwd.bwd"),
-        (lambda: ops.When("op"), "When"),
+        (lambda: ops.AtLayers("op"), "AtLayers"),
         (lambda: ops.Splice(torch.eye(2), torch.eye(2)), "Splice.encoder"),
         (lambda: ops.Linear(torch.eye(2), activation="gelu"), "activation"),
         (lambda: ops.Code(3), "callable"),

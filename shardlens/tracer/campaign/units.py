@@ -80,7 +80,7 @@ def _unit_done(unit: Unit, out: Path) -> bool:
     return (out / unit.experiment["name"] / unit.part).exists()
 
 
-def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], clean: torch.Tensor,
+def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, *, hooks: Optional[list[str]], clean: torch.Tensor,
              workers_write: bool) -> None:
     """Write the unit's activations (from the workers when they share `out` with this
     process; else gathered here); then its marker says it is finished."""
@@ -110,7 +110,7 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     directory = out / experiment["name"]
     kind = experiment["kind"]
     if kind == "extract":
-        _extract(unit, tracer, campaign, out, hooks, tensors["clean"], workers_write)
+        _extract(unit, tracer, campaign, out, hooks=hooks, clean=tensors["clean"], workers_write=workers_write)
         return
     metric = _metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
