@@ -14,7 +14,7 @@ import itertools
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 from torch import Tensor
@@ -94,17 +94,28 @@ class Coordinator:
 
     # ------------------------------------------------------------------ the spec stack
 
-    def push(self, level: Optional[int], specs: Sequence[HookSpec]) -> None:
-        """Validate specs against every stage's hook points, then send each stage its share."""
-        per_stage, known = self.stack.split(specs)
-        handles = [self.backend.call(row[s], "install", level, list(share)) for row in self.workers for s, share in enumerate(per_stage) if share]
+    def push(self, level: Optional[int], specs: Sequence[HookSpec], *, check: Optional[Callable] = None) -> None:
+        """Validate specs against every stage's hook points (and with check(spec, names)),
+        then send each stage its share. When a worker refuses its share, every worker is
+        put back to what the stack holds."""
+        per_stage, known = self.stack.split(specs, check=check)
         try:
-            self._get(handles)
+            self._get([self.backend.call(row[s], "install", level, list(share)) for row in self.workers for s, share in enumerate(per_stage) if share])
         except BaseException:
-            if level is not None:
-                self._get([self.backend.call(w, "remove", level) for w in self._all()])
+            self._resync()
             raise
         self.stack.push(level, specs, per_stage, known)
+
+    def _resync(self) -> None:
+        """Make every worker hold exactly what the stack holds (quietly: called on failure)."""
+        n = len(self.stage_names)
+        try:
+            for i, worker in enumerate(self._all()):
+                self._get(self.backend.call(worker, "remove", None, including_permanent=True))
+                for level, specs in self.stack.for_stage(i % n):
+                    self._get(self.backend.call(worker, "install", level, list(specs)))
+        except Exception:
+            pass  # a lost worker gets the whole stack when it comes back (see _restore)
 
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
         """Remove one context level's specs (every level's when None) on every worker."""
@@ -150,15 +161,20 @@ class Coordinator:
         """One request through the pipeline (its input: token ids on the CPU; with a key/value
         session, its mask covers the cached tokens too). A run whose worker was lost is run
         again, up to `retries` times, once the worker is back with the whole spec stack."""
-        attempt = 0
+        return self._with_retries(lambda: self._launch(request, tuple(range(self.replicas))).result())
+
+    def _with_retries(self, attempt: Callable[[], Any]) -> Any:
+        """attempt(), after every worker is known to hold the stack; again, up to `retries`
+        times, when it failed because a worker was lost, once the worker is back."""
+        tries = 0
         while True:
             try:
                 self._restore()
-                return self._launch(request, tuple(range(self.replicas))).result()
+                return attempt()
             except Exception as error:
-                if not self.backend.is_lost(error) or attempt >= self.retries:
+                if not self.backend.is_lost(error) or tries >= self.retries:
                     raise
-                attempt += 1
+                tries += 1
                 self.recoveries += 1
                 self._wait_for_workers()
 
@@ -167,13 +183,24 @@ class Coordinator:
         each round gives every replica one whole request (the variants' specs select batch
         rows), its specs installed on that replica only and removed after. Requests that read
         a key/value session run on the first replica, whose stages hold it."""
-        self._restore()
         results: list[RunResult] = []
         width = 1 if any(r.kv_cache is not None for r in requests) else self.replicas
         for start in range(0, len(requests), width):
-            runs = [self._launch(dataclasses.replace(r, whole_batch=True), (i,)) for i, r in enumerate(requests[start:start + width])]
-            results += [run.result() for run in runs]
+            round_ = [dataclasses.replace(r, whole_batch=True) for r in requests[start:start + width]]
+            results += self._with_retries(lambda: self._round(round_))
         return results
+
+    def _round(self, requests: Sequence[RunRequest]) -> list[RunResult]:
+        """One request per replica, at the same time; a failure undoes every run of the round."""
+        runs: list[PipelineRun] = []
+        try:
+            for replica, request in enumerate(requests):
+                runs.append(self._launch(request, (replica,)))
+            return [run.result() for run in runs]
+        except BaseException:
+            for run in runs:
+                run.abort()
+            raise
 
     def _launch(self, request: RunRequest, replicas: tuple[int, ...]) -> PipelineRun:
         run_id = next(self._runs)
@@ -208,7 +235,7 @@ class Coordinator:
     def end_session(self, session: str) -> None:
         """Make the first replica's stages forget a key/value session (nothing if they have)."""
         try:
-            self._get([self.backend.call(w, "drop", session) for w in self.workers[0]])
+            self._get([self.backend.call(w, "end_session", session) for w in self.workers[0]])
         except Exception:
             pass
 

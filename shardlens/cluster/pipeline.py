@@ -75,6 +75,7 @@ class PipelineRun:
         self.rows = {job.replica: workers[job.replica][route.first_stage:] for job in self.jobs}
         self.takes: list = []
         self.ends: list = []
+        self.finished = False
 
     def _microbatches(self, n: int, whole: bool) -> list[slice]:
         if whole:
@@ -95,8 +96,7 @@ class PipelineRun:
             for job in self.jobs:
                 self.ends.append(self._forward(job))
         except BaseException:  # a backend that runs calls at once fails here
-            self._fail()
-            self._clean_up()
+            self.abort()
             raise
         return self
 
@@ -147,10 +147,10 @@ class PipelineRun:
             if self.request.write is not None:
                 self._get(self._finish_writes())
         except BaseException:
-            self._fail()
+            self.abort()
             raise
-        finally:
-            self._clean_up()
+        self.finished = True
+        self._remove_specs()
         keep_logits = self.request.return_type in ("logits", "both")
         logits = torch.cat([unpack(o.logits) for o in outs]) if keep_logits else None
         loss = sum(w * o.loss for w, o in zip(weights, outs)) if outs[0].loss is not None else None
@@ -180,7 +180,12 @@ class PipelineRun:
         """The calls that wait for the parts the run's workers are still writing."""
         return [self.backend.call(w, "finish_writes", self.request.write.path) for row in self.rows.values() for w in row]
 
-    def _fail(self) -> None:
+    def abort(self) -> None:
+        """Undo an unfinished run: its batches, its parts, its growth of a key/value session
+        and its own specs leave the workers (quietly: the run has already failed)."""
+        if self.finished:
+            return
+        self.finished = True
         written = self._get_each_quietly(self.takes)
         if self.request.write is not None:
             # Wait for the writes in flight first, so that no part appears after the delete.
@@ -188,13 +193,13 @@ class PipelineRun:
             delete_parts(self.request.write.path, [part for parts in written if parts for part in parts])
         if self.kv is not None and not self.kv.frozen:  # the stages before the failure have grown the session
             self._get_quietly([self.backend.call(w, "kv_truncate", self.kv.session, self.kv.held) for w in self.rows[0]])
-
-    def _clean_up(self) -> None:
-        """Forget the run's batches and remove its own specs, on every worker it used."""
-        workers = [w for row in self.rows.values() for w in row]
         self._get_quietly([self.backend.call(w, "drop", job.batch_id) for job in self.jobs for w in self.rows[job.replica]])
+        self._remove_specs()
+
+    def _remove_specs(self) -> None:
+        """Remove the run's own specs from every worker it used."""
         if any(self.per_stage):
-            self._get_quietly([self.backend.call(w, "remove", self.level) for w in workers])
+            self._get_quietly([self.backend.call(w, "remove", self.level) for row in self.rows.values() for w in row])
 
     def _get_quietly(self, handles: list) -> None:
         try:

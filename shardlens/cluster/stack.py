@@ -8,7 +8,7 @@ for its stage; leaving a level removes its entry.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
@@ -42,13 +42,16 @@ class SpecStack:
     def hook_names(self) -> list[str]:
         return [name for names in self.stage_names for name in names]
 
-    def split(self, specs: Sequence[HookSpec]) -> tuple[tuple[tuple[str, ...], ...], list[list[str]]]:
+    def split(self, specs: Sequence[HookSpec], *, check: Optional[Callable] = None) -> tuple[tuple[tuple[str, ...], ...], list[list[str]]]:
         """Each stage's share of the specs (as JSON), and the stages' hook names after them (a
-        Splice adds points). Unknown names fail here, before anything is sent anywhere."""
+        Splice adds points). Unknown names, and specs check(spec, names) refuses, fail here,
+        before anything is sent anywhere."""
         per_stage: list[list[str]] = [[] for _ in self.stage_names]
         known = [list(names) for names in self.stage_names]
         for spec in specs:
             names = spec.resolve([name for stage in known for name in stage])
+            if check is not None:
+                check(spec, names)
             for s, stage_names in enumerate(known):
                 mine = [name for name in names if name in stage_names]
                 if mine:
@@ -78,10 +81,11 @@ class SpecStack:
         return [(entry.level, entry.per_stage[stage]) for entry in self.entries if entry.per_stage[stage]]
 
     def installed(self) -> list[tuple[str, HookSpec]]:
-        """Every installed spec, once per hook point it acts at, with its level."""
+        """Every installed spec, once per hook point it acts at (as a spec of that point), with
+        its level."""
         names = self.hook_names
         return [
-            (name, spec if spec.permanent else spec.with_level(entry.level))
+            (name, dataclasses.replace(spec, points=name, level=None if spec.permanent else entry.level))
             for entry in self.entries for spec in entry.specs for name in spec.resolve(names)
         ]
 

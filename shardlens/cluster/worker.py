@@ -211,9 +211,13 @@ class StageWorker:
         return sink.parts
 
     def drop(self, batch_id: str) -> None:
+        """Forget a batch: what its specs stored, and its graph."""
         self._contexts.pop(batch_id, None)
         self._graphs.pop(batch_id, None)
-        self._kv_caches.pop(batch_id, None)
+
+    def end_session(self, session: str) -> None:
+        """Forget a key/value session's keys and values."""
+        self._kv_caches.pop(session, None)
 
     def stats(self) -> dict[str, Any]:
         memory = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}

@@ -8,7 +8,7 @@ TransformerLens-compatible surface on them (`hooks`, `add_hook`, `add_spec`,
 attribution and campaigns take any `Runner`.
 
 Hooks are hook specs everywhere: a (name, fn) pair becomes ``HookSpec(name, sl.ops.Code(fn))``
-(a runner that ships specs to other processes may refuse code; see `Runner._as_op`).
+(a runner that ships specs to other processes may refuse code; see `HookAPI._as_op`).
 """
 
 from __future__ import annotations
@@ -40,23 +40,46 @@ HookList = Sequence[Union[tuple[HookTarget, Callable], HookSpec]]  # (name, fn o
 
 @dataclass(frozen=True)
 class Scope:
-    """Where the reading specs of one hooks() block put what they read (`store`), and the
-    earlier runs' caches their Patch(from_cache=...) ops read (`sources`)."""
+    """Where the reading specs of one hooks() block (or add_spec) put what they read
+    (`store`), and the earlier runs' caches every run reads while they are installed, for
+    Patch(from_cache=...) (`sources`)."""
 
     store: Optional[dict] = None
     sources: Optional[Mapping[str, Mapping[str, Tensor]]] = None
 
 
+@dataclass(frozen=True)
+class Scoped:
+    """Specs installed with a scope, at a level (None: level-less or permanent)."""
+
+    level: Optional[int]
+    permanent: bool
+    scope: Scope
+    specs: tuple[HookSpec, ...]
+
+    def removed_by(self, level: Optional[int], including_permanent: bool) -> bool:
+        """Whether remove(level, including_permanent=...) removes these specs (as it does hooks)."""
+        return including_permanent or (not self.permanent and (level is None or self.level == level))
+
+
 class Runner(Protocol):
-    """The primitives every runner implements (HookAPI builds the rest on them)."""
+    """What every runner has: these primitives, and the TransformerLens surface HookAPI
+    builds on them (run_with_cache, run_with_hooks, hooks, ...)."""
 
     context_level: int
     parallel_runs: int  # how many runs run_variants runs at the same time
+    layout: Any  # the model's ModelLayout (None: module points only)
+    config: Any  # the model's config
+
+    def init_kv_cache(self, batch_size: int = 1) -> Any:
+        """An empty key/value cache of this runner's kind (a context manager that frees it)."""
 
     def hook_names(self) -> list[str]: ...
 
     def install(self, level: Optional[int], specs: Sequence[HookSpec], scope: Scope = Scope()) -> None:
-        """Install specs at a context level (None: permanent or level-less ones)."""
+        """Install specs at a context level (None: permanent or level-less ones). A runner
+        that runs its module's forward outside run() binds the scope to the specs; others
+        may ignore it (HookAPI routes what runs read to the scopes' stores)."""
 
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: DirectionOrBoth = "both", clear_contexts: bool = False) -> None:
         """Remove the specs of one level (None: of every level; permanent ones only if asked)."""
@@ -89,6 +112,17 @@ def token_ids(input: Any, attention_mask: Optional[Tensor], tokenizer: Callable[
     return tokens, attention_mask
 
 
+def by_point(installed: Sequence[tuple[str, HookSpec]], name_filter: NamesFilter, dir: str, including_permanent: bool) -> dict[str, list[HookSpec]]:
+    """list_hooks' answer: the installed specs that pass the filters, by hook point."""
+    check_dir(dir, ("fwd", "bwd", "both"))
+    selected = names_predicate(name_filter, [name for name, _ in installed])
+    listed: dict[str, list[HookSpec]] = {}
+    for name, spec in installed:
+        if selected(name) and dir in ("both", spec.dir) and (including_permanent or not spec.permanent):
+            listed.setdefault(name, []).append(spec)
+    return listed
+
+
 def caching_specs(names: Sequence[str], incl_bwd: bool, pos_slice: Union[Slice, SliceInput] = None) -> tuple[HookSpec, ...]:
     """The specs that cache `names` (and, with incl_bwd, their gradients as ``<name>_grad``),
     keeping only the positions of `pos_slice` (TransformerLens' Slice; an int keeps the axis)."""
@@ -119,7 +153,8 @@ class HookAPI:
     parallel_runs: int = 1
     backward_in_run: bool = False
     tokenizer: Any = None
-    _stores: tuple = ()  # the stores of the hooks() blocks open now, innermost last
+    takes_tokens: bool = True  # runs take token ids (False: a plain module's forward takes anything)
+    _scoped: tuple = ()  # Scoped: the specs installed now with a store or sources
 
     # ------------------------------------------------------------------ primitives' defaults
 
@@ -177,6 +212,16 @@ class HookAPI:
     def _specs(self, items: HookList, direction: Direction, argument: str) -> list[HookSpec]:
         return [self._spec(item, direction, argument) for item in items]
 
+    def _install_scoped(self, level: Optional[int], specs: Sequence[HookSpec], scope: Scope) -> None:
+        """Install specs, remembering their scope: its sources go with every run while they
+        are installed, and what they read goes to its store."""
+        self.install(level, specs, scope)
+        if specs and (scope.store is not None or scope.sources):
+            self._scoped += tuple(Scoped(level, s.permanent, scope, (s,)) for s in specs)
+
+    def _forget_scopes(self, level: Optional[int], including_permanent: bool) -> None:
+        self._scoped = tuple(s for s in self._scoped if not s.removed_by(level, including_permanent))
+
     def add_hook(
         self, name: HookTarget, hook: Any, dir: Direction = "fwd", is_permanent: bool = False,
         level: Optional[int] = None, prepend: bool = False,
@@ -192,8 +237,9 @@ class HookAPI:
         self.add_hook(name, hook, dir=dir, is_permanent=True)
 
     def add_spec(self, spec: HookSpec, *, store: Optional[dict] = None, sources: Optional[Mapping] = None) -> None:
-        """Install `spec` at its own level (or as permanent), outside any hooks() block."""
-        self.install(None if spec.permanent else spec.level, [spec], Scope(store, sources))
+        """Install `spec` at its own level (or as permanent), outside any hooks() block; what
+        it reads goes into `store` (see hooks())."""
+        self._install_scoped(None if spec.permanent else spec.level, [spec], Scope(store, sources))
 
     @contextmanager
     def hooks(
@@ -209,8 +255,9 @@ class HookAPI:
             fwd_hooks, bwd_hooks: (name_or_predicate, fn_or_op) pairs and sl.HookSpec (a
                 spec's own `dir` decides its direction).
             store: a dict where reading ops (sl.ops.Cache, ...) of this block put what they
-                read, in every run inside it.
-            sources: earlier runs' caches by name, for sl.ops.Patch(from_cache=name).
+                read, in every run inside it (and not in the run's own results).
+            sources: earlier runs' caches by name, for sl.ops.Patch(from_cache=name), read
+                by every run inside the block.
 
         Example:
             >>> with model.hooks(fwd_hooks=[("blocks.0.hook_resid_post", fn)]):
@@ -218,21 +265,19 @@ class HookAPI:
         """
         specs = self._specs(fwd_hooks, "fwd", "fwd_hooks") + self._specs(bwd_hooks, "bwd", "bwd_hooks")
         self.context_level += 1
-        level, stores = self.context_level, self._stores
+        level = self.context_level
         scope = Scope(store, sources)
-        if store is not None:
-            self._stores = stores + (store,)
         try:
             permanent = [spec for spec in specs if spec.permanent]
             if permanent:
-                self.install(None, permanent, scope)
-            self.install(level, [spec for spec in specs if not spec.permanent], scope)
+                self._install_scoped(None, permanent, scope)
+            self._install_scoped(level, [spec for spec in specs if not spec.permanent], scope)
             yield self
         finally:
             if reset_hooks_end:
                 self.remove(level, clear_contexts=clear_contexts)
+                self._forget_scopes(level, including_permanent=False)
             self.context_level -= 1
-            self._stores = stores
 
     def reset_hooks(
         self, clear_contexts: bool = True, direction: DirectionOrBoth = "both", including_permanent: bool = False,
@@ -242,6 +287,10 @@ class HookAPI:
         including_permanent) and clear the hook points' contexts."""
         check_dir(direction, ("fwd", "bwd", "both"))
         self.remove(level, including_permanent=including_permanent, direction=direction, clear_contexts=clear_contexts)
+        if direction == "both":
+            self._forget_scopes(level, including_permanent)
+        else:
+            self._scoped = tuple(s for s in self._scoped if not (s.removed_by(level, including_permanent) and s.specs[0].dir == direction))
 
     def list_hooks(
         self, name_filter: NamesFilter = None, dir: DirectionOrBoth = "both", including_permanent: bool = True,
@@ -254,14 +303,7 @@ class HookAPI:
             dir: "fwd", "bwd" or "both".
             including_permanent: False leaves permanent hooks out.
         """
-        check_dir(dir, ("fwd", "bwd", "both"))
-        installed = self.installed()
-        selected = names_predicate(name_filter, [name for name, _ in installed])
-        listed: dict[str, list[HookSpec]] = {}
-        for name, spec in installed:
-            if selected(name) and dir in ("both", spec.dir) and (including_permanent or not spec.permanent):
-                listed.setdefault(name, []).append(spec)
-        return listed
+        return by_point(self.installed(), name_filter, dir, including_permanent)
 
     def has_hooks(self, dir: DirectionOrBoth = "both", including_permanent: bool = True, level: Optional[int] = None) -> bool:
         """Whether any hook is installed (in `dir`; permanent ones counted if asked; of
@@ -279,25 +321,50 @@ class HookAPI:
         return self._place(*token_ids(input, attention_mask, lambda: self._tokenizer_or_raise("text input")))
 
     def _request(self, args: tuple, kwargs: dict, **fields: Any) -> RunRequest:
-        """The request of a TransformerLens-style call: (input, return_type=..., attention_mask=...,
-        metric=..., past_kv_cache=..., **forward_kwargs), with the request `fields` given."""
+        """The request of a TransformerLens-style call. A runner that takes tokens reads
+        (input, return_type=..., attention_mask=..., metric=..., past_kv_cache=...) and passes
+        the other keywords to the model's forward; a plain module's forward gets them all.
+        The sources of the scopes installed now go with it."""
         if len(args) > 1:
-            raise TypeError(f"a run takes one input (token ids or text) and keyword arguments; got {len(args)} positional arguments")
+            raise TypeError(f"a run takes one input and keyword arguments; got {len(args)} positional arguments")
         input = args[0] if args else kwargs.pop("input", None)
-        options = {key: kwargs.pop(key) for key in ("return_type", "attention_mask", "metric") if key in kwargs}
-        if "past_kv_cache" in kwargs:
-            options["kv_cache"] = kwargs.pop("past_kv_cache")
+        options = {}
+        if self.takes_tokens:
+            options = {key: kwargs.pop(key) for key in ("return_type", "attention_mask", "metric") if key in kwargs}
+            if "past_kv_cache" in kwargs:
+                options["kv_cache"] = kwargs.pop("past_kv_cache")
+        fields["sources"] = {**self._scope_sources(), **fields.get("sources", {})}
         return RunRequest(input, **options, **fields, forward_kwargs=kwargs)
 
+    def _scope_sources(self) -> dict:
+        """The sources of every scope installed now."""
+        return {key: value for scoped in self._scoped for key, value in (scoped.scope.sources or {}).items()}
+
+    def _routed(self, result: RunResult) -> dict[str, Tensor]:
+        """What a run read, less what went to the stores of the scopes installed now (each
+        spec's entries to its own scope's store)."""
+        left = dict(result.cache)
+        if not left:
+            return left
+        names = self.hook_names()
+        for scoped in self._scoped:
+            if scoped.scope.store is None:
+                continue
+            for spec in scoped.specs:
+                for key in (key for name in spec.resolve(names) for key in spec.op.stores(name)):
+                    if key in left:
+                        scoped.scope.store[key] = left.pop(key)
+        return left
+
     def _keep(self, result: RunResult, store: Optional[dict], what: str) -> None:
-        """Put what a run's reading specs read into `store`, else into the store of the
-        innermost hooks() block that has one; refuse to drop it silently."""
-        store = store if store is not None else (self._stores[-1] if self._stores else None)
+        """Put what a run's reading specs read into their scopes' stores, the rest into
+        `store`; refuse to drop it silently."""
+        left = self._routed(result)
         if store is not None:
-            store.update(result.cache)
-        elif result.cache:
+            store.update(left)
+        elif left:
             raise ValueError(
-                f"reading specs read {sorted(result.cache)[:3]} but {what} keeps no results: use run_with_cache, "
+                f"reading specs read {sorted(left)[:3]} but {what} keeps no results: use run_with_cache, "
                 "or pass store={} to hooks() / run_with_hooks()"
             )
 
@@ -329,7 +396,7 @@ class HookAPI:
             )
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts, store=store):
             result = self.run(self._request(model_args, model_kwargs, sources=dict(sources or {}), whole_batch=whole_batch))
-        self._keep(result, store, "run_with_hooks")
+            self._keep(result, store, "run_with_hooks")
         return result.output
 
     def _names(self, names_filter: NamesFilter) -> list[str]:
@@ -363,16 +430,16 @@ class HookAPI:
         """
         # The given hooks first (a Splice makes hook points the filter may name); the caching
         # specs are the run's own, one level deeper, so that they see the edits. With
-        # reset_hooks_end=False they stay, as TransformerLens' do, filling the same cache.
-        kept: dict = {}
+        # reset_hooks_end=False they stay installed with the given hooks, as TransformerLens'
+        # do, until reset_hooks(); what they read in later runs comes back with those runs.
         with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end, clear_contexts):
             specs = caching_specs(self._names(names_filter), incl_bwd, pos_slice)
             if not reset_hooks_end:
-                self.install(self.context_level, specs, Scope(store=kept))
+                self.install(self.context_level, specs)
                 specs = ()
             request = self._request(model_args, model_kwargs, specs=specs, grads=incl_bwd, sources=dict(sources or {}), whole_batch=whole_batch)
             result = self.run(request)
-        values = {**kept, **result.cache}
+            values = self._routed(result)
         if remove_batch_dim:
             bad = [name for name, value in values.items() if value.shape[0] != 1]
             if bad:
@@ -440,12 +507,13 @@ class HookAPI:
         read: dict = {}
 
         def step(all_tokens: Tensor, all_mask: Tensor, new_tokens: Tensor, new_mask: Tensor) -> Tensor:
+            sources = self._scope_sources()
             if cache is None:
-                request = RunRequest(all_tokens, attention_mask=all_mask, whole_batch=True)
+                request = RunRequest(all_tokens, attention_mask=all_mask, whole_batch=True, sources=sources)
             else:
-                request = RunRequest(new_tokens, attention_mask=new_mask, kv_cache=cache)
+                request = RunRequest(new_tokens, attention_mask=new_mask, kv_cache=cache, sources=sources)
             result = self.run(request)
-            read.update(result.cache)
+            read.update(self._routed(result))
             return result.output
 
         def after_step(index: int) -> None:
@@ -496,7 +564,10 @@ class HookAPI:
         from shardlens.hooks.lens import lens_config
 
         config, options = self._lens_config_args()
-        return lens_config(config, self.layout, **options)
+        key = (id(config), tuple(sorted(options.items(), key=lambda item: item[0])))
+        if getattr(self, "_cfg", (None, None))[0] != key:  # built once per config and point options
+            self._cfg = (key, lens_config(config, self.layout, **options))
+        return self._cfg[1]
 
     def _lens_config_args(self) -> tuple[Any, dict]:
         """The model's own (not text) config, and lens_config's keyword arguments."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional, Protocol, Union
+from typing import Any, Literal, Optional, Protocol
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
@@ -24,7 +24,6 @@ from shardlens.tables.axes import layer_index
 Direction = Literal["fwd", "bwd"]
 DirectionOrBoth = Literal["fwd", "bwd", "both"]
 HookFunction = Callable[..., Optional[Tensor]]  # fn(tensor, *, hook) -> Tensor | None
-HookTarget = Union[str, Callable[[str], bool]]  # a hook name, a glob, or a predicate on names
 
 
 

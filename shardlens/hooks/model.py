@@ -11,10 +11,9 @@ from torch import Tensor, nn
 from shardlens.hooks.architectures import ModelLayout, layout_for
 from shardlens.hooks.attention import IMPLEMENTATION
 from shardlens.hooks.generation import KeyValueCache
-from shardlens.hooks.hook_api import HookAPI
 from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
-from shardlens.hooks.run import Resume, RunRequest
+from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.tapped_model import TappedModel, cache_fields, no_layout_for_options
 
@@ -122,12 +121,12 @@ class HookedModel(WeightViews, TappedModel):
 
     # ------------------------------------------------------------------ running
 
-    _request = HookAPI._request  # a language model's runs take token ids, return_type, attention_mask, ...
+    takes_tokens = True  # its runs take token ids, return_type, attention_mask, ... (a plain module's do not)
 
     def forward(
         self,
         input: Any = None,
-        *args: Any,
+        *,
         return_type: Optional[str] = "logits",
         attention_mask: Optional[Tensor] = None,
         metric: Any = None,
@@ -150,13 +149,25 @@ class HookedModel(WeightViews, TappedModel):
             **kwargs: passed to the wrapped model's forward.
         """
         if not self._is_lm:
-            return self.call_with((input, *args), kwargs)
+            return self.call_with((input,), kwargs)
         options = dict(return_type=return_type, attention_mask=attention_mask, metric=metric, past_kv_cache=past_kv_cache)
-        return self.call_with((input, *args), {**options, **kwargs})
+        return self.call_with((input,), {**options, **kwargs})
 
     @property
     def _is_lm(self) -> bool:
         return self.layout is not None or hasattr(self.model, "get_output_embeddings")
+
+    def run(self, request: RunRequest) -> RunResult:
+        """One run (see HookedRootModule.run); a run that fails leaves its key/value cache as
+        it was."""
+        cache = request.kv_cache
+        held = cache.seq_len if isinstance(cache, KeyValueCache) else None
+        try:
+            return super().run(request)
+        except BaseException:  # the cache has grown (in the layers that ran)
+            if held is not None and not cache.frozen and cache.hf_cache is not None:
+                cache.truncate(held)
+            raise
 
     def _compute(self, request: RunRequest) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
         self.sync_taps()
@@ -175,33 +186,27 @@ class HookedModel(WeightViews, TappedModel):
                 kwargs["position_ids"] = default_positions(tokens, mask)
             logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
         value = None
-        if request.return_type not in ("logits", None) or request.grads:
+        if request.return_type not in ("logits", None) or request.needs_grad:
             value = request.metric(logits, mask, tokens) if request.metric is not None else next_token_loss(logits, tokens, mask)
-        output = {"logits": logits, None: None, "both": (logits, value)}.get(request.return_type, value)
-        return output, value, mask
+        return output_of(request.return_type, logits, value), value, mask
 
     def _with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, kwargs: dict) -> Tensor:
-        """The logits of the new tokens, attending to the cached ones; a failed run leaves
-        the cache as it was."""
-        if not isinstance(cache, KeyValueCache) or not hasattr(cache, "hf_cache") or cache.hf_cache is None:
-            raise TypeError(f"past_kv_cache must be a KeyValueCache of this model (model.init_kv_cache()); got {type(cache).__name__}")
-        held = cache.seq_len
+        """The logits of the new tokens, attending to the cached ones (see `run` for a failure)."""
+        if not isinstance(cache, KeyValueCache) or cache.hf_cache is None:
+            raise TypeError(f"past_kv_cache must be an open KeyValueCache of this model (model.init_kv_cache()); got {type(cache).__name__}")
         full_mask = cache.append_attention_mask(torch.ones_like(tokens) if mask is None else mask)
         positions = positions_from_mask(full_mask)[:, -tokens.shape[1]:]
-        try:
-            return self.model(
-                input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
-            ).logits
-        except BaseException:  # the cache has grown (in the layers that ran)
-            if not cache.frozen:
-                cache.truncate(held)
-            raise
+        return self.model(
+            input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
+        ).logits
 
     def _resume(self, resume: Resume, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The logits of the model run from layer `resume.layer` on, given that layer's
         resid_pre: the layers before are not run. Hook points of the layers run fire as usual."""
         if self.layout is None:
             raise ValueError("resuming at a layer needs a registered architecture")
+        if resume.layer >= self.config.num_hidden_layers:
+            raise ValueError(f"resume at layer {resume.layer}: the model has layers 0-{self.config.num_hidden_layers - 1}")
         parts = self._parts()
         hidden = resume.resid_pre
         if hidden.shape[:2] != tokens.shape:

@@ -7,6 +7,7 @@ installed specs read from and store into. The TransformerLens surface comes from
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -15,11 +16,11 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from shardlens.hooks.hook_api import HookAPI, HookList, Scope
-from shardlens.hooks.hook_point import DirectionOrBoth, HookPoint, LensHandle, check_dir
-from shardlens.hooks.names import NamesFilter, names_predicate
+from shardlens.hooks.hook_api import HookAPI, HookList, Scope, by_point
+from shardlens.hooks.hook_point import DirectionOrBoth, HookPoint, LensHandle
+from shardlens.hooks.names import NamesFilter
 from shardlens.hooks.ops import Code, RunContext
-from shardlens.hooks.run import Destination, RunRequest, RunResult
+from shardlens.hooks.run import RUN_LEVEL, Destination, RunRequest, RunResult
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec, SpecHook
 from shardlens.tables import ActivationCache, ParquetSink
@@ -38,9 +39,10 @@ def installed_specs(hook_dict: dict[str, HookPoint]) -> list[tuple[str, HookSpec
 
 def _spec_of(name: str, direction: str, handle: LensHandle) -> HookSpec:
     hook = handle.user_hook
-    op = hook.op if isinstance(hook, SpecHook) else Code(hook)
     level = None if handle.is_permanent else handle.context_level
-    return HookSpec(name, op, dir=direction, level=level, permanent=handle.is_permanent)
+    if isinstance(hook, SpecHook):
+        return dataclasses.replace(hook.spec, points=name, level=level)
+    return HookSpec(name, Code(hook), dir=direction, level=level, permanent=handle.is_permanent)
 
 
 class HookIntrospectionMixin:
@@ -48,14 +50,7 @@ class HookIntrospectionMixin:
     every runner's list_hooks has: specs by hook point name."""
 
     def list_hooks(self, name_filter: NamesFilter = None, dir: DirectionOrBoth = "both", including_permanent: bool = True) -> dict[str, list[HookSpec]]:
-        check_dir(dir, ("fwd", "bwd", "both"))
-        hook_dict: dict[str, HookPoint] = getattr(self, "hook_dict")
-        selected = names_predicate(name_filter, hook_dict)
-        listed: dict[str, list[HookSpec]] = {}
-        for name, spec in installed_specs(hook_dict):
-            if selected(name) and dir in ("both", spec.dir) and (including_permanent or not spec.permanent):
-                listed.setdefault(name, []).append(spec)
-        return listed
+        return by_point(installed_specs(getattr(self, "hook_dict")), name_filter, dir, including_permanent)
 
 
 @dataclass(eq=False)
@@ -97,6 +92,7 @@ class HookedRootModule(HookAPI, nn.Module):
     name: Optional[str]
     mod_dict: dict[str, nn.Module]
     hook_dict: dict[str, HookPoint]
+    takes_tokens = False  # its forward gets a run's input and keywords as they are
 
     def __init__(self, *args: Any):
         super().__init__()
@@ -144,20 +140,19 @@ class HookedRootModule(HookAPI, nn.Module):
     # ------------------------------------------------------------------ the runner's primitives
 
     def install(self, level: Optional[int], specs: Any, scope: Scope = Scope()) -> None:
-        """Attach each spec's op at the hook points it selects. Specs given a store or sources
-        keep them; the others use the context of the run they fire in."""
-        ctx = None if scope.store is None and not scope.sources else RunContext(self, scope.store, dict(scope.sources or {}))
+        """Attach each spec's op at the hook points it selects, with the scope's store and
+        sources (a plain module's forward, called directly, runs outside any run)."""
         for spec in specs:
-            self._install_spec(spec, ctx, level)
+            self._install_spec(spec, scope, level)
 
-    def _install_spec(self, spec: HookSpec, ctx: Optional[RunContext], level: Optional[int]) -> None:
+    def _install_spec(self, spec: HookSpec, scope: Scope, level: Optional[int]) -> None:
         self._prepare_names(list(spec.points) if isinstance(spec.points, tuple) else spec.points)
         names = spec.resolve(list(self.hook_dict))
         for name in spec.created_names(names):
             self.add_hook_point(name)
         for name in names:
             spec.op.check(name, self)
-        hook = SpecHook(spec.op, ctx, self)
+        hook = SpecHook(spec, self, scope.store, scope.sources)
         for name in names:
             self.check_and_add_hook(
                 self.hook_dict[name], name, hook, dir=spec.dir, is_permanent=spec.permanent,
@@ -180,32 +175,24 @@ class HookedRootModule(HookAPI, nn.Module):
         return installed_specs(self.hook_dict)
 
     def run(self, request: RunRequest) -> RunResult:
-        """One run: the request's own specs one level deeper, with a fresh context that every
-        spec without a store of its own reads from and stores into; then, when asked, the
-        backward pass. A `write` destination gets what was read as one part per hook point."""
+        """One run: the request's own specs at the run level (above every hooks() level), a
+        fresh context that every spec without a store of its own reads from and stores into,
+        and the backward pass when the request needs one. A `write` destination gets what was
+        read as one part per hook point."""
         ctx = RunContext(self, {}, dict(request.sources))
-        self.context_level += 1
-        level = self.context_level
         try:
             with self.running(ctx):
                 if request.specs:
-                    self.install(level, request.specs)
+                    self.install(RUN_LEVEL, request.specs)
                 output, objective, mask = self._compute(request)
-                if request.grads:
+                if request.needs_grad:
                     _backpropagate(objective)
         finally:
             if request.specs:
-                self.remove(level)
-            self.context_level -= 1
+                self.remove(RUN_LEVEL)
         if request.write is not None:
             return RunResult(output, parts=tuple(_write(request.write, ctx.cache, mask)), attention_mask=mask)
         return RunResult(output, ctx.cache, attention_mask=mask)
-
-    def _request(self, args: tuple, kwargs: dict, **fields: Any) -> RunRequest:
-        """A plain module's forward gets the input and keyword arguments as they are."""
-        if len(args) > 1:
-            raise TypeError(f"a run takes one input and keyword arguments; got {len(args)} positional arguments")
-        return RunRequest(args[0] if args else None, **fields, forward_kwargs=kwargs)
 
     @contextmanager
     def running(self, ctx: RunContext) -> Iterator[None]:

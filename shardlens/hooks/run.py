@@ -24,6 +24,7 @@ from shardlens.tables.arrow import check_layout
 from shardlens.tables.parquet import check_part_name
 
 RETURN_TYPES = ("logits", "loss", "both", "metric", None)
+RUN_LEVEL = 1_000_000  # a run's own specs are installed here, above every hooks() level
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,13 @@ class Resume:
 
     layer: int
     resid_pre: Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
+            raise ValueError(f"Resume.layer must be a layer index (an int >= 0); got {self.layer!r}")
+        if not isinstance(self.resid_pre, Tensor) or self.resid_pre.ndim != 3:
+            shape = tuple(self.resid_pre.shape) if isinstance(self.resid_pre, Tensor) else type(self.resid_pre).__name__
+            raise ValueError(f"Resume.resid_pre must be [batch, pos, d_model]; got {shape}")
 
 
 @dataclass(frozen=True)

@@ -169,16 +169,19 @@ def _matches(selector: Union[str, Points], name: str) -> bool:
 
 
 class SpecHook:
-    """A spec's op as a TransformerLens hook fn(tensor, hook), acting in `ctx` when it was
-    installed with one (a store of its own), else in the context of the run it fires in
-    (`root.run_context`)."""
+    """A spec's op as a TransformerLens hook fn(tensor, hook). It acts in the context of the
+    run it fires in (`root.run_context`), with the store and sources it was installed with,
+    if any, in place of the run's (a plain module's forward runs outside any run)."""
 
-    def __init__(self, op: Op, ctx: Optional[RunContext], root: Any):
-        self.op, self.ctx, self.root = op, ctx, root
+    def __init__(self, spec: HookSpec, root: Any, store: Optional[dict] = None, sources: Optional[Any] = None):
+        self.spec, self.op, self.root, self.store, self.sources = spec, spec.op, root, store, sources
 
     def __call__(self, tensor: Any, hook: Any) -> Any:
+        ctx = self.root.run_context
+        if self.store is not None or self.sources:
+            ctx = RunContext(ctx.root, self.store if self.store is not None else ctx.cache, {**ctx.sources, **(self.sources or {})})
         try:
-            return self.op(tensor, hook, self.ctx if self.ctx is not None else self.root.run_context)
+            return self.op(tensor, hook, ctx)
         except Exception as error:
             # Unchanged for a caller in this process; a stage worker reads where it happened.
             if not hasattr(error, "shardlens_hook"):
@@ -187,9 +190,3 @@ class SpecHook:
 
     def __repr__(self) -> str:
         return f"SpecHook({self.op!r})"
-
-
-def split_specs(items: Sequence[Any]) -> tuple[list[HookSpec], list[Any]]:
-    """Specs and (name, fn) pairs of a mixed hook list, each in their order."""
-    specs = [item for item in items if isinstance(item, HookSpec)]
-    return specs, [item for item in items if not isinstance(item, HookSpec)]

@@ -134,20 +134,12 @@ def sweep(
         raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
     positions = None if positions is None else [int(p) for p in positions]
     _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
-    batch = clean.shape[0]
     cells = _cells(names, over, clean_cache)
     # A runner that runs several variants at once (a Tracer with replicas) spreads whole runs
     # instead of sharing a prefix: the prefix would live on one replica.
     prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and model.parallel_runs == 1 else 0
     start_from = _corrupt_resid(model, corrupt, attention_mask, names) if prefix == 0 else {}
-    per_run = max(1, max_batch // batch)
-    runs = []  # (layer to start from or None, group of cells, tokens, mask, specs)
-    for layer, layer_cells in _by_layer(cells, start_from):
-        for start in range(0, len(layer_cells), per_run):
-            group = layer_cells[start:start + per_run]
-            specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
-            mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
-            runs.append((layer, group, corrupt.repeat(len(group), 1), mask, specs))
+    runs = _patch_runs(_by_layer(cells, start_from), corrupt, attention_mask, clean_cache, over=over, positions=positions, max_batch=max_batch)
     if prefix > 0:
         all_logits = _run_after_prefix(model, corrupt, attention_mask, runs, prefix=prefix, positions=positions, clean_cache=clean_cache)
     else:
@@ -159,6 +151,23 @@ def sweep(
     values = _scores(metric, [run[1:] for run in runs], all_logits, prefix)
     grid = values.reshape(len(names), -1).cpu()
     return CellGrid(tuple(names), tuple(over), grid, _baseline(model, corrupt, attention_mask, metric))
+
+
+def _patch_runs(
+    groups: list, corrupt: Tensor, mask: Optional[Tensor], clean_cache: Any, *, over: Sequence[str], positions: Optional[list],
+    max_batch: int,
+) -> list:
+    """The runs of a sweep: (layer to start from or None, its cells, tokens, mask, specs), each
+    the corrupted batch repeated once per cell, the cell's patch on its copy."""
+    batch = corrupt.shape[0]
+    per_run = max(1, max_batch // batch)
+    runs = []
+    for layer, layer_cells in groups:
+        for start in range(0, len(layer_cells), per_run):
+            group = layer_cells[start:start + per_run]
+            specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
+            runs.append((layer, group, corrupt.repeat(len(group), 1), None if mask is None else mask.repeat(len(group), 1), specs))
+    return runs
 
 
 def _scores(metric: Metric, runs: list, all_logits: list[Tensor], prefix: int = 0) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import torch
@@ -48,7 +48,6 @@ class Tracer(HookAPI):
         self.layout = layout_for(config) if config is not None else None  # the model's canonical layout, if any
         self.context_level = 0
         self.parallel_runs = coordinator.replicas
-        self._sources: dict[Optional[int], Mapping] = {}  # hooks(sources=...) of the levels open now
 
     @classmethod
     def from_pretrained(
@@ -149,15 +148,16 @@ class Tracer(HookAPI):
         return Code(hook)
 
     def install(self, level: Optional[int], specs: Sequence[HookSpec], scope: Scope = Scope()) -> None:
-        """Validate specs against every stage's hook points and send each stage its share.
-        A scope's sources stay here and go with every run while the level lasts; its store is
-        filled by the plain calls inside the block (see HookAPI._keep)."""
-        if scope.sources:
-            self._sources[level] = scope.sources
-        self.coordinator.push(level, specs)
+        """Validate specs against every stage's hook points (and each op's own check, here)
+        and send each stage its share. The scope stays with HookAPI, which adds its sources to
+        every run and routes what the specs read to its store."""
+        self.coordinator.push(level, specs, check=self._check)
+
+    def _check(self, spec: HookSpec, names: Sequence[str]) -> None:
+        for name in names:
+            spec.op.check(name, self)
 
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
-        self._sources = {} if level is None else {k: v for k, v in self._sources.items() if k != level}
         self.coordinator.remove(level, including_permanent=including_permanent, direction=direction, clear_contexts=clear_contexts)
 
     def installed(self) -> list[tuple[str, HookSpec]]:
@@ -185,18 +185,16 @@ class Tracer(HookAPI):
         return self.call_with(args, kwargs)
 
     def _prepared(self, request: RunRequest) -> tuple[RunRequest, Optional[Tensor]]:
-        """The request as the coordinator takes it (token ids on the CPU, the sources of open
-        levels added; with a key/value cache, a mask over the cached tokens too), and the
-        attention mask of the input alone."""
+        """The request as the coordinator takes it (token ids on the CPU; with a key/value
+        cache, a mask over the cached tokens too), and the attention mask of the input alone."""
         if request.forward_kwargs:
             raise TypeError(f"a Tracer's run takes input, return_type, attention_mask, metric and past_kv_cache; got {sorted(request.forward_kwargs)}")
         tokens, mask = self.tokens_of(request.input, request.attention_mask)
         run_mask = mask if request.kv_cache is None else self._kv_mask(request.kv_cache, tokens, mask)
-        sources = {key: value for scope in self._sources.values() for key, value in scope.items()}
         resume = request.resume
         if resume is not None:
             resume = dataclasses.replace(resume, resid_pre=resume.resid_pre.detach().cpu())
-        prepared = dataclasses.replace(request, input=tokens, attention_mask=run_mask, sources={**sources, **request.sources}, resume=resume)
+        prepared = dataclasses.replace(request, input=tokens, attention_mask=run_mask, resume=resume)
         return prepared, mask
 
     def _ran(self, request: RunRequest, prepared: RunRequest) -> None:

@@ -204,3 +204,82 @@ def test_bad_input_gets_the_same_clear_error(runner, tokens):
     with pytest.raises(TypeError, match="integer tensor"):
         runner(tokens.float())
     assert not runner.has_hooks() and runner.context_level == 0
+
+
+def test_what_a_block_reads_goes_to_its_store_and_nowhere_else(runner, hf, tokens):
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    store: dict = {}
+    with runner.hooks(fwd_hooks=[sl.HookSpec("blocks.0.hook_resid_pre", sl.ops.Cache())], store=store):
+        _, cache = runner.run_with_cache(tokens, names_filter="blocks.2.hook_resid_pre")
+    assert list(store) == ["blocks.0.hook_resid_pre"] and sorted(cache) == ["blocks.2.hook_resid_pre"]
+    assert torch.allclose(store["blocks.0.hook_resid_pre"], hidden[0], atol=ATOL)
+    assert torch.allclose(cache["blocks.2.hook_resid_pre"], hidden[2], atol=ATOL)
+    kept: dict = {}
+    runner.add_spec(sl.HookSpec("blocks.1.hook_resid_pre", sl.ops.Cache(), permanent=True), store=kept)
+    runner(tokens)
+    runner.reset_hooks()  # a permanent spec, and its store, stay
+    runner(tokens[:1])
+    assert torch.allclose(kept["blocks.1.hook_resid_pre"], hidden[1][:1], atol=ATOL)
+    runner.reset_hooks(including_permanent=True)
+    with pytest.raises(ValueError, match="keeps no results"):
+        with runner.hooks(fwd_hooks=[sl.HookSpec("blocks.1.hook_resid_pre", sl.ops.Cache())]):
+            runner(tokens)
+
+
+def test_sources_and_a_store_together(runner, hf, tokens):
+    with torch.no_grad():
+        hidden = hf(tokens, output_hidden_states=True).hidden_states
+    scaled = {"blocks.0.hook_resid_post": hidden[1] * 0.5}
+    specs = [sl.HookSpec("blocks.0.hook_resid_post", sl.ops.Patch(from_cache="scaled")), sl.HookSpec("blocks.1.hook_resid_post", sl.ops.Cache())]
+    store: dict = {}
+    logits = runner.run_with_hooks(tokens, fwd_hooks=specs, sources={"scaled": scaled}, store=store)
+    assert torch.allclose(logits, scaled_reference(hf, tokens, 0, 0.5), atol=ATOL)
+    with runner.hooks(fwd_hooks=specs[:1], sources={"scaled": scaled}):
+        _, cache = runner.run_with_cache(tokens, names_filter="blocks.1.hook_resid_post", fwd_hooks=specs[1:])
+    assert torch.allclose(cache["blocks.1.hook_resid_post"], store["blocks.1.hook_resid_post"], atol=ATOL)
+
+
+def test_a_requests_gradient_spec_makes_it_backpropagate(runner, hf, tokens):
+    out = hf(tokens, labels=tokens, output_hidden_states=True)
+    out.hidden_states[2].retain_grad()
+    out.loss.backward()
+    hf.zero_grad()
+    result = runner.run(sl.RunRequest(tokens, return_type="loss", specs=(sl.HookSpec("blocks.2.hook_resid_pre", sl.ops.CacheGrad()),)))
+    assert torch.allclose(result.cache["blocks.2.hook_resid_pre_grad"], out.hidden_states[2].grad, atol=ATOL)
+
+
+def test_a_runs_own_specs_leave_the_users_levels_alone(runner, hf, tokens):
+    runner.add_hook("blocks.1.hook_resid_post", sl.ops.Scale(2.0), level=1)
+    try:
+        runner.run(sl.RunRequest(tokens, specs=(sl.HookSpec("hook_embed", sl.ops.Scale(1.0)),)))
+        assert [s.level for s in runner.list_hooks()["blocks.1.hook_resid_post"]] == [1]
+        assert torch.allclose(runner(tokens), scaled_reference(hf, tokens, 1, 2.0), atol=ATOL)
+    finally:
+        runner.reset_hooks()
+
+
+def test_a_failed_variant_leaves_nothing_behind(runner, hf, tokens):
+    good = sl.RunRequest(tokens, specs=(sl.HookSpec("blocks.1.hook_resid_post", sl.ops.Scale(0.0)),))
+    bad = sl.RunRequest(tokens, specs=(sl.HookSpec("blocks.1.hook_resid_post", sl.ops.Patch(from_cache="missing")),))  # fails as it runs
+    with pytest.raises(Exception, match="missing"):
+        runner.run_variants([bad, good])  # the good one, in flight on another replica, is undone too
+    with torch.no_grad():
+        assert torch.allclose(runner(tokens), hf(tokens).logits, atol=ATOL)
+    assert not runner.has_hooks()
+
+
+def test_list_hooks_gives_each_point_its_own_spec(runner):
+    with runner.hooks(fwd_hooks=[sl.HookSpec("blocks.*.hook_resid_post", sl.ops.Scale(1.0), prepend=True)]):
+        listed = runner.list_hooks()
+    assert listed == {
+        f"blocks.{layer}.hook_resid_post": [sl.HookSpec(f"blocks.{layer}.hook_resid_post", sl.ops.Scale(1.0), level=1, prepend=True)]
+        for layer in range(3)
+    }
+
+
+def test_resume_at_a_layer_the_model_lacks_is_refused(runner, tokens):
+    with pytest.raises(ValueError, match="layer 7"):
+        runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(7, torch.zeros(2, 7, 32))))
+    with pytest.raises(ValueError, match="resid_pre must be"):
+        sl.hooks.Resume(1, torch.zeros(2, 7))

@@ -37,6 +37,10 @@ class Op:
     def needs_grad(self) -> bool:
         return self.direction == "bwd"
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        """The cache entries this op stores when it acts at hook point `name` (a reading op's)."""
+        return ()
+
     def check(self, name: str, root: Any) -> None:
         """Refuse, before anything runs, a hook point this op cannot act on (changes nothing)."""
 
@@ -90,6 +94,8 @@ class _Reading(_Selecting):
 
     def read(self, tensor: Tensor, name: str) -> Tensor:
         """The selected part of `tensor`, each token group reduced to one position."""
+        if self.positions is None and self.heads is None and self.batch is None:
+            return tensor  # all of it: the common case, on every hook point of a run_with_cache
         if not (is_groups(self.positions) and self.reduce):
             return tensor[self.index(tensor, name)]
         pos_axis = axes_of(name).pos

@@ -64,6 +64,9 @@ class Chain(Op):
     def needs_grad(self) -> bool:
         return any(op.needs_grad for op in self.ops)
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return tuple(key for op in self.ops for key in op.stores(name))
+
     @property
     def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]
         return _created(self.ops)
@@ -116,6 +119,9 @@ class FwdBwd(Op):
     def needs_grad(self) -> bool:
         return bool(self.bwd) or any(op.needs_grad for op in self.fwd + self.fwd2)
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return tuple(key for op in self.fwd + self.bwd + self.fwd2 for key in op.stores(name))
+
     @property
     def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]
         return _created(self.fwd + self.bwd + self.fwd2)
@@ -156,6 +162,9 @@ class AtLayers(Op):
     @property
     def needs_grad(self) -> bool:
         return self.op.needs_grad
+
+    def stores(self, name: str) -> tuple[str, ...]:
+        return tuple(key for op in (self.op,) for key in op.stores(name))
 
     @property
     def creates_points(self) -> tuple[str, ...]:  # type: ignore[override]

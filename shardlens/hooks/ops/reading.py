@@ -32,6 +32,9 @@ class Cache(_Reading):
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "device", None if self.device is None else str(self.device))
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (name,)
+
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         value = self.read(tensor.detach(), hook.name)
         if self.dtype is not None:
@@ -47,6 +50,9 @@ class CacheGrad(_Reading):
 
     direction: ClassVar[str] = "bwd"
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (name + "_grad",)
+
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         ctx.store(hook.name + "_grad", self.read(tensor.detach(), hook.name))
 
@@ -56,6 +62,9 @@ class NormStats(_Reading):
     """Mean, variance and second moment over the last axis (keepdim), per selected position:
     ``<name>.mean``, ``<name>.variance``, ``<name>.second_moment``. With token groups and
     reduce, each statistic is reduced over the group's positions."""
+
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (f"{name}.mean", f"{name}.variance", f"{name}.second_moment")
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         x = tensor.detach()
@@ -102,6 +111,9 @@ class AttnPatternBlocks(Op):
         if not name.endswith(PATTERN_SUFFIXES):
             raise ValueError(f"AttnPatternBlocks reads an attention pattern; {name} is not hook_pattern or hook_attn_scores")
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (f"{name}.blocks",)
+
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         pattern = tensor.detach()[outer_index(tensor, {0: self.batch, 1: self.heads})]
         rows = self.rows if self.rows is not None else self.columns
@@ -143,6 +155,9 @@ class ProjectedHeads(_Reading):
         if not callable(getattr(root, "w_o", None)):
             raise ValueError(f"ProjectedHeads needs the model's W_O; {type(root).__name__} has no w_o(layer)")
 
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (f"{name}.projected",)
+
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         w_o = ctx.root.w_o(hook.layer())  # [head, d_head, d_model]
         x = tensor.detach()
@@ -165,6 +180,9 @@ class RoutingStats(_Selecting):
     def check(self, name: str, root: Any) -> None:
         super().check(name, root)
         check_point(self, name, EXPERT_WEIGHTS)
+
+    def stores(self, name: str) -> tuple[str, ...]:
+        return (f"{name}.expert_counts", f"{name}.expert_weight_sums")
 
     def __call__(self, weights: Tensor, hook: Any, ctx: RunContext) -> None:
         router = hook.name.rsplit(".", 1)[0] + ".hook_router_logits"
