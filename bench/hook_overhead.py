@@ -111,7 +111,7 @@ def competitor_variants(folder: Path, tokens: torch.Tensor, layers: int) -> dict
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:
-        print("  (transformer-lens not installed: pip install -e '.[bench]' to compare with TransformerBridge)")
+        print("  (transformer-lens not installed: it is a test dependency, pip install -e '.[dev]')")
     else:
         bridge = TransformerBridge.boot_transformers(str(folder), device="cpu")
         resid_post = [f"blocks.{i}.hook_resid_post" for i in range(layers)]

@@ -78,7 +78,7 @@ def main() -> None:
             from transformer_lens import patching as tl_patching
             from transformer_lens.model_bridge import TransformerBridge
         except ImportError:
-            print("(transformer-lens not installed: pip install -e '.[bench]' to compare with it)")
+            print("(transformer-lens not installed: it is a test dependency, pip install -e '.[dev]')")
         else:
             bridge = TransformerBridge.boot_transformers(folder, device="cpu")
             _, clean_cache = bridge.run_with_cache(clean)

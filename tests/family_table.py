@@ -80,12 +80,12 @@ def _generation(model, reference, tokens) -> bool:
 
 
 def _routing(model, reference, tokens):
-    layers = [i for i in range(model.config.num_hidden_layers) if model.layout.block_at(i).moe is not None]
+    layers = [i for i in range(model.config.num_hidden_layers) if model.architecture.block_at(i).moe is not None]
     if not layers:
         return None
-    seen, blocks = {}, reference.get_submodule(model.layout.blocks)
+    seen, blocks = {}, reference.get_submodule(model.architecture.blocks)
     handles = [
-        blocks[i].get_submodule(model.layout.block_at(i).moe.router).register_forward_hook(
+        blocks[i].get_submodule(model.architecture.block_at(i).moe.router).register_forward_hook(
             lambda module, args, output, i=i: seen.__setitem__(i, output[0].detach()))
         for i in layers
     ]

@@ -74,15 +74,15 @@ def _routed_through(point: HookPoint, rows: Tensor, token: Tensor, n_tokens: int
     return point(dense.view(*shape, rows.shape[-1])).reshape(n_tokens, -1)[token]
 
 
-def expert_taps(points: nn.Module, block: nn.Module, layout, family: str) -> list[Tap]:
+def expert_taps(points: nn.Module, block: nn.Module, architecture, family: str) -> list[Tap]:
     """The per-expert tap of a block whose MLP points have `experts` (see PointOptions)."""
     experts = getattr(points.mlp, "experts", None)
     if experts is None:
         return []
-    module = block.get_submodule(layout.moe.experts)
+    module = block.get_submodule(architecture.moe.experts)
     if not is_plain_experts(module):
         raise NotImplementedError(
             f"{family} models have no per-expert hook points: their experts ({type(module).__name__}) are not "
             "transformers' plain concatenated gate/up experts"
         )
-    return [ExpertsTap(experts, block.get_submodule(layout.mlp), module)]
+    return [ExpertsTap(experts, block.get_submodule(architecture.mlp), module)]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from shardlens.hooks.architectures import BlockLayout
+from shardlens.hooks.architectures import BlockArchitecture
 from shardlens.hooks.hook_point import HookPoint
 from shardlens.hooks.taps import BlockPoints, ForwardSwap, Tap
 
@@ -147,25 +147,25 @@ class SharedNormMLPInputTap(Tap):
         return (type(self.norm).forward(self.norm, self.point(resid.clone())), *args[1:])
 
 
-def option_taps(points: BlockPoints, block: nn.Module, layout: BlockLayout, n_heads: int, n_kv: int, family: str) -> list[Tap]:
+def option_taps(points: BlockPoints, block: nn.Module, architecture: BlockArchitecture, n_heads: int, n_kv: int, family: str) -> list[Tap]:
     """The taps of a block's optional points (those its BlockPoints has) in a model of type `family`."""
     module = block.get_submodule
     taps: list[Tap] = []
     if hasattr(points, "hook_attn_in") or hasattr(points, "hook_q_input"):
-        if not layout.qkv:
+        if not architecture.qkv:
             raise NotImplementedError(
                 f"{family} models have no per-head attention inputs (split_qkv_input, attn_in): its attention "
                 "does not project each head from the block's input (DeepSeek's latent attention shares low-rank latents)"
             )
-        source = module(layout.ln1) if layout.ln1 else module(layout.attn)
-        norm = module(layout.ln1) if layout.ln1 else None
-        projections = [(module(path), layout.o_proj_kind, arrangement) for path, arrangement in layout.qkv]
+        source = module(architecture.ln1) if architecture.ln1 else module(architecture.attn)
+        norm = module(architecture.ln1) if architecture.ln1 else None
+        projections = [(module(path), architecture.o_proj_kind, arrangement) for path, arrangement in architecture.qkv]
         taps.append(HeadInputsTap(points, source, norm, projections, n_heads, n_kv))
     if hasattr(points, "hook_mlp_in"):
-        if layout.ln2 is not None:
-            taps.append(CopiedInputTap(points.hook_mlp_in, module(layout.ln2)))
-        elif layout.parallel:  # the MLP reads ln1's output
-            taps.append(SharedNormMLPInputTap(points.hook_mlp_in, module(layout.ln1), module(layout.mlp)))
+        if architecture.ln2 is not None:
+            taps.append(CopiedInputTap(points.hook_mlp_in, module(architecture.ln2)))
+        elif architecture.parallel:  # the MLP reads ln1's output
+            taps.append(SharedNormMLPInputTap(points.hook_mlp_in, module(architecture.ln1), module(architecture.mlp)))
         else:  # no norm before the MLP (OLMo-2)
-            taps.append(CopiedInputTap(points.hook_mlp_in, module(layout.mlp)))
+            taps.append(CopiedInputTap(points.hook_mlp_in, module(architecture.mlp)))
     return taps

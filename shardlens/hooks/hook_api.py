@@ -68,7 +68,7 @@ class Runner(Protocol):
 
     context_level: int
     parallel_runs: int  # how many runs run_variants runs at the same time
-    layout: Any  # the model's ModelLayout (None: module points only)
+    architecture: Any  # the model's Architecture (None: module points only)
     config: Any  # the model's config
 
     def init_kv_cache(self, batch_size: int = 1) -> Any:
@@ -566,7 +566,7 @@ class HookAPI:
         config, options = self._lens_config_args()
         key = (id(config), tuple(sorted(options.items(), key=lambda item: item[0])))
         if getattr(self, "_cfg", (None, None))[0] != key:  # built once per config and point options
-            self._cfg = (key, lens_config(config, self.layout, **options))
+            self._cfg = (key, lens_config(config, self.architecture, **options))
         return self._cfg[1]
 
     def _lens_config_args(self) -> tuple[Any, dict]:

@@ -13,12 +13,12 @@ import torch
 from torch import Tensor, nn
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from shardlens.hooks.architectures import ModelLayout
+from shardlens.hooks.architectures import Architecture
 
 
 def run_layers(
     config: Any,
-    layout: ModelLayout,
+    architecture: Architecture,
     blocks: dict[int, nn.Module],
     rotary: Optional[nn.Module],
     hidden: Tensor,
@@ -28,7 +28,7 @@ def run_layers(
     cache: Any = None,
 ) -> Tensor:
     """Run decoder blocks (global layer -> block, in order): causal and sliding-window masks
-    from the 2-D attention mask (each layer the kind `layout` gives it), rotary embeddings
+    from the 2-D attention mask (each layer the kind `architecture` gives it), rotary embeddings
     from the position ids (per attention kind where the family has one per kind), and the
     keywords the family's blocks need. With a transformers `cache` (of earlier tokens),
     `hidden` holds only the new tokens and `attention_mask` covers all of them."""
@@ -37,18 +37,18 @@ def run_layers(
     mask_kwargs = dict(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=cache, position_ids=position_ids)
     if cache is not None:
         mask_kwargs["layer_idx"] = min(blocks)  # the cache holds entries for this stage's layers only
-    kinds = {layer: layout.attention_kind(layer) for layer in blocks}
+    kinds = {layer: architecture.attention_kind(layer) for layer in blocks}
     builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
     masks = {kind: builders[kind](**mask_kwargs) for kind in set(kinds.values())}
     if rotary is None:
         rotary_embeddings: dict[str, Any] = {}
-    elif layout.rotary_by_layer_type:
+    elif architecture.rotary_by_layer_type:
         rotary_embeddings = {kind: rotary(hidden, position_ids, kind) for kind in set(kinds.values())}
     else:
         rotary_embeddings = dict.fromkeys(kinds.values(), rotary(hidden, position_ids))
-    shared: dict[str, Any] = {"position_ids": position_ids, **dict(layout.block_kwargs)}
+    shared: dict[str, Any] = {"position_ids": position_ids, **dict(architecture.block_kwargs)}
     if cache is not None:
-        shared.update({layout.cache_kwarg: cache, "use_cache": True})
+        shared.update({architecture.cache_kwarg: cache, "use_cache": True})
     for layer, block in blocks.items():
         kind = kinds[layer]
         kwargs = {**shared, "attention_mask": masks[kind]}

@@ -4,11 +4,11 @@ token helpers and the weight matrices in TransformerLens' shapes.
 `transformer_lens.patching`, `head_detector` and the like read `model.cfg` (n_layers,
 n_heads, d_model, device, ...), call `to_str_tokens` / `to_single_token`, and take weights
 such as `model.W_U` or `model.W_O[layer]`. Here they are built from a Hugging Face model
-and its shardlens layout:
+and its shardlens architecture:
 
 - `LensConfig` / `lens_config`: TransformerLens' config fields, as a frozen value.
 - `str_tokens` / `single_token`: TransformerLens' token helpers over a HF tokenizer.
-- `WeightViews`: a mixin giving a model with `.model` (the HF model), `.layout` and
+- `WeightViews`: a mixin giving a model with `.model` (the HF model), `.architecture` and
   `.config` (its text config) the stacked weights W_E, W_pos, W_Q, W_K, W_V, W_O, b_Q, b_K,
   b_V, b_O, W_in, W_gate, W_out, b_in, b_out, W_U, b_U.
 
@@ -28,7 +28,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from shardlens.hooks.architectures import BlockLayout, ModelLayout
+from shardlens.hooks.architectures import BlockArchitecture, Architecture
 from shardlens.hooks.head_inputs import row_blocks
 from shardlens.hooks.tapped_model import canonical_shape
 from shardlens.hooks.taps import PointOptions
@@ -112,53 +112,53 @@ class LensConfig:
 
 
 def lens_config(
-    config: Any, layout: ModelLayout, *, device: Union[str, torch.device], dtype: torch.dtype,
+    config: Any, architecture: Architecture, *, device: Union[str, torch.device], dtype: torch.dtype,
     n_devices: int = 1, options: PointOptions = PointOptions(),
 ) -> LensConfig:
-    """TransformerLens' config of a model with this HF config and shardlens layout.
+    """TransformerLens' config of a model with this HF config and shardlens architecture.
 
     Args:
         config: the HF model's own config (`model.config`; of a multimodal model, whose
             text config gives the sizes, it names the architecture).
-        layout: the model's layout (`layout_for(config)`).
+        architecture: the model's architecture (`architecture_for(config)`).
         device: where its embeddings are (where TransformerLens puts results).
         dtype: its parameters' dtype.
         n_devices: how many devices its layers are spread over.
         options: its optional hook points, for the use_* flags.
     """
-    architecture, name = (getattr(config, "architectures", None) or [None])[0], getattr(config, "_name_or_path", "")
+    hf_class, name = (getattr(config, "architectures", None) or [None])[0], getattr(config, "_name_or_path", "")
     config = config.get_text_config()
-    moe = [layout.block_at(layer).moe for layer in range(config.num_hidden_layers)]
+    moe = [architecture.block_at(layer).moe for layer in range(config.num_hidden_layers)]
     routed = next((m for m in moe if m is not None), None)
-    rms = not layout.block.norm.startswith("layernorm")
-    sliding = [layout.attention_kind(layer) == "sliding_attention" for layer in range(config.num_hidden_layers)]
+    rms = not architecture.block.norm.startswith("layernorm")
+    sliding = [architecture.attention_kind(layer) == "sliding_attention" for layer in range(config.num_hidden_layers)]
     return LensConfig(
         n_layers=config.num_hidden_layers,
         d_model=config.hidden_size,
         n_heads=config.num_attention_heads,
-        d_head=canonical_shape(config, layout, "blocks.0.attn.hook_z")[1],
-        n_key_value_heads=canonical_shape(config, layout, "blocks.0.attn.hook_k")[0],
-        d_mlp=_d_mlp(config, layout, moe),
+        d_head=canonical_shape(config, architecture, "blocks.0.attn.hook_z")[1],
+        n_key_value_heads=canonical_shape(config, architecture, "blocks.0.attn.hook_k")[0],
+        d_mlp=_d_mlp(config, architecture, moe),
         d_vocab=config.vocab_size,
         d_vocab_out=config.vocab_size,
         n_ctx=config.max_position_embeddings,
         act_fn=_first_set(config, ("hidden_activation", "hidden_act", "activation_function", "activation")),
         eps=float(_first_set(config, ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_epsilon", "norm_eps")) or 1e-5),
         normalization_type="RMS" if rms else "LN",
-        positional_embedding_type="standard" if layout.pos_embed else "rotary",
+        positional_embedding_type="standard" if architecture.pos_embed else "rotary",
         device=str(torch.device(device)),
         dtype=dtype,
         final_rms=rms,
-        gated_mlp=any(m is None and layout.block_at(i).gated for i, m in enumerate(moe)),
-        parallel_attn_mlp=layout.block.parallel,
+        gated_mlp=any(m is None and architecture.block_at(i).gated for i, m in enumerate(moe)),
+        parallel_attn_mlp=architecture.block.parallel,
         num_experts=routed.n_experts if routed else None,
         experts_per_token=routed.top_k if routed else None,
         attn_types=tuple("local" if s else "global" for s in sliding) if any(sliding) else None,
         window_size=getattr(config, "sliding_window", None) if any(sliding) else None,
         attn_scores_soft_cap=float(getattr(config, "attn_logit_softcapping", None) or -1.0),
-        output_logits_soft_cap=float(layout.logit_softcap or -1.0),
+        output_logits_soft_cap=float(architecture.logit_softcap or -1.0),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        original_architecture=architecture,
+        original_architecture=hf_class,
         model_name=name or "",
         n_devices=n_devices,
         use_attn_result=options.attn_result,
@@ -173,12 +173,12 @@ def _first_set(config: Any, names: tuple) -> Any:
     return next((getattr(config, n) for n in names if getattr(config, n, None) is not None), None)
 
 
-def _d_mlp(config: Any, layout: ModelLayout, moe: list) -> int:
+def _d_mlp(config: Any, architecture: Architecture, moe: list) -> int:
     """hook_post's size in the dense layers; one expert's where every layer routes."""
     dense = [layer for layer, m in enumerate(moe) if m is None]
     if dense:
-        return canonical_shape(config, layout, f"blocks.{dense[0]}.mlp.hook_post")[0]
-    return canonical_shape(config, layout, "blocks.0.mlp.experts.0.hook_post")[0]
+        return canonical_shape(config, architecture, f"blocks.{dense[0]}.mlp.hook_post")[0]
+    return canonical_shape(config, architecture, "blocks.0.mlp.experts.0.hook_post")[0]
 
 
 # ------------------------------------------------------------------------------- tokens
@@ -264,7 +264,7 @@ def in_out(module: nn.Module) -> Tensor:
         return module.weight
     if isinstance(module, nn.Linear):
         return module.weight.T
-    raise WeightViewError(f"{type(module).__name__} is neither nn.Linear nor Conv1D: its weight layout is unknown")
+    raise WeightViewError(f"{type(module).__name__} is neither nn.Linear nor Conv1D: its weight architecture is unknown")
 
 
 def _bias(module: nn.Module, size: int, like: Tensor) -> Tensor:
@@ -275,7 +275,7 @@ def _bias(module: nn.Module, size: int, like: Tensor) -> Tensor:
 class WeightViews:
     """TransformerLens' weight attributes, read from the HF modules (see the module doc).
 
-    For a class that has `model` (the HF causal LM), `layout` (its ModelLayout, or None) and
+    For a class that has `model` (the HF causal LM), `architecture` (its Architecture, or None) and
     `config` (its text config), as HookedModel does. Each property builds a new, detached
     tensor from the current weights (W_E, W_pos and W_U are views of the parameters
     themselves: edit the HF modules to change a model, not these). Per-layer weights are
@@ -293,32 +293,32 @@ class WeightViews:
     """
 
     model: nn.Module
-    layout: Optional[ModelLayout]
+    architecture: Optional[Architecture]
     config: Any
 
     # -------------------------------------------------------------- embeddings, unembedding
 
     @property
     def W_E(self) -> Tensor:
-        return self._module(self._lens_layout().embed).weight.detach()
+        return self._module(self._lens_architecture().embed).weight.detach()
 
     @property
     def W_pos(self) -> Tensor:
-        layout = self._lens_layout()
-        if layout.pos_embed is None:
+        architecture = self._lens_architecture()
+        if architecture.pos_embed is None:
             raise WeightViewError(
                 f"W_pos is only for learned absolute positions; {self.config.model_type} models have "
-                f"{'rotary' if layout.rotary else 'no'} position embeddings"
+                f"{'rotary' if architecture.rotary else 'no'} position embeddings"
             )
-        return self._module(layout.pos_embed).weight.detach()
+        return self._module(architecture.pos_embed).weight.detach()
 
     @property
     def W_U(self) -> Tensor:
-        return in_out(self._module(self._lens_layout().unembed)).detach()
+        return in_out(self._module(self._lens_architecture().unembed)).detach()
 
     @property
     def b_U(self) -> Tensor:
-        unembed = self._module(self._lens_layout().unembed)
+        unembed = self._module(self._lens_architecture().unembed)
         return _bias(unembed, self.config.vocab_size, unembed.weight).detach()
 
     # ------------------------------------------------------------------------- attention
@@ -389,8 +389,8 @@ class WeightViews:
 
     @property
     def W_gate(self) -> Optional[Tensor]:
-        layout = self._lens_layout()
-        blocks = [layout.block_at(layer) for layer in range(self.config.num_hidden_layers)]
+        architecture = self._lens_architecture()
+        blocks = [architecture.block_at(layer) for layer in range(self.config.num_hidden_layers)]
         if not any(b.gated or b.moe is not None for b in blocks):
             return None  # as TransformerLens: no gate in an ungated MLP
         return self._stack(lambda layer: self._mlp_in(layer, "gate")[0])
@@ -409,28 +409,28 @@ class WeightViews:
 
     # --------------------------------------------------------------------------- helpers
 
-    def _lens_layout(self) -> ModelLayout:
-        if self.layout is None:
+    def _lens_architecture(self) -> Architecture:
+        if self.architecture is None:
             model_type = getattr(self.config, "model_type", None)
-            raise WeightViewError(f"weight views need a registered architecture; model type {model_type!r} has no layout")
-        return self.layout
+            raise WeightViewError(f"weight views need a registered architecture; model type {model_type!r} has no architecture")
+        return self.architecture
 
     def _module(self, path: str) -> nn.Module:
         return self.model.get_submodule(path)
 
     def _block_module(self, layer: int, field: str, *, mlp: bool = False) -> nn.Module:
-        block_layout = self._lens_layout().block_at(layer)
-        if mlp and block_layout.moe is not None:
+        block_architecture = self._lens_architecture().block_at(layer)
+        if mlp and block_architecture.moe is not None:
             self._refuse_moe(field)
-        return self._module(self._lens_layout().blocks)[layer].get_submodule(getattr(block_layout, field))
+        return self._module(self._lens_architecture().blocks)[layer].get_submodule(getattr(block_architecture, field))
 
     def _refuse_moe(self, what: str) -> None:
-        layout = self._lens_layout()
-        routed = [layer for layer in range(self.config.num_hidden_layers) if layout.block_at(layer).moe is not None]
+        architecture = self._lens_architecture()
+        routed = [layer for layer in range(self.config.num_hidden_layers) if architecture.block_at(layer).moe is not None]
         raise WeightViewError(
             f"{self.config.model_type} is a mixture-of-experts model (layers {routed} route over experts): "
             f"per-layer MLP weights ({what}) do not apply; read the experts' weights from "
-            f"{layout.blocks}.<layer>.{layout.block_at(routed[0]).moe.experts}"
+            f"{architecture.blocks}.<layer>.{architecture.block_at(routed[0]).moe.experts}"
         )
 
     def _stack(self, per_layer: Callable[[int], Tensor]) -> Tensor:
@@ -438,7 +438,7 @@ class WeightViews:
         return torch.stack([t.to(tensors[0].device) for t in tensors]).detach()
 
     def _n_kv(self) -> int:
-        return canonical_shape(self.config, self._lens_layout(), "blocks.0.attn.hook_k")[0]
+        return canonical_shape(self.config, self._lens_architecture(), "blocks.0.attn.hook_k")[0]
 
     def _per_query_head(self, kv: Tensor) -> Tensor:
         """[layer, n_kv, ...] -> [layer, n_heads, ...]: query head h reads kv head h // group."""
@@ -446,19 +446,19 @@ class WeightViews:
 
     def _heads(self, layer: int, component: str) -> tuple[Tensor, Tensor]:
         """One layer's (weights [head, d_model, d_head], biases [head, d_head]) of q, k or v,
-        split out of the projections as the layout arranges their output rows."""
-        block_layout = self._lens_layout().block_at(layer)
-        if not block_layout.qkv:
+        split out of the projections as the architecture arranges their output rows."""
+        block_architecture = self._lens_architecture().block_at(layer)
+        if not block_architecture.qkv:
             raise WeightViewError(
                 f"{self.config.model_type} attention projects no per-head queries, keys or values from the "
                 "residual stream (latent attention goes through shared low-rank latents and norms): W_Q, W_K, W_V "
                 "do not apply"
             )
         n_heads, n_kv = self.config.num_attention_heads, self._n_kv()
-        block = self._module(self._lens_layout().blocks)[layer]
+        block = self._module(self._lens_architecture().blocks)[layer]
         weights: dict[int, Tensor] = {}
         biases: dict[int, Tensor] = {}
-        for path, arrangement in block_layout.qkv:
+        for path, arrangement in block_architecture.qkv:
             projection = block.get_submodule(path)
             owners = row_blocks(arrangement, n_heads, n_kv)
             weight = in_out(projection).T.unflatten(0, (len(owners), -1))  # [block, d_head, d_model]
@@ -472,16 +472,16 @@ class WeightViews:
     def _mlp_in(self, layer: int, part: str) -> tuple[Tensor, Tensor]:
         """One layer's (weight [d_model, d_mlp], bias [d_mlp]) of the MLP's linear input
         projection ("in") or its gate ("gate")."""
-        block_layout: BlockLayout = self._lens_layout().block_at(layer)
-        if block_layout.moe is not None:
+        block_architecture: BlockArchitecture = self._lens_architecture().block_at(layer)
+        if block_architecture.moe is not None:
             self._refuse_moe("W_in" if part == "in" else "W_gate")
         mlp_in = self._block_module(layer, "mlp_in")
         weight = in_out(mlp_in)
         bias = _bias(mlp_in, weight.shape[1], weight)
-        if block_layout.fused_gate_up:  # [gate | up] in one projection (Phi-3)
+        if block_architecture.fused_gate_up:  # [gate | up] in one projection (Phi-3)
             half = 0 if part == "gate" else 1
             return weight.chunk(2, dim=1)[half], bias.chunk(2)[half]
-        if part == "gate" or not block_layout.gated:
+        if part == "gate" or not block_architecture.gated:
             return weight, bias
         up = self._block_module(layer, "mlp_in_linear")
         up_weight = in_out(up)

@@ -8,14 +8,14 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from shardlens.hooks.architectures import ModelLayout, layout_for
+from shardlens.hooks.architectures import Architecture, architecture_for
 from shardlens.hooks.attention import IMPLEMENTATION
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
-from shardlens.hooks.tapped_model import TappedModel, cache_fields, no_layout_for_options
+from shardlens.hooks.tapped_model import TappedModel, cache_fields, no_architecture_for_options
 
 
 class HookedModel(WeightViews, TappedModel):
@@ -50,17 +50,17 @@ class HookedModel(WeightViews, TappedModel):
         self.model = hf_model
         self.tokenizer = tokenizer
         config = getattr(hf_model, "config", None)
-        self.layout: Optional[ModelLayout] = layout_for(config) if config is not None else None
+        self.architecture: Optional[Architecture] = architecture_for(config) if config is not None else None
         # the language model's own config (a multimodal model's text_config): sizes, layers, masks
         self.config = config.get_text_config() if config is not None else None
-        if self.layout is None:
+        if self.architecture is None:
             if point_options != PointOptions():
-                raise ValueError(no_layout_for_options(self.config))
+                raise ValueError(no_architecture_for_options(self.config))
             paths = [path for path, _ in hf_model.named_modules() if path]
             self._module_taps = module_taps(hf_model, paths)
         else:
             self._use_shardlens_attention()
-            self.logit_transform = LogitTransform(self.layout)  # for readouts outside the model's forward
+            self.logit_transform = LogitTransform(self.architecture)  # for readouts outside the model's forward
             self.build_points(point_options)
         self.setup()
 
@@ -92,7 +92,7 @@ class HookedModel(WeightViews, TappedModel):
     # ------------------------------------------------------------------ hook points
 
     def _use_shardlens_attention(self) -> None:
-        if self.layout.attention_forward is not None:
+        if self.architecture.attention_forward is not None:
             return  # its attention modules run shardlens' forward while hooked (taps.AttentionForwardTap)
         self.model.set_attn_implementation(IMPLEMENTATION)
         if self.model.config._attn_implementation != IMPLEMENTATION:
@@ -104,20 +104,20 @@ class HookedModel(WeightViews, TappedModel):
     def _parts(self) -> ModelParts:
         module = self.model.get_submodule
         return ModelParts(
-            blocks=dict(enumerate(module(self.layout.blocks))),
-            embed=module(self.layout.embed),
-            pos_embed=module(self.layout.pos_embed) if self.layout.pos_embed else None,
-            final_norm=module(self.layout.final_norm),
-            unembed=module(self.layout.unembed),
+            blocks=dict(enumerate(module(self.architecture.blocks))),
+            embed=module(self.architecture.embed),
+            pos_embed=module(self.architecture.pos_embed) if self.architecture.pos_embed else None,
+            final_norm=module(self.architecture.final_norm),
+            unembed=module(self.architecture.unembed),
             # a family that changes the logits in its forward (scale, soft-cap): the model's own output
-            logits=self.model if self.layout.transforms_logits else None,
+            logits=self.model if self.architecture.transforms_logits else None,
         )
 
     def _module_root(self) -> nn.Module:
         return self.model
 
     def _blocks_path(self) -> str:
-        return self.layout.blocks
+        return self.architecture.blocks
 
     # ------------------------------------------------------------------ running
 
@@ -155,7 +155,7 @@ class HookedModel(WeightViews, TappedModel):
 
     @property
     def _is_lm(self) -> bool:
-        return self.layout is not None or hasattr(self.model, "get_output_embeddings")
+        return self.architecture is not None or hasattr(self.model, "get_output_embeddings")
 
     def run(self, request: RunRequest) -> RunResult:
         """One run (see HookedRootModule.run); a run that fails leaves its key/value cache as
@@ -182,7 +182,7 @@ class HookedModel(WeightViews, TappedModel):
             logits = self._with_kv_cache(tokens, mask, request.kv_cache, request.forward_kwargs)
         else:
             kwargs = dict(request.forward_kwargs)
-            if "position_ids" not in kwargs and ((mask is not None and not bool(mask.all())) or (self.layout and self.layout.pos_embed)):
+            if "position_ids" not in kwargs and ((mask is not None and not bool(mask.all())) or (self.architecture and self.architecture.pos_embed)):
                 kwargs["position_ids"] = default_positions(tokens, mask)
             logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
         value = None
@@ -203,7 +203,7 @@ class HookedModel(WeightViews, TappedModel):
     def _resume(self, resume: Resume, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
         """The logits of the model run from layer `resume.layer` on, given that layer's
         resid_pre: the layers before are not run. Hook points of the layers run fire as usual."""
-        if self.layout is None:
+        if self.architecture is None:
             raise ValueError("resuming at a layer needs a registered architecture")
         if resume.layer >= self.config.num_hidden_layers:
             raise ValueError(f"resume at layer {resume.layer}: the model has layers 0-{self.config.num_hidden_layers - 1}")
@@ -211,12 +211,12 @@ class HookedModel(WeightViews, TappedModel):
         hidden = resume.resid_pre
         if hidden.shape[:2] != tokens.shape:
             raise ValueError(f"resume.resid_pre is {tuple(hidden.shape)}, the tokens {tuple(tokens.shape)}: they must agree on [batch, pos]")
-        rotary = self.model.get_submodule(self.layout.rotary) if self.layout.rotary else None
+        rotary = self.model.get_submodule(self.architecture.rotary) if self.architecture.rotary else None
         blocks = {i: block for i, block in parts.blocks.items() if i >= resume.layer}
-        hidden = run_layers(self.config, self.layout, blocks, rotary, hidden, attention_mask=mask, position_ids=default_positions(hidden, mask))
+        hidden = run_layers(self.config, self.architecture, blocks, rotary, hidden, attention_mask=mask, position_ids=default_positions(hidden, mask))
         logits = self.readout(hidden)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
-        return self.points.hook_logits(logits) if self.layout.transforms_logits else logits
+        return self.points.hook_logits(logits) if self.architecture.transforms_logits else logits
 
     def init_kv_cache(self, batch_size: int = 1) -> KeyValueCache:
         """An empty key/value cache of this model: pass it as past_kv_cache= to a run, freeze()
@@ -234,12 +234,12 @@ class HookedModel(WeightViews, TappedModel):
         return tokens.to(device), None if mask is None else mask.to(device)
 
     def _cache_fields(self) -> dict:
-        if self.layout is None:
+        if self.architecture is None:
             return {}
-        return {"readout": self.readout, **cache_fields(self.layout)}
+        return {"readout": self.readout, **cache_fields(self.architecture)}
 
     def _lens_config_args(self) -> tuple[Any, dict]:
-        if self.layout is None:
+        if self.architecture is None:
             return super()._lens_config_args()
         weight = self.model.get_input_embeddings().weight
         return self.model.config, dict(device=weight.device, dtype=weight.dtype, options=self.point_options)

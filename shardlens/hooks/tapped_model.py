@@ -12,7 +12,7 @@ from typing import Any, Optional
 from torch import Tensor, nn
 
 from shardlens.errors import HookNameError
-from shardlens.hooks.architectures import ModelLayout
+from shardlens.hooks.architectures import Architecture
 from shardlens.hooks.experts import expert_taps
 from shardlens.hooks.head_inputs import option_taps
 from shardlens.hooks.hook_point import HookPoint, layer_of
@@ -25,24 +25,24 @@ from shardlens.hooks.taps import (
 MODULE_PREFIX = "module:"
 
 
-def no_layout_for_options(config: Any) -> str:
+def no_architecture_for_options(config: Any) -> str:
     model_type = getattr(config, "model_type", None)
     return (
         f"optional hook points (PointOptions) need canonical names, and model type {model_type!r} has none: "
-        "it gets module: points only (register_layout adds a family)"
+        "it gets module: points only (register_architecture adds a family)"
     )
 
 
 class TappedModel(HookedRootModule):
     """Canonical hook points tapped into Hugging Face modules, wired only while hooked.
 
-    Subclasses set `config` and `layout` (None: module points only), say which modules the
+    Subclasses set `config` and `architecture` (None: module points only), say which modules the
     points tap into (`_parts`) and which module `module:<path>` names are relative to
     (`_module_root`), call `build_points`, and call `sync_taps()` at the top of forward.
     """
 
     config: Any
-    layout: Optional[ModelLayout]
+    architecture: Optional[Architecture]
 
     def __init__(self) -> None:
         super().__init__()
@@ -65,16 +65,16 @@ class TappedModel(HookedRootModule):
         tap is made (a family that cannot have an optional point leaves the model as it was)."""
         parts = self._parts()
         points = ModelPoints(
-            self.layout, sorted(parts.blocks), has_embed=parts.embed is not None,
+            self.architecture, sorted(parts.blocks), has_embed=parts.embed is not None,
             has_head=parts.unembed is not None, options=options,
         )
         n_heads, n_kv = self.config.num_attention_heads, self.n_kv_heads
-        taps = model_taps(points, parts, self.layout, n_heads, n_kv)
+        taps = model_taps(points, parts, self.architecture, n_heads, n_kv)
         for layer, block_points in points.blocks.items():
             block = parts.blocks[int(layer)]
-            block_layout, family = self.layout.block_at(int(layer)), self.config.model_type
-            taps += option_taps(block_points, block, block_layout, n_heads, n_kv, family)
-            taps += expert_taps(block_points, block, block_layout, family)
+            block_architecture, family = self.architecture.block_at(int(layer)), self.config.model_type
+            taps += option_taps(block_points, block, block_architecture, n_heads, n_kv, family)
+            taps += expert_taps(block_points, block, block_architecture, family)
         self.points, self._taps, self.point_options = points, taps, options
 
     def readout(self, resid: Tensor) -> Tensor:
@@ -87,13 +87,13 @@ class TappedModel(HookedRootModule):
     @property
     def n_kv_heads(self) -> int:
         """Key/value heads per layer (as hook_k has them)."""
-        return canonical_shape(self.config, self.layout, "blocks.0.attn.hook_k")[0]
+        return canonical_shape(self.config, self.architecture, "blocks.0.attn.hook_k")[0]
 
     def set_point_options(self, options: PointOptions) -> None:
         """Switch TransformerLens' optional hook points on or off (see PointOptions). The
         points are rebuilt, so the model must have no hooks attached."""
-        if self.layout is None:
-            raise ValueError(no_layout_for_options(self.config))
+        if self.architecture is None:
+            raise ValueError(no_architecture_for_options(self.config))
         if options == self.point_options:
             return
         if self.has_hooks():
@@ -131,7 +131,7 @@ class TappedModel(HookedRootModule):
     def setup(self) -> None:
         """Index the hook points by canonical name, and the held modules by path."""
         self.hook_dict = dict(self._extra_points)
-        if self.layout is not None:
+        if self.architecture is not None:
             for name, module in self.points.named_modules():
                 if isinstance(module, HookPoint):
                     module.name = name
@@ -147,7 +147,7 @@ class TappedModel(HookedRootModule):
         except AttributeError:
             paths = [module_point_name(p) for p, _ in self._module_root().named_modules() if p]
             raise HookNameError(name, paths) from None
-        copied = changed_in_place(self.layout, self._parts().blocks, self._blocks_path() + ".") if self.layout else ()
+        copied = changed_in_place(self.architecture, self._parts().blocks, self._blocks_path() + ".") if self.architecture else ()
         self._module_taps.update(module_taps(self._module_root(), [path], copied))
         self.setup()
 
@@ -169,11 +169,11 @@ class TappedModel(HookedRootModule):
     # ------------------------------------------------------------------ shapes and weights
 
     def _o_proj(self, layer: int) -> nn.Module:
-        return self._parts().blocks[layer].get_submodule(self.layout.block_at(layer).o_proj)
+        return self._parts().blocks[layer].get_submodule(self.architecture.block_at(layer).o_proj)
 
     def w_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output weights per head, [head, d_head, d_model]."""
-        return head_weights(self._o_proj(layer), self.config.num_attention_heads, self.layout.block_at(layer).o_proj_kind)
+        return head_weights(self._o_proj(layer), self.config.num_attention_heads, self.architecture.block_at(layer).o_proj_kind)
 
     def b_o(self, layer: int) -> Tensor:
         """Layer `layer`'s attention output bias, [d_model] (zeros when it has none)."""
@@ -183,32 +183,32 @@ class TappedModel(HookedRootModule):
     def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
         """The shape of a canonical hook point's tensors after [batch, pos], or None where it
         depends on the input (attention scores and patterns) or is unknown."""
-        if self.layout is None or name.startswith(MODULE_PREFIX) or name not in self.hook_dict:
+        if self.architecture is None or name.startswith(MODULE_PREFIX) or name not in self.hook_dict:
             return None
-        return canonical_shape(self.config, self.layout, name)
+        return canonical_shape(self.config, self.architecture, name)
 
 
-def cache_fields(layout: Optional[ModelLayout]) -> dict:
+def cache_fields(architecture: Optional[Architecture]) -> dict:
     """What an ActivationCache of a model laid out so needs to know of it: the final norm's
     kind (for apply_ln) and what each component is multiplied by as it enters the residual
     stream (for decompose_resid)."""
-    if layout is None:
+    if architecture is None:
         return {}
     return {
-        "norm": "layernorm" if layout.block.norm.startswith("layernorm") else "rmsnorm",  # centred or not
+        "norm": "layernorm" if architecture.block.norm.startswith("layernorm") else "rmsnorm",  # centred or not
         "scales": {
-            "hook_embed": layout.embed_multiplier,
-            "hook_attn_out": layout.residual_multiplier, "hook_mlp_out": layout.residual_multiplier,
+            "hook_embed": architecture.embed_multiplier,
+            "hook_attn_out": architecture.residual_multiplier, "hook_mlp_out": architecture.residual_multiplier,
         },
     }
 
 
-def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tuple[int, ...]]:
+def canonical_shape(config: Any, architecture: Architecture, name: str) -> Optional[tuple[int, ...]]:
     """The shape after [batch, pos] of the canonical hook point `name` of a model with this
-    config and layout; None for attention scores and patterns (they depend on the input)."""
+    config and architecture; None for attention scores and patterns (they depend on the input)."""
     config = config.get_text_config()  # a multimodal model's language model
     d_model, n_heads = config.hidden_size, config.num_attention_heads
-    n_kv = layout.n_kv_heads or getattr(config, "num_key_value_heads", None) or n_heads
+    n_kv = architecture.n_kv_heads or getattr(config, "num_key_value_heads", None) or n_heads
     d_head = getattr(config, "head_dim", None) or d_model // n_heads
     d_qk = getattr(config, "qk_nope_head_dim", 0) + getattr(config, "qk_rope_head_dim", 0) or d_head  # DeepSeek's MLA
     d_v = getattr(config, "v_head_dim", None) or d_head
@@ -219,7 +219,7 @@ def canonical_shape(config: Any, layout: ModelLayout, name: str) -> Optional[tup
         d_mlp = getattr(config, "shared_expert_intermediate_size", None) or config.moe_intermediate_size * getattr(config, "n_shared_experts", 1)
     else:
         d_mlp = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or getattr(config, "ffn_hidden_size", None) or 4 * d_model
-    moe = layout.block_at(layer_of(name)).moe if name.startswith("blocks.") else None
+    moe = architecture.block_at(layer_of(name)).moe if name.startswith("blocks.") else None
     shapes = {
         "hook_q": (n_heads, d_qk), "hook_k": (n_kv, d_qk), "hook_v": (n_kv, d_v), "hook_z": (n_heads, d_v),
         "hook_result": (n_heads, d_model), "hook_scale": (1,), "hook_logits": (config.vocab_size,), "hook_tokens": (),

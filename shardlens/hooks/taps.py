@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from shardlens.hooks.architectures import BlockLayout, ModelLayout, MoELayout
+from shardlens.hooks.architectures import BlockArchitecture, Architecture, MoEArchitecture
 from shardlens.hooks.attention import AttentionPoints
 from shardlens.hooks.hook_point import HookPoint
 
@@ -168,7 +168,7 @@ class NormTap(Tap):
     """A norm computed in two steps, scale then normalized, while either point has hooks
     (the module's own forward is swapped out meanwhile, so the norm is computed once).
 
-    Each kind computes as its transformers module does (see layout.NormKind): LayerNorm has
+    Each kind computes as its transformers module does (see architecture.NormKind): LayerNorm has
     scale = sqrt(var + eps), normalized = (x - mean) / scale, out = normalized * w + b; an
     RMSNorm has scale = sqrt(mean(x^2) + eps) and normalized = x / scale, in float32. Where the
     module applies its weight in float32 too (OLMo-2, gemma, Cohere), hook_normalized is float32.
@@ -287,13 +287,13 @@ class MoEPoints(nn.Module):
     (see shardlens.hooks.experts).
     """
 
-    def __init__(self, layout: MoELayout, expert_points: bool = False):
+    def __init__(self, architecture: MoEArchitecture, expert_points: bool = False):
         super().__init__()
         self.hook_router_logits = HookPoint()
         self.hook_expert_indices, self.hook_expert_weights = HookPoint(), HookPoint()
         if expert_points:
-            self.experts = nn.ModuleDict({str(e): ExpertPoints() for e in range(layout.n_experts)})
-        if layout.shared_expert is not None:
+            self.experts = nn.ModuleDict({str(e): ExpertPoints() for e in range(architecture.n_experts)})
+        if architecture.shared_expert is not None:
             self.shared_expert = MLPPoints(gated=True)
 
 
@@ -361,7 +361,7 @@ class SharedExpertTap(BlockTokensTap):
     whether the MoE block hands the expert [batch, pos, d_model] (DeepSeek-V3) or its tokens
     flattened (Qwen2-MoE)."""
 
-    def __init__(self, points: MLPPoints, block: nn.Module, expert: nn.Module, moe: MoELayout):
+    def __init__(self, points: MLPPoints, block: nn.Module, expert: nn.Module, moe: MoEArchitecture):
         super().__init__(points.hook_pre, block, block)
         self.points, self.expert, self.moe = points, expert, moe
 
@@ -381,19 +381,19 @@ class SharedExpertTap(BlockTokensTap):
         return point(x.view(*self._tokens, x.shape[-1])).reshape(x.shape)
 
 
-def mlp_taps(points: nn.Module, block: nn.Module, layout: BlockLayout) -> list[Tap]:
+def mlp_taps(points: nn.Module, block: nn.Module, architecture: BlockArchitecture) -> list[Tap]:
     """The taps of a block's MLP points: a dense MLP's pre / pre_linear / post, or an MoE
     block's routing and shared expert."""
     module = block.get_submodule
-    moe = layout.moe
+    moe = architecture.moe
     if moe is not None:
-        taps: list[Tap] = [MoETap(points, module(layout.mlp), module(moe.router), module(moe.experts))]
+        taps: list[Tap] = [MoETap(points, module(architecture.mlp), module(moe.router), module(moe.experts))]
         if moe.shared_expert is not None:
-            taps.append(SharedExpertTap(points.shared_expert, module(layout.mlp), module(moe.shared_expert), moe))
+            taps.append(SharedExpertTap(points.shared_expert, module(architecture.mlp), module(moe.shared_expert), moe))
         return taps
-    if layout.fused_gate_up:
-        return [FusedGateUpTap(points, module(layout.mlp_in)), InputTap(points.hook_post, module(layout.mlp_out))]
-    return dense_mlp_taps(points, block, layout.mlp_in, layout.mlp_in_linear, layout.mlp_out)
+    if architecture.fused_gate_up:
+        return [FusedGateUpTap(points, module(architecture.mlp_in)), InputTap(points.hook_post, module(architecture.mlp_out))]
+    return dense_mlp_taps(points, block, architecture.mlp_in, architecture.mlp_in_linear, architecture.mlp_out)
 
 
 def dense_mlp_taps(points: MLPPoints, root: nn.Module, mlp_in: str, mlp_in_linear: Optional[str], mlp_out: str) -> list[Tap]:
@@ -429,29 +429,29 @@ class PointOptions:
 class BlockPoints(nn.Module):
     """The hook points of one block, registered in the order the forward pass reaches them."""
 
-    def __init__(self, layout: BlockLayout, options: PointOptions):
+    def __init__(self, architecture: BlockArchitecture, options: PointOptions):
         super().__init__()
         self.hook_resid_pre = HookPoint()
         if options.attn_in:
             self.hook_attn_in = HookPoint()
         if options.split_qkv_input:
             self.hook_q_input, self.hook_k_input, self.hook_v_input = HookPoint(), HookPoint(), HookPoint()
-        if layout.ln1 is not None:
+        if architecture.ln1 is not None:
             self.ln1 = NormPoints()
         self.attn = AttentionPoints()
         if options.attn_result:
             self.attn.hook_result = HookPoint()
-        if layout.ln1_post is not None:
+        if architecture.ln1_post is not None:
             self.ln1_post = NormPoints()
         self.hook_attn_out = HookPoint()
-        if not layout.parallel:
+        if not architecture.parallel:
             self.hook_resid_mid = HookPoint()
         if options.hook_mlp_in:
             self.hook_mlp_in = HookPoint()
-        if layout.ln2 is not None:
+        if architecture.ln2 is not None:
             self.ln2 = NormPoints()
-        self.mlp = MoEPoints(layout.moe, options.expert_points) if layout.moe is not None else MLPPoints(gated=layout.gated)
-        if layout.ln2_post is not None:
+        self.mlp = MoEPoints(architecture.moe, options.expert_points) if architecture.moe is not None else MLPPoints(gated=architecture.gated)
+        if architecture.ln2_post is not None:
             self.ln2_post = NormPoints()
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
@@ -459,7 +459,7 @@ class BlockPoints(nn.Module):
 
 class AttentionForwardTap(Tap):
     """A family whose attention module computes attention itself (Falcon) runs it through
-    shardlens' attention function, the layout's `attention_forward`, while any of its
+    shardlens' attention function, the architecture's `attention_forward`, while any of its
     attention points has hooks; otherwise its own forward runs, unchanged."""
 
     def __init__(self, points: AttentionPoints, module: nn.Module, forward: Any, n_kv_groups: int):
@@ -475,39 +475,39 @@ class AttentionForwardTap(Tap):
         return [ForwardSwap(self.module, types.MethodType(self.forward, self.module))]
 
 
-def block_taps(points: BlockPoints, block: nn.Module, layout: ModelLayout, layer: int, n_heads: int, n_kv: int) -> list[Tap]:
+def block_taps(points: BlockPoints, block: nn.Module, architecture: Architecture, layer: int, n_heads: int, n_kv: int) -> list[Tap]:
     """The taps that connect one block's hook points to the block's modules."""
-    model_layout, layout = layout, layout.block_at(layer)
+    model_architecture, architecture = architecture, architecture.block_at(layer)
     module = block.get_submodule
-    mlp_out_tap = CopiedOutputTap if layout.mlp_out_changed_in_place else OutputTap
+    mlp_out_tap = CopiedOutputTap if architecture.mlp_out_changed_in_place else OutputTap
     taps: list[Tap] = [
         InputTap(points.hook_resid_pre, block),
-        OutputTap(points.hook_attn_out, module(layout.ln1_post or layout.attn)),
-        *mlp_taps(points.mlp, block, layout),
-        mlp_out_tap(points.hook_mlp_out, module(layout.ln2_post or layout.mlp)),
+        OutputTap(points.hook_attn_out, module(architecture.ln1_post or architecture.attn)),
+        *mlp_taps(points.mlp, block, architecture),
+        mlp_out_tap(points.hook_mlp_out, module(architecture.ln2_post or architecture.mlp)),
         OutputTap(points.hook_resid_post, block),
     ]
     for name in ("ln1", "ln1_post", "ln2", "ln2_post"):
-        if getattr(layout, name) is not None:
-            taps.append(NormTap(getattr(points, name), module(getattr(layout, name)), layout.norm))
-    if not layout.parallel:
+        if getattr(architecture, name) is not None:
+            taps.append(NormTap(getattr(points, name), module(getattr(architecture, name)), architecture.norm))
+    if not architecture.parallel:
         # the residual after attention is what the MLP's norm reads (the MLP itself, without one)
-        taps.append(SharedInputTap(points.hook_resid_mid, module(layout.ln2 or layout.mlp)))
+        taps.append(SharedInputTap(points.hook_resid_mid, module(architecture.ln2 or architecture.mlp)))
     if hasattr(points.attn, "hook_result"):
-        taps.append(ResultTap(points.attn.hook_result, module(layout.o_proj), n_heads, layout.o_proj_kind))
-    points.attn.attach_to(module(layout.attn))
-    if model_layout.attention_forward is not None:
-        taps.append(AttentionForwardTap(points.attn, module(layout.attn), model_layout.attention_forward, n_heads // n_kv))
+        taps.append(ResultTap(points.attn.hook_result, module(architecture.o_proj), n_heads, architecture.o_proj_kind))
+    points.attn.attach_to(module(architecture.attn))
+    if model_architecture.attention_forward is not None:
+        taps.append(AttentionForwardTap(points.attn, module(architecture.attn), model_architecture.attention_forward, n_heads // n_kv))
     return taps
 
 
 class LogitTransform(nn.Module):
-    """What a family's forward does to the unembedding's output (see ModelLayout): scale,
+    """What a family's forward does to the unembedding's output (see Architecture): scale,
     divide, soft-cap. A stage runs it as a module, so hook_logits taps its output."""
 
-    def __init__(self, layout: ModelLayout):
+    def __init__(self, architecture: Architecture):
         super().__init__()
-        self.multiplier, self.divisor, self.softcap = layout.logit_multiplier, layout.logit_divisor, layout.logit_softcap
+        self.multiplier, self.divisor, self.softcap = architecture.logit_multiplier, architecture.logit_divisor, architecture.logit_softcap
 
     def forward(self, logits: Tensor) -> Tensor:
         if self.multiplier != 1.0:
@@ -525,15 +525,15 @@ class ModelPoints(nn.Module):
     `blocks` is keyed by the global layer index, so a stage's names match the whole model's.
     """
 
-    def __init__(self, layout: ModelLayout, layers: Sequence[int], *, has_embed: bool, has_head: bool, options: PointOptions):
+    def __init__(self, architecture: Architecture, layers: Sequence[int], *, has_embed: bool, has_head: bool, options: PointOptions):
         super().__init__()
         if has_embed and options.hook_tokens:
             self.hook_tokens = HookPoint()
         if has_embed:
             self.hook_embed = HookPoint()
-            if layout.pos_embed is not None:
+            if architecture.pos_embed is not None:
                 self.hook_pos_embed = HookPoint()
-        self.blocks = nn.ModuleDict({str(layer): BlockPoints(layout.block_at(layer), options) for layer in layers})
+        self.blocks = nn.ModuleDict({str(layer): BlockPoints(architecture.block_at(layer), options) for layer in layers})
         if has_head:
             self.ln_final = NormPoints()
             self.hook_logits = HookPoint()
@@ -553,8 +553,8 @@ class ModelParts:
     logits: Optional[nn.Module] = None
 
 
-def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_heads: int, n_kv: int) -> list[Tap]:
-    """The taps that connect `points` to the modules of a model laid out as `layout`."""
+def model_taps(points: ModelPoints, parts: ModelParts, architecture: Architecture, n_heads: int, n_kv: int) -> list[Tap]:
+    """The taps that connect `points` to the modules of a model laid out as `architecture`."""
     taps: list[Tap] = []
     if hasattr(points, "hook_tokens"):
         taps.append(InputTap(points.hook_tokens, parts.embed))
@@ -563,9 +563,9 @@ def model_taps(points: ModelPoints, parts: ModelParts, layout: ModelLayout, n_he
     if hasattr(points, "hook_pos_embed"):
         taps.append(OutputTap(points.hook_pos_embed, parts.pos_embed))
     for layer, block_points in points.blocks.items():
-        taps += block_taps(block_points, parts.blocks[int(layer)], layout, int(layer), n_heads, n_kv)
+        taps += block_taps(block_points, parts.blocks[int(layer)], architecture, int(layer), n_heads, n_kv)
     if hasattr(points, "ln_final"):
-        taps.append(NormTap(points.ln_final, parts.final_norm, layout.block.norm))
+        taps.append(NormTap(points.ln_final, parts.final_norm, architecture.block.norm))
         taps.append(OutputTap(points.hook_logits, parts.logits or parts.unembed))
     return taps
 
@@ -585,14 +585,14 @@ def module_taps(model: nn.Module, paths: Iterable[str], copied: Collection[str] 
     return taps
 
 
-def changed_in_place(layout: Optional[ModelLayout], blocks: Iterable[int], prefix: str) -> set[str]:
+def changed_in_place(architecture: Optional[Architecture], blocks: Iterable[int], prefix: str) -> set[str]:
     """The module paths (under `prefix`) whose output the model changes in place after them:
     the MLP's, and its output projection's, which is the same tensor (Falcon)."""
-    if layout is None:
+    if architecture is None:
         return set()
     paths = set()
     for layer in blocks:
-        block = layout.block_at(layer)
+        block = architecture.block_at(layer)
         if block.mlp_out_changed_in_place:
             paths |= {f"{prefix}{layer}.{block.mlp}", f"{prefix}{layer}.{block.mlp_out}"}
     return paths

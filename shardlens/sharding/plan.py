@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from shardlens.errors import ShardPlanError
-from shardlens.hooks.architectures import LAYOUTS, ModelLayout, layout_for, layout_path
+from shardlens.hooks.architectures import ARCHITECTURES, Architecture, architecture_for, architecture_path
 from shardlens.sharding.checkpoint import Checkpoint
 
 Device = Union[int, str]
@@ -72,15 +72,15 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class ShardPlan:
-    """Stages of one model: see `ShardPlan.for_model`. `layout` is the import path of the
-    layout function the plan was made with (see hooks.architectures.register_layout): the
+    """Stages of one model: see `ShardPlan.for_model`. `architecture` is the import path of the
+    architecture function the plan was made with (see hooks.architectures.register_architecture): the
     stages use it, in whatever process they are built."""
 
     model_type: str
     n_layers: int
     dtype: str
     stages: tuple
-    layout: Optional[str] = None
+    architecture: Optional[str] = None
 
     @classmethod
     def for_model(
@@ -115,10 +115,10 @@ class ShardPlan:
         config = _config(config_or_path)
         if dtype is None:
             dtype = config_dtype(config) or _weights_dtype(config_or_path) or torch.float32
-        layout = layout_for(config)
-        if layout is None:
+        architecture = architecture_for(config)
+        if architecture is None:
             raise ShardPlanError(
-                f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(LAYOUTS))}"
+                f"unknown architecture {config.model_type!r}: shardlens can shard {', '.join(sorted(ARCHITECTURES))}"
             )
         dtype = _dtype(dtype)
         n_layers = config.get_text_config().num_hidden_layers
@@ -128,21 +128,21 @@ class ShardPlan:
             raise ShardPlanError(f"stages={stages} but the model has {n_layers} layers: each stage needs at least one")
         resources = _stage_resources(stage_resources, stages)
         skeleton = meta_model(config, dtype)
-        sizes = _part_bytes(skeleton, layout, n_layers)
+        sizes = _part_bytes(skeleton, architecture, n_layers)
         ranges = balance(sizes["blocks"], stages, first_extra=sizes["embed"], last_extra=sizes["head"])
         stage_plans = []
         for index, layers in enumerate(ranges):
             first, last = index == 0, index == stages - 1
             size = sum(sizes["blocks"][i] for i in layers) + first * sizes["embed"] + last * sizes["head"]
-            modules = stage_modules(skeleton, layout, layers, first=first, last=last)
-            devices, device_map = _device_map(modules, layout, max_memory, size, index, layers)
+            modules = stage_modules(skeleton, architecture, layers, first=first, last=last)
+            devices, device_map = _device_map(modules, architecture, max_memory, size, index, layers)
             stage_plans.append(StagePlan(index, layers, devices, device_map, size, first, last, resources[index]))
-        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(stage_plans), layout_path(config.model_type))
+        return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(stage_plans), architecture_path(config.model_type))
 
     def to_dict(self) -> dict:
         return {
             "model_type": self.model_type, "n_layers": self.n_layers, "dtype": self.dtype,
-            "stages": [s.to_dict() for s in self.stages], "layout": self.layout,
+            "stages": [s.to_dict() for s in self.stages], "architecture": self.architecture,
         }
 
     def to_json(self) -> str:
@@ -152,7 +152,7 @@ class ShardPlan:
     def from_json(cls, text: str) -> "ShardPlan":
         data = json.loads(text)
         stages = tuple(StagePlan.from_dict(s) for s in data["stages"])
-        return cls(data["model_type"], data["n_layers"], data["dtype"], stages, data.get("layout"))
+        return cls(data["model_type"], data["n_layers"], data["dtype"], stages, data.get("architecture"))
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -242,39 +242,39 @@ def meta_model(config: Any, dtype: torch.dtype) -> nn.Module:
 
     from shardlens.hooks.attention import IMPLEMENTATION
 
-    layout = layout_for(config)
+    architecture = architecture_for(config)
     # families whose attention modules get shardlens' forward keep transformers' own implementation
-    implementation = IMPLEMENTATION if layout is None or layout.attention_forward is None else None
+    implementation = IMPLEMENTATION if architecture is None or architecture.attention_forward is None else None
     with init_empty_weights():
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=implementation)
 
 
-def stage_modules(model: nn.Module, layout: ModelLayout, layers: range, *, first: bool, last: bool) -> nn.ModuleDict:
+def stage_modules(model: nn.Module, architecture: Architecture, layers: range, *, first: bool, last: bool) -> nn.ModuleDict:
     """The modules of one stage, named as a Stage names them: embed, pos_embed, embed_dropout
     (stage 0), blocks.{global layer}, rotary, final_norm and unembed (last stage)."""
     module = model.get_submodule
     parts: dict[str, nn.Module] = {}
     if first:
-        parts["embed"] = module(layout.embed)
+        parts["embed"] = module(architecture.embed)
         for name in ("pos_embed", "embed_dropout"):
-            if getattr(layout, name):
-                parts[name] = module(getattr(layout, name))
-    blocks = module(layout.blocks)
+            if getattr(architecture, name):
+                parts[name] = module(getattr(architecture, name))
+    blocks = module(architecture.blocks)
     parts["blocks"] = nn.ModuleDict({str(layer): blocks[layer] for layer in layers})
-    if layout.rotary:
-        parts["rotary"] = module(layout.rotary)
+    if architecture.rotary:
+        parts["rotary"] = module(architecture.rotary)
     if last:
-        parts["final_norm"], parts["unembed"] = module(layout.final_norm), module(layout.unembed)
+        parts["final_norm"], parts["unembed"] = module(architecture.final_norm), module(architecture.unembed)
     return nn.ModuleDict(parts)
 
 
-def hf_path(stage_path: str, layout: ModelLayout) -> str:
+def hf_path(stage_path: str, architecture: Architecture) -> str:
     """The wrapped model's path of a stage module path ("blocks.3.mlp" -> "model.layers.3.mlp")."""
     head, _, rest = stage_path.partition(".")
     if head == "blocks":
-        return f"{layout.blocks}.{rest}"
-    base = {"embed": layout.embed, "pos_embed": layout.pos_embed, "embed_dropout": layout.embed_dropout,
-            "rotary": layout.rotary, "final_norm": layout.final_norm, "unembed": layout.unembed}[head]
+        return f"{architecture.blocks}.{rest}"
+    base = {"embed": architecture.embed, "pos_embed": architecture.pos_embed, "embed_dropout": architecture.embed_dropout,
+            "rotary": architecture.rotary, "final_norm": architecture.final_norm, "unembed": architecture.unembed}[head]
     return f"{base}.{rest}" if rest else base
 
 
@@ -290,11 +290,11 @@ def _bytes(module: nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def _part_bytes(model: nn.Module, layout: ModelLayout, n_layers: int) -> dict:
+def _part_bytes(model: nn.Module, architecture: Architecture, n_layers: int) -> dict:
     module = model.get_submodule
-    blocks = module(layout.blocks)
-    embed = _bytes(module(layout.embed)) + (_bytes(module(layout.pos_embed)) if layout.pos_embed else 0)
-    head = _bytes(module(layout.final_norm)) + _bytes(module(layout.unembed))  # its own copy when tied (and any bias)
+    blocks = module(architecture.blocks)
+    embed = _bytes(module(architecture.embed)) + (_bytes(module(architecture.pos_embed)) if architecture.pos_embed else 0)
+    head = _bytes(module(architecture.final_norm)) + _bytes(module(architecture.unembed))  # its own copy when tied (and any bias)
     return {"embed": embed, "head": head, "blocks": [_bytes(blocks[i]) for i in range(n_layers)]}
 
 
@@ -331,7 +331,7 @@ def balance(sizes: list[int], stages: int, *, first_extra: int = 0, last_extra: 
 
 
 def _device_map(
-    modules: nn.ModuleDict, layout: ModelLayout, max_memory: Optional[dict], size: int, index: int, layers: range
+    modules: nn.ModuleDict, architecture: Architecture, max_memory: Optional[dict], size: int, index: int, layers: range
 ) -> tuple[tuple, dict]:
     if max_memory is None:
         return ("cpu",), {"": "cpu"}

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from shardlens.errors import ShardPlanError
-from shardlens.hooks.architectures import ModelLayout, layout_at, layout_for
+from shardlens.hooks.architectures import Architecture, architecture_at, architecture_for
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions
@@ -62,13 +62,13 @@ class StageIO:
 class Stage(TappedModel):
     """One stage of a model: see `build_stage`."""
 
-    def __init__(self, config: Any, layout: ModelLayout, stage_plan: StagePlan, modules: nn.ModuleDict, point_options: PointOptions = PointOptions()):
+    def __init__(self, config: Any, architecture: Architecture, stage_plan: StagePlan, modules: nn.ModuleDict, point_options: PointOptions = PointOptions()):
         super().__init__()
-        self.config, self.layout, self.stage_plan = config, layout, stage_plan
+        self.config, self.architecture, self.stage_plan = config, architecture, stage_plan
         for name in ("embed", "pos_embed", "embed_dropout", "rotary", "final_norm", "unembed"):
             setattr(self, name, modules[name] if name in modules else None)
         self.blocks = modules["blocks"]
-        self.logit_transform = LogitTransform(layout) if stage_plan.head else None
+        self.logit_transform = LogitTransform(architecture) if stage_plan.head else None
         self.loaded_keys: tuple[str, ...] = ()
         self._pending: Optional[Graph] = None
         self.build_points(point_options)
@@ -110,7 +110,7 @@ class Stage(TappedModel):
         start = -1 if io.start_layer is None else io.start_layer
         blocks = {int(layer): block for layer, block in self.blocks.items() if int(layer) >= start}
         hidden = run_layers(
-            self.config, self.layout, blocks, self.rotary, hidden, attention_mask=io.attention_mask, position_ids=position_ids, cache=cache,
+            self.config, self.architecture, blocks, self.rotary, hidden, attention_mask=io.attention_mask, position_ids=position_ids, cache=cache,
         )
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids, start_layer=None)
         if self.last:
@@ -151,8 +151,8 @@ class Stage(TappedModel):
         if position_ids is None:
             position_ids = default_positions(io.input_ids, io.attention_mask)
         hidden = self.embed(io.input_ids)
-        if self.layout.embed_multiplier != 1.0:  # Granite scales the embeddings in its forward
-            hidden = hidden * self.layout.embed_multiplier
+        if self.architecture.embed_multiplier != 1.0:  # Granite scales the embeddings in its forward
+            hidden = hidden * self.architecture.embed_multiplier
         if self.pos_embed is not None:
             hidden = hidden + self.pos_embed(position_ids).to(hidden.device)
         if self.embed_dropout is not None:
@@ -192,40 +192,40 @@ def build_stage(
     config = AutoConfig.from_pretrained(source)
     if config.model_type != plan.model_type:
         raise ShardPlanError(f"the plan is for {plan.model_type!r}, but {source} holds a {config.model_type!r} model")
-    layout = _layout(plan, config)
+    architecture = _architecture(plan, config)
     stage_plan = plan.stages[index]
     skeleton = meta_model(config, plan.torch_dtype)
-    modules = stage_modules(skeleton, layout, stage_plan.layers, first=stage_plan.embed, last=stage_plan.head)
-    stage = Stage(skeleton.config.get_text_config(), layout, stage_plan, modules, point_options)
+    modules = stage_modules(skeleton, architecture, stage_plan.layers, first=stage_plan.embed, last=stage_plan.head)
+    stage = Stage(skeleton.config.get_text_config(), architecture, stage_plan, modules, point_options)
     checkpoint = Checkpoint(source, model=skeleton)
-    _load(stage, checkpoint, layout, device)
+    _load(stage, checkpoint, architecture, device)
     return stage.eval()
 
 
-def _layout(plan: ShardPlan, config: Any) -> ModelLayout:
-    """The layout the plan was made with (imported by its path), else the one registered here."""
-    if plan.layout is not None:
+def _architecture(plan: ShardPlan, config: Any) -> Architecture:
+    """The architecture the plan was made with (imported by its path), else the one registered here."""
+    if plan.architecture is not None:
         try:
-            return layout_at(plan.layout, config)
+            return architecture_at(plan.architecture, config)
         except LookupError as error:
-            raise ShardPlanError(f"the plan's layout cannot be used here: {error}; define it in a module every worker imports") from None
-    layout = layout_for(config)
-    if layout is None:
-        raise ShardPlanError(f"no layout for model type {config.model_type!r} in this process, and the plan names none: use register_layout")
-    return layout
+            raise ShardPlanError(f"the plan's architecture cannot be used here: {error}; define it in a module every worker imports") from None
+    architecture = architecture_for(config)
+    if architecture is None:
+        raise ShardPlanError(f"no architecture for model type {config.model_type!r} in this process, and the plan names none: use register_architecture")
+    return architecture
 
 
-def _load(stage: Stage, checkpoint: Checkpoint, layout: ModelLayout, device: Any) -> None:
+def _load(stage: Stage, checkpoint: Checkpoint, architecture: Architecture, device: Any) -> None:
     """Read the stage's tensors, each in the dtype its skeleton gave it: the plan's, or float32
     where the model class keeps a module in float32 (DeepSeek-V3's router), as transformers does."""
     from accelerate.utils import set_module_tensor_to_device
 
     meta = dict(_meta_tensors(stage))
-    wanted = {path: hf_path(path, layout) for path in meta}
+    wanted = {path: hf_path(path, architecture) for path in meta}
     tied = getattr(stage.config, "tie_word_embeddings", False)
     for path, name in wanted.items():
         if name not in checkpoint and path.startswith("unembed.") and tied:
-            wanted[path] = f"{layout.embed}.weight"  # tied: the last stage gets its own copy
+            wanted[path] = f"{architecture.embed}.weight"  # tied: the last stage gets its own copy
     missing = sorted(name for name in wanted.values() if name not in checkpoint)
     if missing:
         raise ShardPlanError(f"{checkpoint.folder} lacks tensors stage {stage.stage_plan.index} needs: {missing[:5]}")

@@ -36,15 +36,15 @@ def _hooks(args: argparse.Namespace) -> int:
 
 
 def _families(args: argparse.Namespace) -> int:
-    from shardlens.hooks.architectures import LAYOUTS, decoder_model_types
+    from shardlens.hooks.architectures import ARCHITECTURES, decoder_model_types
 
     known = decoder_model_types()
-    covered = [t for t in known if t in LAYOUTS]
+    covered = [t for t in known if t in ARCHITECTURES]
     print(f"{len(covered)} of the {len(known)} decoder-only causal LM types transformers knows have canonical hook names and shard:")
     print("  " + " ".join(covered))
     if args.all:
         print("the others get module: points on every submodule (HookedModel only):")
-        print("  " + " ".join(t for t in known if t not in LAYOUTS))
+        print("  " + " ".join(t for t in known if t not in ARCHITECTURES))
     return 0
 
 

@@ -47,7 +47,7 @@ def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: 
 def _corrupt_resid(model: Any, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
     """The corrupted run's resid_pre of each layer the cells are in (a run patched there can
     start from it); empty for a model without canonical layers."""
-    if getattr(model, "layout", None) is None:
+    if getattr(model, "architecture", None) is None:
         return {}
     layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
     resid = [f"blocks.{layer}.hook_resid_pre" for layer in layers]

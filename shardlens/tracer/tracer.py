@@ -13,7 +13,7 @@ from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
 from shardlens.cluster.sessions import StageKeyValueCache
-from shardlens.hooks.architectures import layout_for
+from shardlens.hooks.architectures import architecture_for
 from shardlens.hooks.hook_api import HookAPI, Scope
 from shardlens.hooks.model import load_tokenizer
 from shardlens.hooks.ops import Code, Op
@@ -45,7 +45,7 @@ class Tracer(HookAPI):
         self.coordinator = coordinator
         self.tokenizer = tokenizer
         self.config = config
-        self.layout = layout_for(config) if config is not None else None  # the model's canonical layout, if any
+        self.architecture = architecture_for(config) if config is not None else None  # the model's canonical architecture, if any
         self.context_level = 0
         self.parallel_runs = coordinator.replicas
 
@@ -112,9 +112,9 @@ class Tracer(HookAPI):
     def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
         """The shape of a canonical hook point's tensors after [batch, pos] (as on a
         HookedModel), or None where it depends on the input or is unknown."""
-        if self.layout is None or name.startswith("module:") or name not in self.coordinator.hook_names:
+        if self.architecture is None or name.startswith("module:") or name not in self.coordinator.hook_names:
             return None
-        return canonical_shape(self.config, self.layout, name)
+        return canonical_shape(self.config, self.architecture, name)
 
     def shutdown(self) -> None:
         """Stop the workers (and the Ray instance, when this tracer started it)."""
@@ -209,10 +209,10 @@ class Tracer(HookAPI):
         return tokens.cpu(), None if mask is None else mask.cpu()
 
     def _cache_fields(self) -> dict:
-        return cache_fields(self.layout)
+        return cache_fields(self.architecture)
 
     def _lens_config_args(self) -> tuple[Any, dict]:
-        if self.layout is None:
+        if self.architecture is None:
             return super()._lens_config_args()
         options = dict(device="cpu", dtype=getattr(torch, self.plan.dtype), n_devices=len(self.plan.stages), options=self.coordinator.point_options)
         return self.config, options

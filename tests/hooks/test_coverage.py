@@ -2,7 +2,7 @@
 
 import transformers
 
-from shardlens.hooks.architectures import LAYOUTS, decoder_model_types
+from shardlens.hooks.architectures import ARCHITECTURES, decoder_model_types
 from shardlens.tracer.cli import main
 from tests.tiny_models import FAMILY_CONFIGS
 
@@ -16,18 +16,18 @@ ASKED = {
 
 def test_every_decoder_only_causal_lm_type_is_listed_covered_or_not(capsys):
     known = decoder_model_types()
-    covered = sorted(set(known) & set(LAYOUTS))
+    covered = sorted(set(known) & set(ARCHITECTURES))
     print(f"\ntransformers {transformers.__version__}: {len(covered)} of {len(known)} decoder-only causal LM types covered")
     print("covered:", " ".join(covered))
-    print("module: points only:", " ".join(sorted(set(known) - set(LAYOUTS))))
+    print("module: points only:", " ".join(sorted(set(known) - set(ARCHITECTURES))))
     assert ASKED <= set(covered)
-    assert set(LAYOUTS) <= set(known), sorted(set(LAYOUTS) - set(known))  # no layout for a type transformers lacks
+    assert set(ARCHITECTURES) <= set(known), sorted(set(ARCHITECTURES) - set(known))  # no architecture for a type transformers lacks
     assert {"bert", "t5", "bart", "whisper"}.isdisjoint(known)  # encoders and encoder-decoders are not listed
-    assert {config[0] for config in FAMILY_CONFIGS.values()} == set(LAYOUTS)  # every covered type has a tiny checkpoint
+    assert {config[0] for config in FAMILY_CONFIGS.values()} == set(ARCHITECTURES)  # every covered type has a tiny checkpoint
 
 
 def test_the_cli_lists_them(capsys):
     assert main(["families", "--all"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].startswith(f"{len(LAYOUTS)} of the {len(decoder_model_types())} decoder-only causal LM types")
+    assert out[0].startswith(f"{len(ARCHITECTURES)} of the {len(decoder_model_types())} decoder-only causal LM types")
     assert "gemma3_text" in out[1].split() and "bloom" in out[3].split()

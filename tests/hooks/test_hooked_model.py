@@ -54,16 +54,16 @@ def heads(model):
 
 
 def hf_block(model, layer):
-    return model.model.get_submodule(model.layout.blocks)[layer]
+    return model.model.get_submodule(model.architecture.blocks)[layer]
 
 
 def hf_module(model, layer, name):
-    """The wrapped model's module at the block layout's field `name` of `layer`."""
-    return hf_block(model, layer).get_submodule(getattr(model.layout.block_at(layer), name))
+    """The wrapped model's module at the block architecture's field `name` of `layer`."""
+    return hf_block(model, layer).get_submodule(getattr(model.architecture.block_at(layer), name))
 
 
 def attention_kind(model, layer):
-    return model.layout.attention_kind(layer)
+    return model.architecture.attention_kind(layer)
 
 
 # ---------------------------------------------------------------- whole-model equality
@@ -99,7 +99,7 @@ def test_residual_stream_equals_hidden_states(model, reference, tokens):
     for layer in range(n_layers - 1):
         assert torch.allclose(cache[f"blocks.{layer}.hook_resid_post"], hidden[layer + 1], atol=ATOL), layer
     # transformers' last hidden state is after the final norm
-    final_norm = reference.get_submodule(model.layout.final_norm)
+    final_norm = reference.get_submodule(model.architecture.final_norm)
     with torch.no_grad():
         assert torch.allclose(final_norm(cache[f"blocks.{n_layers - 1}.hook_resid_post"]), hidden[n_layers], atol=ATOL)
 
@@ -195,7 +195,7 @@ def test_zeroing_a_head_in_z_equals_zeroing_its_slice_of_the_output_projection_i
         return z
 
     logits = model.run_with_hooks(tokens, fwd_hooks=[("blocks.1.attn.hook_z", zero_head)])
-    o_proj = reference.get_submodule(model.layout.blocks)[1].get_submodule(model.layout.block_at(1).o_proj)
+    o_proj = reference.get_submodule(model.architecture.blocks)[1].get_submodule(model.architecture.block_at(1).o_proj)
 
     def zero_slice(module, args):
         x = args[0].clone()
@@ -223,9 +223,9 @@ def test_hook_result_is_each_heads_output_through_w_o(model, tokens):
         assert torch.allclose(result[:, :, head], expected, atol=1e-5), head
     bias = 0 if o_proj.bias is None else o_proj.bias
     attn_out = cache["blocks.0.hook_attn_out"]
-    if model.layout.block.ln1_post is not None:  # Gemma 2, OLMo-2: attn_out is after the output norm
-        _, before = model.run_with_cache(tokens, names_filter=[f"module:{model.layout.blocks}.0.{model.layout.block.attn}"])
-        attn_out = before[f"module:{model.layout.blocks}.0.{model.layout.block.attn}"]
+    if model.architecture.block.ln1_post is not None:  # Gemma 2, OLMo-2: attn_out is after the output norm
+        _, before = model.run_with_cache(tokens, names_filter=[f"module:{model.architecture.blocks}.0.{model.architecture.block.attn}"])
+        attn_out = before[f"module:{model.architecture.blocks}.0.{model.architecture.block.attn}"]
     assert torch.allclose(result.sum(2) + bias, attn_out, atol=1e-5)
     model.set_use_attn_result(False)
     assert "blocks.0.attn.hook_result" not in model.hook_names()
@@ -236,20 +236,20 @@ def test_hook_result_is_each_heads_output_through_w_o(model, tokens):
 
 def norm_inputs(model, cache, layer):
     """(norm name, the tensor that norm reads) for each norm of a block."""
-    block = model.layout.block_at(layer)
+    block = model.architecture.block_at(layer)
     p = f"blocks.{layer}."
     reads = {
         "ln1": cache[p + "hook_resid_pre"],
         "ln2": cache[p + "hook_resid_pre"] if block.parallel else cache.get(p + "hook_resid_mid"),
-        "ln1_post": cache.get(f"module:{model.layout.blocks}.{layer}.{block.attn}"),
-        "ln2_post": cache.get(f"module:{model.layout.blocks}.{layer}.{block.mlp}"),
+        "ln1_post": cache.get(f"module:{model.architecture.blocks}.{layer}.{block.attn}"),
+        "ln2_post": cache.get(f"module:{model.architecture.blocks}.{layer}.{block.mlp}"),
     }
     return [(name, reads[name]) for name in reads if getattr(block, name) is not None]
 
 
 def test_norm_scale_and_normalized(model, tokens):
-    block = model.layout.block_at(1)
-    modules = [f"module:{model.layout.blocks}.1.{getattr(block, f)}" for f in ("attn", "mlp")]
+    block = model.architecture.block_at(1)
+    modules = [f"module:{model.architecture.blocks}.1.{getattr(block, f)}" for f in ("attn", "mlp")]
     _, cache = model.run_with_cache(tokens, names_filter=["blocks.1.hook_resid_*", "blocks.1.ln*", *modules])
     checked = 0
     for name, x in norm_inputs(model, cache, 1):
@@ -272,11 +272,11 @@ def mlp_activation(model, layer):
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_mlp_post_is_what_the_output_projection_reads(model, tokens, layer):
-    block = model.layout.block_at(layer)
+    block = model.architecture.block_at(layer)
     if block.moe is not None:
         assert f"blocks.{layer}.mlp.hook_post" not in model.hook_names()
         return
-    mlp_module = f"module:{model.layout.blocks}.{layer}.{block.mlp}"
+    mlp_module = f"module:{model.architecture.blocks}.{layer}.{block.mlp}"
     _, cache = model.run_with_cache(tokens, names_filter=[f"blocks.{layer}.mlp.*", mlp_module])
     down = hf_module(model, layer, "mlp_out")
     with torch.no_grad():
@@ -288,7 +288,7 @@ def test_mlp_post_is_what_the_output_projection_reads(model, tokens, layer):
 
 
 def test_resid_mid_patch_reaches_both_readers(model, tokens):
-    block = model.layout.block_at(1)
+    block = model.architecture.block_at(1)
     if block.parallel:
         assert "blocks.0.hook_resid_mid" not in model.hook_names()
         return
@@ -310,7 +310,7 @@ def test_resid_mid_patch_reaches_both_readers(model, tokens):
 
 def test_gradients_equal_autograd(model, tokens):
     names = ["blocks.0.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.attn.hook_pattern", "blocks.2.hook_resid_post"]
-    if not model.layout.block_at(1).parallel:
+    if not model.architecture.block_at(1).parallel:
         names.append("blocks.1.hook_resid_mid")
     _, cache = model.run_with_cache(tokens, return_type="loss", names_filter=names, incl_bwd=True)
     for name in names:
@@ -376,7 +376,7 @@ def test_bad_inputs_are_refused(tiny_checkpoints, model, tokens):
 
 
 def test_module_points_on_request(model, tokens):
-    mlp_path = f"{model.layout.blocks}.0.{model.layout.block.ln2_post or model.layout.block.mlp}"
+    mlp_path = f"{model.architecture.blocks}.0.{model.architecture.block.ln2_post or model.architecture.block.mlp}"
     _, cache = model.run_with_cache(tokens, names_filter=[f"module:{mlp_path}", "blocks.0.hook_mlp_out"])
     assert torch.equal(cache[f"module:{mlp_path}"], cache["blocks.0.hook_mlp_out"])
     assert f"module:{mlp_path}" in model.hook_names()
@@ -404,7 +404,7 @@ def test_the_fallback_caches_every_module_of_an_unregistered_causal_lm():
     torch.manual_seed(0)
     hf = transformers.AutoModelForCausalLM.from_config(config).eval()
     hooked = sl.HookedModel(hf)
-    assert hooked.layout is None and "module:transformer.h.1.self_attention" in hooked.hook_names()
+    assert hooked.architecture is None and "module:transformer.h.1.self_attention" in hooked.hook_names()
     tokens = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = hf(tokens, output_hidden_states=True)
@@ -476,11 +476,11 @@ def test_hook_logits_is_after_the_familys_logit_transform(tiny_checkpoints, toke
 @pytest.mark.parametrize("name", ["falcon", "falcon_7b"])
 def test_falcons_in_place_add_leaves_cached_mlp_outputs_alone(tiny_checkpoints, tokens, name):
     model = sl.HookedModel.from_pretrained(tiny_checkpoints[name])
-    path = f"{model.layout.blocks}.1.{model.layout.block.mlp_out}"  # what the block adds the attention output into
+    path = f"{model.architecture.blocks}.1.{model.architecture.block.mlp_out}"  # what the block adds the attention output into
     _, post = model.run_with_cache(tokens, names_filter="blocks.1.mlp.hook_post")
     with torch.no_grad():
         expected = model.model.get_submodule(path)(post["blocks.1.mlp.hook_post"])
-    mlp = f"module:{model.layout.blocks}.1.{model.layout.block.mlp}"
+    mlp = f"module:{model.architecture.blocks}.1.{model.architecture.block.mlp}"
     for point in (f"module:{path}", mlp, "blocks.1.hook_mlp_out"):  # each cached alone
         _, cache = model.run_with_cache(tokens, names_filter=point)
         assert torch.allclose(cache[point], expected, atol=1e-6), point

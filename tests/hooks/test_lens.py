@@ -33,11 +33,11 @@ def tokens():
 
 
 def block(model, layer):
-    return model.model.get_submodule(model.layout.blocks)[layer]
+    return model.model.get_submodule(model.architecture.blocks)[layer]
 
 
 def block_module(model, layer, field):
-    return block(model, layer).get_submodule(getattr(model.layout.block_at(layer), field))
+    return block(model, layer).get_submodule(getattr(model.architecture.block_at(layer), field))
 
 
 @contextmanager
@@ -75,7 +75,7 @@ def test_cfg_fields_equal_the_hf_config_and_module_shapes(tiny_checkpoints, fami
     assert (cfg.n_layers, cfg.d_model, cfg.n_heads) == (config.num_hidden_layers, config.hidden_size, config.num_attention_heads)
     assert (cfg.d_vocab, cfg.d_vocab_out, cfg.n_ctx) == (config.vocab_size, config.vocab_size, config.max_position_embeddings)
     assert cfg.act_fn == getattr(config, ACTIVATION_FIELD.get(full_config.model_type, "hidden_act"))
-    final_norm = model.model.get_submodule(model.layout.final_norm)
+    final_norm = model.model.get_submodule(model.architecture.final_norm)
     eps = getattr(final_norm, "eps", getattr(final_norm, "variance_epsilon", None))
     assert cfg.eps == (1e-5 if eps is None else eps)  # OLMo's LayerNorm names none: it uses 1e-5
     assert cfg.normalization_type == ("RMS" if "RMSNorm" in type(final_norm).__name__ else "LN")
@@ -84,7 +84,7 @@ def test_cfg_fields_equal_the_hf_config_and_module_shapes(tiny_checkpoints, fami
     assert cfg.tie_word_embeddings == config.tie_word_embeddings
     assert cfg.original_architecture == full_config.architectures[0]
     # sizes: those of the activations a run gives
-    dense = next(layer for layer in range(cfg.n_layers) if model.layout.block_at(layer).moe is None) if family not in (
+    dense = next(layer for layer in range(cfg.n_layers) if model.architecture.block_at(layer).moe is None) if family not in (
         "mixtral", "qwen3_moe", "olmoe", "gpt_oss") else None
     names = ["blocks.0.attn.hook_k", "blocks.0.attn.hook_z"] + ([f"blocks.{dense}.mlp.hook_post"] if dense is not None else [])
     _, cache = model.run_with_cache(tokens, names_filter=names)
@@ -218,13 +218,13 @@ def hf_heads(model, layer, projected):
         qkv, d_head = projected["self_attn.qkv_proj"], attention.head_dim
         q_end, k_end = n_heads * d_head, (n_heads + attention.num_key_value_heads) * d_head
         return tuple(t.unflatten(-1, (-1, d_head)) for t in (qkv[..., :q_end], qkv[..., q_end:k_end], qkv[..., k_end:]))
-    return tuple(projected[path].unflatten(-1, (-1, attention.head_dim)) for path, _ in model.layout.block.qkv)
+    return tuple(projected[path].unflatten(-1, (-1, attention.head_dim)) for path, _ in model.architecture.block.qkv)
 
 
 @pytest.mark.parametrize("family", PROJECTED_FAMILIES)
 def test_query_key_value_weights_give_each_heads_projection(tiny_checkpoints, family, tokens):
     model = load(tiny_checkpoints, family)
-    paths = [path for path, _ in model.layout.block.qkv]
+    paths = [path for path, _ in model.architecture.block.qkv]
     n_layers = model.config.num_hidden_layers
     modules = {(layer, path): block(model, layer).get_submodule(path) for layer in range(n_layers) for path in paths}
     with recorded(modules) as seen:
@@ -279,7 +279,7 @@ def test_output_weights_turn_hook_z_into_the_attention_output(tiny_checkpoints, 
         z = cache[f"blocks.{layer}.attn.hook_z"]
         out = torch.einsum("bphd,hdm->bpm", z, W_O[layer]) + b_O[layer]
         assert torch.allclose(out, seen[layer][1], atol=ATOL), layer
-        if model.layout.block_at(layer).ln1_post is None:  # else hook_attn_out is after a norm
+        if model.architecture.block_at(layer).ln1_post is None:  # else hook_attn_out is after a norm
             assert torch.allclose(out, cache[f"blocks.{layer}.hook_attn_out"], atol=ATOL), layer
 
 
@@ -295,7 +295,7 @@ def test_mlp_weights_give_hook_pre_and_turn_hook_post_into_the_mlp_output(tiny_c
     d_model, d_mlp = model.cfg.d_model, model.cfg.d_mlp
     assert (W_in.shape, b_in.shape, W_out.shape, b_out.shape) == (
         (n_layers, d_model, d_mlp), (n_layers, d_mlp), (n_layers, d_mlp, d_model), (n_layers, d_model))
-    gated = model.layout.block.gated
+    gated = model.architecture.block.gated
     assert (W_gate is None) == (not gated) and model.cfg.gated_mlp == gated
     for layer in range(n_layers):
         p = f"blocks.{layer}."
@@ -306,7 +306,7 @@ def test_mlp_weights_give_hook_pre_and_turn_hook_post_into_the_mlp_output(tiny_c
             assert torch.allclose(x @ W_gate[layer], cache[p + "mlp.hook_pre"], atol=ATOL), layer
         out = cache[p + "mlp.hook_post"] @ W_out[layer] + b_out[layer]
         assert torch.allclose(out, seen[("out", layer)][1], atol=ATOL), layer
-        if model.layout.block_at(layer).ln2_post is None:
+        if model.architecture.block_at(layer).ln2_post is None:
             assert torch.allclose(out, cache[p + "hook_mlp_out"], atol=ATOL), layer
 
 
@@ -337,7 +337,7 @@ def hf_logit_transform(model, logits):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_unembedding_turns_the_final_norms_output_into_the_logits(tiny_checkpoints, family, tokens):
     model = load(tiny_checkpoints, family)
-    with recorded({"norm": model.model.get_submodule(model.layout.final_norm)}) as seen:
+    with recorded({"norm": model.model.get_submodule(model.architecture.final_norm)}) as seen:
         logits = model(tokens)
     assert model.W_U.shape == (model.cfg.d_model, VOCAB) and model.b_U.shape == (VOCAB,)
     assert torch.allclose(hf_logit_transform(model, seen["norm"][1] @ model.W_U + model.b_U), logits, atol=ATOL)

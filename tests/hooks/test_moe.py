@@ -26,13 +26,13 @@ def tokens():
 
 
 def moe_layers(model):
-    return [layer for layer in range(model.config.num_hidden_layers) if model.layout.block_at(layer).moe is not None]
+    return [layer for layer in range(model.config.num_hidden_layers) if model.architecture.block_at(layer).moe is not None]
 
 
 def routers(model, reference):
     """Each MoE layer's router module in the reference model."""
-    blocks = reference.get_submodule(model.layout.blocks)
-    return {layer: blocks[layer].get_submodule(model.layout.block_at(layer).moe.router) for layer in moe_layers(model)}
+    blocks = reference.get_submodule(model.architecture.blocks)
+    return {layer: blocks[layer].get_submodule(model.architecture.block_at(layer).moe.router) for layer in moe_layers(model)}
 
 
 def run_reference(reference, model, tokens, edit=None):
@@ -59,7 +59,7 @@ def test_routing_points_equal_the_routers_outputs(pair, tokens):
     expected_logits, routing = run_reference(reference, model, tokens)
     logits, cache = model.run_with_cache(tokens, names_filter=lambda name: ".mlp." in name)  # routing and any shared expert
     assert torch.allclose(logits, expected_logits, atol=1e-5)
-    moe = model.layout.block_at(moe_layers(model)[0]).moe
+    moe = model.architecture.block_at(moe_layers(model)[0]).moe
     for layer, (router_logits, weights, indices) in routing.items():
         p = f"blocks.{layer}.mlp."
         assert cache[p + "hook_router_logits"].shape == (2, 9, moe.n_experts)
@@ -96,7 +96,7 @@ def test_ablating_experts_equals_zeroing_their_weights_in_the_router(pair, token
 def test_forcing_a_routing_equals_the_router_choosing_it(pair, tokens):
     model, reference = pair
     layer = moe_layers(model)[0]
-    top_k = model.layout.block_at(layer).moe.top_k
+    top_k = model.architecture.block_at(layer).moe.top_k
     forced = [3, 0][:top_k]
 
     def edit(at, weights, indices):
@@ -117,7 +117,7 @@ def test_routing_statistics_count_each_experts_tokens(pair, tokens):
     _, cache = model.run_with_cache(tokens, names_filter=[], fwd_hooks=[Spec("blocks.*.mlp.hook_expert_weights", ops.RoutingStats())])
     for layer, (_, weights, indices) in routing.items():
         name = f"blocks.{layer}.mlp.hook_expert_weights"
-        n_experts = model.layout.block_at(layer).moe.n_experts
+        n_experts = model.architecture.block_at(layer).moe.n_experts
         for example in range(2):
             rows = indices.view(2, 9, -1)[example].flatten()
             expected = torch.bincount(rows, minlength=n_experts).float()
@@ -170,9 +170,9 @@ def test_each_expert_on_request(tiny_checkpoints, tokens, name):
     model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], point_options=sl.PointOptions(expert_points=True))
     reference = load_reference(tiny_checkpoints[name])
     layer = moe_layers(model)[-1]
-    moe = model.layout.block_at(layer).moe
+    moe = model.architecture.block_at(layer).moe
     experts_out = {}
-    module = reference.get_submodule(model.layout.blocks)[layer].get_submodule(moe.experts)
+    module = reference.get_submodule(model.architecture.blocks)[layer].get_submodule(moe.experts)
     handle = module.register_forward_hook(lambda m, args, out: experts_out.__setitem__("out", out.detach()))
     expected, routing = run_reference(reference, model, tokens)
     handle.remove()

@@ -34,7 +34,7 @@ def test_switched_on_and_cached_they_change_nothing(tiny_checkpoints, tokens, na
     assert torch.equal(cache["blocks.1.hook_attn_in"], resid_pre[:, :, None].expand(2, 9, n_heads, d_model))
     assert torch.equal(cache["blocks.1.hook_q_input"], resid_pre[:, :, None].expand(2, 9, n_heads, d_model))
     assert torch.equal(cache["blocks.1.hook_k_input"], resid_pre[:, :, None].expand(2, 9, n_kv, d_model))
-    mlp_reads = resid_pre if model.layout.block_at(1).parallel else cache["blocks.1.hook_resid_mid"]
+    mlp_reads = resid_pre if model.architecture.block_at(1).parallel else cache["blocks.1.hook_resid_mid"]
     assert torch.equal(cache["blocks.1.hook_mlp_in"], mlp_reads)
     assert torch.equal(cache["hook_tokens"], tokens)
     for point in ("blocks.0.hook_q_input", "blocks.0.hook_mlp_in"):
@@ -47,7 +47,7 @@ def test_a_patch_of_one_heads_input_reaches_that_head_only(tiny_checkpoints, tok
     # In layer 0 a head's q (k, v) depends only on its input at that position (and the position),
     # so patching head h's input with another prompt's embeddings gives that prompt's q for head h.
     model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], point_options=ALL)
-    attention = model.model.get_submodule(model.layout.blocks)[0].get_submodule(model.layout.block.attn)
+    attention = model.model.get_submodule(model.architecture.blocks)[0].get_submodule(model.architecture.block.attn)
     q_norm = getattr(attention, "q_norm", None)
     if q_norm is not None and q_norm.weight.shape == (model.config.hidden_size,) and attn_point != "hook_v":
         pytest.skip("q and k are normalised over all heads together (OLMo-2, OLMo-3, OLMoE): one head's input moves every head's norm")
@@ -72,13 +72,13 @@ def test_a_patch_of_one_heads_input_reaches_that_head_only(tiny_checkpoints, tok
 @pytest.mark.parametrize("name", FAMILIES)
 def test_hook_mlp_in_changes_what_the_mlp_reads_and_nothing_else(tiny_checkpoints, tokens, other, name):
     model = sl.HookedModel.from_pretrained(tiny_checkpoints[name], point_options=sl.PointOptions(hook_mlp_in=True))
-    block = model.layout.block_at(1)
+    block = model.architecture.block_at(1)
     names = ["blocks.1.hook_resid_pre", "blocks.1.hook_attn_out", "blocks.1.hook_mlp_out", "blocks.1.hook_resid_post"]
     _, source = model.run_with_cache(other, names_filter=["blocks.1.hook_resid_pre"])
     replacement = source["blocks.1.hook_resid_pre"]
     with model.hooks(fwd_hooks=[("blocks.1.hook_mlp_in", lambda x, hook: replacement)]):
         _, cache = model.run_with_cache(tokens, names_filter=names)
-    hf_block = model.model.get_submodule(model.layout.blocks)[1]
+    hf_block = model.model.get_submodule(model.architecture.blocks)[1]
     norm = block.ln2 or (block.ln1 if block.parallel else None)
     with torch.no_grad():
         mlp_in = replacement if norm is None else hf_block.get_submodule(norm)(replacement)

@@ -119,18 +119,18 @@ def test_stage_hook_points_carry_global_names(tiny_checkpoints):
     assert all(not n.startswith(("blocks.0.", "blocks.1.", "hook_embed")) for n in last.hook_names())
 
 
-def expected_keys(folder, plan, index, layout):
+def expected_keys(folder, plan, index, architecture):
     """The checkpoint keys stage `index` should read, by plain string matching."""
     stage = plan.stages[index]
     keys = set()
     for file in Path(folder).glob("*.safetensors"):
         with safe_open(file, "pt") as f:
             keys |= set(f.keys())
-    wanted = {k for k in keys if any(f"{layout.blocks}.{layer}." in k for layer in stage.layers)}
+    wanted = {k for k in keys if any(f"{architecture.blocks}.{layer}." in k for layer in stage.layers)}
     if stage.embed:
-        wanted |= {k for k in keys if k.startswith((layout.embed + ".", f"{layout.pos_embed}."))}
+        wanted |= {k for k in keys if k.startswith((architecture.embed + ".", f"{architecture.pos_embed}."))}
     if stage.head:
-        wanted |= {k for k in keys if k.startswith((layout.final_norm + ".", "lm_head.", "embed_out."))}
+        wanted |= {k for k in keys if k.startswith((architecture.final_norm + ".", "lm_head.", "embed_out."))}
     return wanted
 
 
@@ -160,11 +160,11 @@ def test_a_stage_reads_only_its_own_tensors(tiny_checkpoints, sharded_llama, nam
 
     monkeypatch.setattr(checkpoint_module, "safe_open", RecordingOpen)
     plan = ShardPlan.for_model(source, stages=3)
-    layout = sl.HookedModel.from_pretrained(source).layout
+    architecture = sl.HookedModel.from_pretrained(source).architecture
     for index in range(3):
         read.clear()
         build_stage(source, plan, index)
-        assert set(read) == expected_keys(source, plan, index, layout), index
+        assert set(read) == expected_keys(source, plan, index, architecture), index
         assert len(read) == len(set(read))
 
 
@@ -223,6 +223,6 @@ def test_bad_inputs(tiny_checkpoints, tokens):
 
 def test_a_plans_layout_that_cannot_be_imported_is_named(tiny_checkpoints):
     source = tiny_checkpoints["llama_gqa"]
-    plan = dataclasses.replace(ShardPlan.for_model(source, stages=2), layout="tests.nowhere:no_layout")
-    with pytest.raises(ShardPlanError, match="'tests.nowhere:no_layout' cannot be imported"):
+    plan = dataclasses.replace(ShardPlan.for_model(source, stages=2), architecture="tests.nowhere:no_architecture")
+    with pytest.raises(ShardPlanError, match="'tests.nowhere:no_architecture' cannot be imported"):
         build_stage(source, ShardPlan.from_json(plan.to_json()), 0)

@@ -484,14 +484,14 @@ def test_resources_no_node_offers_are_refused_before_any_worker_starts(ray_sessi
         assert tracer.placement() == [{"replica": 0, "stage": 0, "node": "local"}, {"replica": 0, "stage": 1, "node": "local"}]
 
 
-def test_a_layout_registered_here_reaches_the_ray_workers(ray_session, tiny_checkpoints, tokens, monkeypatch):
-    from shardlens.hooks.architectures import LAYOUTS
-    from tests.sharding.layouts import doubled_logits_layout
+def test_an_architecture_registered_here_reaches_the_ray_workers(ray_session, tiny_checkpoints, tokens, monkeypatch):
+    from shardlens.hooks.architectures import ARCHITECTURES
+    from tests.sharding.architectures import doubled_logits_architecture
     from tests.tiny_models import load_reference
 
-    monkeypatch.setitem(LAYOUTS, "llama", doubled_logits_layout)  # as register_layout, undone after the test
+    monkeypatch.setitem(ARCHITECTURES, "llama", doubled_logits_architecture)  # as register_architecture, undone after the test
     with torch.no_grad():
         expected = load_reference(tiny_checkpoints["llama_gqa"])(tokens).logits * 2
     with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray") as tracer:
-        assert tracer.plan.layout == "tests.sharding.layouts:doubled_logits_layout"
+        assert tracer.plan.architecture == "tests.sharding.architectures:doubled_logits_architecture"
         assert torch.allclose(tracer(tokens), expected, atol=1e-5)

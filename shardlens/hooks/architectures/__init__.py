@@ -1,7 +1,7 @@
-"""Architecture adapters: a registry of layouts keyed by the Hugging Face `model_type`.
+"""Architecture adapters: a registry of architectures keyed by the Hugging Face `model_type`.
 
 A model whose type is not registered still gets `module:<dotted.path>` hook points on every
-submodule (the generic fallback); register a layout to give it the canonical names.
+submodule (the generic fallback); register an architecture to give it the canonical names.
 """
 
 from __future__ import annotations
@@ -9,70 +9,70 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Optional
 
-from shardlens.hooks.architectures.cohere import cohere_layout
-from shardlens.hooks.architectures.deepseek import deepseek_v3_layout
-from shardlens.hooks.architectures.exaone import exaone4_layout
-from shardlens.hooks.architectures.falcon import falcon_layout
-from shardlens.hooks.architectures.gemma import gemma2_layout, gemma3_layout, gemma3_multimodal_layout, gemma_layout
-from shardlens.hooks.architectures.gpt2 import gpt2_layout
-from shardlens.hooks.architectures.gpt_neox import gpt_neox_layout
-from shardlens.hooks.architectures.gpt_oss import gpt_oss_layout
-from shardlens.hooks.architectures.gptj import gptj_layout
-from shardlens.hooks.architectures.granite import granite_layout
-from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout, MoELayout, attention_kinds
-from shardlens.hooks.architectures.llama import llama_layout
-from shardlens.hooks.architectures.moe import mixtral_layout, qwen_moe_layout
-from shardlens.hooks.architectures.olmo import olmo2_layout, olmo3_layout, olmo_layout, olmoe_layout
-from shardlens.hooks.architectures.phi import phi3_layout, phi_layout
-from shardlens.hooks.architectures.stablelm import stablelm_layout
-from shardlens.hooks.architectures.starcoder2 import starcoder2_layout
+from shardlens.hooks.architectures.cohere import cohere_architecture
+from shardlens.hooks.architectures.deepseek import deepseek_v3_architecture
+from shardlens.hooks.architectures.exaone import exaone4_architecture
+from shardlens.hooks.architectures.falcon import falcon_architecture
+from shardlens.hooks.architectures.gemma import gemma2_architecture, gemma3_architecture, gemma3_multimodal_architecture, gemma_architecture
+from shardlens.hooks.architectures.gpt2 import gpt2_architecture
+from shardlens.hooks.architectures.gpt_neox import gpt_neox_architecture
+from shardlens.hooks.architectures.gpt_oss import gpt_oss_architecture
+from shardlens.hooks.architectures.gptj import gptj_architecture
+from shardlens.hooks.architectures.granite import granite_architecture
+from shardlens.hooks.architectures.architecture import BlockArchitecture, Architecture, MoEArchitecture, attention_kinds
+from shardlens.hooks.architectures.llama import llama_architecture
+from shardlens.hooks.architectures.moe import mixtral_architecture, qwen_moe_architecture
+from shardlens.hooks.architectures.olmo import olmo2_architecture, olmo3_architecture, olmo_architecture, olmoe_architecture
+from shardlens.hooks.architectures.phi import phi3_architecture, phi_architecture
+from shardlens.hooks.architectures.stablelm import stablelm_architecture
+from shardlens.hooks.architectures.starcoder2 import starcoder2_architecture
 
-LayoutFn = Callable[[Any], ModelLayout]
+ArchitectureFn = Callable[[Any], Architecture]
 
-# model_type -> layout; one line per family (tests/hooks/test_coverage.py lists what is covered)
-LAYOUTS: dict[str, LayoutFn] = {
-    "gpt2": gpt2_layout,
-    "gpt_neox": gpt_neox_layout,
-    "gptj": gptj_layout,
-    "falcon": falcon_layout,
-    "llama": llama_layout,
-    "mistral": llama_layout,
-    "qwen2": llama_layout,
-    "qwen3": llama_layout,
-    "smollm3": llama_layout,
-    "seed_oss": llama_layout,
-    "internlm3": llama_layout,
-    "ernie4_5": llama_layout,
-    "cwm": llama_layout,
-    "gemma": gemma_layout,
-    "gemma2": gemma2_layout,
-    "gemma3_text": gemma3_layout,
-    "gemma3": gemma3_multimodal_layout,
-    "phi": phi_layout,
-    "phi3": phi3_layout,
-    "olmo": olmo_layout,
-    "olmo2": olmo2_layout,
-    "olmo3": olmo3_layout,
-    "exaone4": exaone4_layout,
-    "granite": granite_layout,
-    "cohere": cohere_layout,
-    "stablelm": stablelm_layout,
-    "starcoder2": starcoder2_layout,
-    "mixtral": mixtral_layout,
-    "qwen2_moe": qwen_moe_layout,
-    "qwen3_moe": qwen_moe_layout,
-    "olmoe": olmoe_layout,
-    "deepseek_v3": deepseek_v3_layout,
-    "gpt_oss": gpt_oss_layout,
+# model_type -> architecture; one line per family (tests/hooks/test_coverage.py lists what is covered)
+ARCHITECTURES: dict[str, ArchitectureFn] = {
+    "gpt2": gpt2_architecture,
+    "gpt_neox": gpt_neox_architecture,
+    "gptj": gptj_architecture,
+    "falcon": falcon_architecture,
+    "llama": llama_architecture,
+    "mistral": llama_architecture,
+    "qwen2": llama_architecture,
+    "qwen3": llama_architecture,
+    "smollm3": llama_architecture,
+    "seed_oss": llama_architecture,
+    "internlm3": llama_architecture,
+    "ernie4_5": llama_architecture,
+    "cwm": llama_architecture,
+    "gemma": gemma_architecture,
+    "gemma2": gemma2_architecture,
+    "gemma3_text": gemma3_architecture,
+    "gemma3": gemma3_multimodal_architecture,
+    "phi": phi_architecture,
+    "phi3": phi3_architecture,
+    "olmo": olmo_architecture,
+    "olmo2": olmo2_architecture,
+    "olmo3": olmo3_architecture,
+    "exaone4": exaone4_architecture,
+    "granite": granite_architecture,
+    "cohere": cohere_architecture,
+    "stablelm": stablelm_architecture,
+    "starcoder2": starcoder2_architecture,
+    "mixtral": mixtral_architecture,
+    "qwen2_moe": qwen_moe_architecture,
+    "qwen3_moe": qwen_moe_architecture,
+    "olmoe": olmoe_architecture,
+    "deepseek_v3": deepseek_v3_architecture,
+    "gpt_oss": gpt_oss_architecture,
 }
 
 
-def register_layout(model_type: str, layout: LayoutFn) -> None:
-    """Give models of `model_type` the canonical hook names, laid out by `layout(config)`.
+def register_architecture(model_type: str, architecture: ArchitectureFn) -> None:
+    """Give models of `model_type` the canonical hook names, laid out by `architecture(config)`.
 
     A plan made in this process names the function by import path, and stage workers in
     other processes import it from there: define it in a module they can import."""
-    LAYOUTS[model_type] = layout
+    ARCHITECTURES[model_type] = architecture
 
 
 def decoder_model_types() -> list[str]:
@@ -88,21 +88,21 @@ def decoder_model_types() -> list[str]:
     return sorted(t for t in causal if t not in others)
 
 
-def layout_for(config: Any) -> Optional[ModelLayout]:
-    """The layout for a transformers config, or None when its model_type is not registered."""
-    layout = LAYOUTS.get(getattr(config, "model_type", None))
-    return layout(config) if layout is not None else None
+def architecture_for(config: Any) -> Optional[Architecture]:
+    """The architecture for a transformers config, or None when its model_type is not registered."""
+    architecture = ARCHITECTURES.get(getattr(config, "model_type", None))
+    return architecture(config) if architecture is not None else None
 
 
-def layout_path(model_type: str) -> Optional[str]:
-    """The import path ("module:function") of the layout registered for `model_type`, so
+def architecture_path(model_type: str) -> Optional[str]:
+    """The import path ("module:function") of the architecture registered for `model_type`, so
     that another process (a stage worker) can use the same one; None when none is."""
-    layout = LAYOUTS.get(model_type)
-    return None if layout is None else f"{layout.__module__}:{layout.__qualname__}"
+    architecture = ARCHITECTURES.get(model_type)
+    return None if architecture is None else f"{architecture.__module__}:{architecture.__qualname__}"
 
 
-def layout_at(path: str, config: Any) -> ModelLayout:
-    """The layout the function at import path `path` ("module:function") gives `config`.
+def architecture_at(path: str, config: Any) -> Architecture:
+    """The architecture the function at import path `path` ("module:function") gives `config`.
 
     Raises:
         LookupError: naming the path, when it cannot be imported.
@@ -115,11 +115,11 @@ def layout_at(path: str, config: Any) -> ModelLayout:
         for part in name.split("."):
             function = getattr(function, part)
     except (ImportError, AttributeError) as error:
-        raise LookupError(f"layout {path!r} cannot be imported in this process ({type(error).__name__}: {error})") from None
+        raise LookupError(f"architecture {path!r} cannot be imported in this process ({type(error).__name__}: {error})") from None
     return function(config)
 
 
 __all__ = [
-    "BlockLayout", "LAYOUTS", "ModelLayout", "MoELayout", "attention_kinds", "decoder_model_types", "layout_at", "layout_for",
-    "layout_path", "register_layout",
+    "BlockArchitecture", "ARCHITECTURES", "Architecture", "MoEArchitecture", "attention_kinds", "decoder_model_types", "architecture_at", "architecture_for",
+    "architecture_path", "register_architecture",
 ]

@@ -11,14 +11,14 @@ over `n_routed_experts` with sigmoid scores and group-limited top-k, plus shared
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 from shardlens.hooks.architectures.moe import moe_block
 
 
-def deepseek_v3_layout(config) -> ModelLayout:
+def deepseek_v3_architecture(config) -> Architecture:
     latent = replace(LLAMA_BLOCK, qkv=())
     moe = moe_block(config, router="mlp.gate", shared_expert="mlp.shared_experts", base=latent)
     blocks = tuple(latent if layer < config.first_k_dense_replace else moe for layer in range(config.num_hidden_layers))
     # latent attention expands keys and values to every head
-    return llama_layout(config, moe, layer_blocks=blocks, n_kv_heads=config.num_attention_heads)
+    return llama_architecture(config, moe, layer_blocks=blocks, n_kv_heads=config.num_attention_heads)

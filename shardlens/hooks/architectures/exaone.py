@@ -3,10 +3,10 @@ ln2) with Llama's RMSNorm, q/k norms inside attention, and sliding-window layers
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import llama_architecture
 from shardlens.hooks.architectures.olmo import OLMO2_BLOCK
 
 
-def exaone4_layout(config) -> ModelLayout:
-    return llama_layout(config, replace(OLMO2_BLOCK, norm="rmsnorm"))
+def exaone4_architecture(config) -> Architecture:
+    return llama_architecture(config, replace(OLMO2_BLOCK, norm="rmsnorm"))

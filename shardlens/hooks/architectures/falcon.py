@@ -13,11 +13,11 @@ a copy.
 
 from __future__ import annotations
 
-from shardlens.hooks.architectures.layout import BlockLayout, ModelLayout
+from shardlens.hooks.architectures.architecture import BlockArchitecture, Architecture
 from shardlens.hooks.attention import falcon_attention
 
 
-def falcon_layout(config) -> ModelLayout:
+def falcon_architecture(config) -> Architecture:
     if getattr(config, "alibi", False):
         raise NotImplementedError("Falcon with ALiBi positions is not supported: shardlens supports rotary Falcon models")
     if not config.parallel_attn and not config.new_decoder_architecture:
@@ -33,11 +33,11 @@ def falcon_layout(config) -> ModelLayout:
         arrangement, n_kv = "qkv", 1
     else:
         arrangement, n_kv = "qkv_per_head", config.num_attention_heads
-    return ModelLayout(
+    return Architecture(
         embed="transformer.word_embeddings", blocks="transformer.h", final_norm="transformer.ln_f", unembed="lm_head",
         rotary="transformer.rotary_emb", cache_kwarg="layer_past", block_kwargs=(("alibi", None),), n_kv_heads=n_kv,
         attention_forward=falcon_attention,
-        block=BlockLayout(
+        block=BlockArchitecture(
             ln1=ln1, ln2=ln2, attn="self_attention", o_proj="self_attention.dense", mlp="mlp",
             mlp_in="mlp.dense_h_to_4h", mlp_out="mlp.dense_4h_to_h", norm="layernorm", parallel=parallel,
             mlp_out_changed_in_place=parallel, qkv=(("self_attention.query_key_value", arrangement),),

@@ -14,8 +14,8 @@ take token ids only).
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 
 GEMMA_BLOCK = replace(LLAMA_BLOCK, norm="gemma_rmsnorm")
 GEMMA2_BLOCK = replace(
@@ -23,22 +23,22 @@ GEMMA2_BLOCK = replace(
 )
 
 
-def gemma_layout(config) -> ModelLayout:
-    return llama_layout(config, GEMMA_BLOCK)
+def gemma_architecture(config) -> Architecture:
+    return llama_architecture(config, GEMMA_BLOCK)
 
 
-def gemma2_layout(config) -> ModelLayout:
-    return llama_layout(config, GEMMA2_BLOCK, logit_softcap=getattr(config, "final_logit_softcapping", None))
+def gemma2_architecture(config) -> Architecture:
+    return llama_architecture(config, GEMMA2_BLOCK, logit_softcap=getattr(config, "final_logit_softcapping", None))
 
 
-def gemma3_layout(config) -> ModelLayout:
-    return llama_layout(
+def gemma3_architecture(config) -> Architecture:
+    return llama_architecture(
         config, GEMMA2_BLOCK, logit_softcap=getattr(config, "final_logit_softcapping", None), rotary_by_layer_type=True,
     )
 
 
-def gemma3_multimodal_layout(config) -> ModelLayout:
-    text = gemma3_layout(config.get_text_config())
+def gemma3_multimodal_architecture(config) -> Architecture:
+    text = gemma3_architecture(config.get_text_config())
     return replace(
         text, embed="model.language_model.embed_tokens", blocks="model.language_model.layers",
         final_norm="model.language_model.norm", rotary="model.language_model.rotary_emb",

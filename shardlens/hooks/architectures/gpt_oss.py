@@ -9,10 +9,10 @@ and hook_pattern their probabilities, so a row sums to one minus the sink's shar
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 from shardlens.hooks.architectures.moe import moe_block
 
 
-def gpt_oss_layout(config) -> ModelLayout:
-    return llama_layout(config, moe_block(config, router="mlp.router", base=replace(LLAMA_BLOCK, norm="rmsnorm_f32")))
+def gpt_oss_architecture(config) -> Architecture:
+    return llama_architecture(config, moe_block(config, router="mlp.router", base=replace(LLAMA_BLOCK, norm="rmsnorm_f32")))

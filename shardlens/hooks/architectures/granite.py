@@ -7,12 +7,12 @@ attention scores are scaled by `attention_multiplier` (inside attention), and th
 are divided by `logits_scaling` (hook_logits is after the division).
 """
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import llama_architecture
 
 
-def granite_layout(config) -> ModelLayout:
-    return llama_layout(
+def granite_architecture(config) -> Architecture:
+    return llama_architecture(
         config, embed_multiplier=config.embedding_multiplier, residual_multiplier=config.residual_multiplier,
         logit_divisor=config.logits_scaling,
     )

@@ -10,8 +10,8 @@ mixture-of-experts MLP.
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 from shardlens.hooks.architectures.moe import moe_block
 
 OLMO2_BLOCK = replace(
@@ -19,17 +19,17 @@ OLMO2_BLOCK = replace(
 )
 
 
-def olmo_layout(config) -> ModelLayout:
-    return llama_layout(config, replace(LLAMA_BLOCK, norm="layernorm_f32"))
+def olmo_architecture(config) -> Architecture:
+    return llama_architecture(config, replace(LLAMA_BLOCK, norm="layernorm_f32"))
 
 
-def olmo2_layout(config) -> ModelLayout:
-    return llama_layout(config, OLMO2_BLOCK)
+def olmo2_architecture(config) -> Architecture:
+    return llama_architecture(config, OLMO2_BLOCK)
 
 
-def olmo3_layout(config) -> ModelLayout:
-    return llama_layout(config, OLMO2_BLOCK, rotary_by_layer_type=True)
+def olmo3_architecture(config) -> Architecture:
+    return llama_architecture(config, OLMO2_BLOCK, rotary_by_layer_type=True)
 
 
-def olmoe_layout(config) -> ModelLayout:
-    return llama_layout(config, moe_block(config, router="mlp.gate"))
+def olmoe_architecture(config) -> Architecture:
+    return llama_architecture(config, moe_block(config, router="mlp.gate"))

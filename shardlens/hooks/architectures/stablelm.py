@@ -3,11 +3,11 @@ LayerNorms inside attention; with `use_parallel_residual` the MLP reads the atte
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 
 
-def stablelm_layout(config) -> ModelLayout:
+def stablelm_architecture(config) -> Architecture:
     parallel = bool(getattr(config, "use_parallel_residual", False))
     block = replace(LLAMA_BLOCK, norm="layernorm", parallel=parallel, ln2=None if parallel else LLAMA_BLOCK.ln2)
-    return llama_layout(config, block)
+    return llama_architecture(config, block)

@@ -3,10 +3,10 @@ sliding window in every layer when the config has one."""
 
 from dataclasses import replace
 
-from shardlens.hooks.architectures.layout import ModelLayout
-from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_layout
+from shardlens.hooks.architectures.architecture import Architecture
+from shardlens.hooks.architectures.llama import LLAMA_BLOCK, llama_architecture
 
 
-def starcoder2_layout(config) -> ModelLayout:
+def starcoder2_architecture(config) -> Architecture:
     block = replace(LLAMA_BLOCK, norm="layernorm", mlp_in="mlp.c_fc", mlp_in_linear=None, mlp_out="mlp.c_proj")
-    return llama_layout(config, block)
+    return llama_architecture(config, block)

@@ -1,7 +1,7 @@
-"""Layouts: where the canonical quantities live inside one family of Hugging Face models.
+"""Architectures: where the canonical quantities live inside one family of Hugging Face models.
 
 Paths are dotted module paths: model-level ones from the causal-LM root, block-level ones
-from a decoder block. Sharding uses the same layout to cut a model into stages. A layout is
+from a decoder block. Sharding uses the same architecture to cut a model into stages. An architecture is
 data: what a family does differently from Llama (an extra norm, a fused projection, a
 multiplier in its forward) is a field here, and the taps and stages read it.
 """
@@ -22,7 +22,7 @@ AttentionKind = Literal["full_attention", "sliding_attention"]
 
 
 @dataclass(frozen=True)
-class MoELayout:
+class MoEArchitecture:
     """A mixture-of-experts MLP, relative to the block.
 
     transformers' MoE blocks share one shape: a router module returning (router logits
@@ -43,7 +43,7 @@ class MoELayout:
 
 
 @dataclass(frozen=True)
-class BlockLayout:
+class BlockArchitecture:
     """The modules of one decoder block, relative to the block.
 
     ln1 / ln2 are the norms before attention and before the MLP; ln1_post / ln2_post the
@@ -63,7 +63,7 @@ class BlockLayout:
     mlp_out: Optional[str] = None  # its input is mlp.hook_post
     mlp_in_linear: Optional[str] = None  # gated MLPs: the up projection, mlp.hook_pre_linear
     fused_gate_up: bool = False  # mlp_in returns [gate | up] in one tensor (Phi-3)
-    moe: Optional[MoELayout] = None  # a mixture-of-experts MLP: no hook_pre / hook_post
+    moe: Optional[MoEArchitecture] = None  # a mixture-of-experts MLP: no hook_pre / hook_post
     qkv: tuple = ()  # (projection path, arrangement) of the q/k/v projections: see head_inputs.row_blocks
     norm: NormKind = "layernorm"
     o_proj_kind: ProjectionKind = "linear"  # the attention projections' kind (o_proj and q/k/v)
@@ -76,7 +76,7 @@ class BlockLayout:
 
 
 @dataclass(frozen=True)
-class ModelLayout:
+class Architecture:
     """Where embeddings, blocks, final norm and unembedding live in a causal LM, and what
     its forward does between them.
 
@@ -90,7 +90,7 @@ class ModelLayout:
     blocks: str  # an nn.ModuleList of decoder blocks
     final_norm: str
     unembed: str
-    block: BlockLayout
+    block: BlockArchitecture
     pos_embed: Optional[str] = None  # absolute-position models
     embed_dropout: Optional[str] = None  # dropout after the embeddings
     rotary: Optional[str] = None  # rotary-embedding models: the module computing cos/sin
@@ -108,7 +108,7 @@ class ModelLayout:
     logit_divisor: float = 1.0
     logit_softcap: Optional[float] = None
 
-    def block_at(self, layer: int) -> BlockLayout:
+    def block_at(self, layer: int) -> BlockArchitecture:
         return self.layer_blocks[layer] if self.layer_blocks else self.block
 
     def attention_kind(self, layer: int) -> AttentionKind:
