@@ -130,8 +130,13 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     _write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
 
 
-def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
-    """Run (or resume) a campaign; returns its summary."""
+def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None) -> dict:
+    """Run (or resume) a campaign; returns its summary.
+
+    Args:
+        runner: run the experiments on this runner (a HookedModel, or a Tracer you started),
+            left running, instead of starting the campaign's model and cluster.
+    """
     from tqdm.auto import tqdm
 
     campaign = load_campaign(path)
@@ -141,13 +146,7 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     out = campaign.output_path
     out.mkdir(parents=True, exist_ok=True)
-    cluster = campaign.cluster
-    tracer = Tracer.from_pretrained(
-        _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
-        backend=cluster.get("backend", "ray"), address=cluster.get("address"),
-        dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
-        microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
-    )
+    tracer = runner if runner is not None else _start(campaign)
     try:
         extract_hooks = {}
         for experiment in campaign.experiments:
@@ -164,9 +163,21 @@ def run_campaign(path: os.PathLike, *, progress: bool = True) -> dict:
                 _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
                 bar.update(1)
     finally:
-        tracer.shutdown()
+        if runner is None:
+            tracer.shutdown()
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
     return summary
+
+
+def _start(campaign: Campaign) -> Tracer:
+    """The Tracer the campaign's model and cluster sections describe."""
+    cluster = campaign.cluster
+    return Tracer.from_pretrained(
+        _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
+        backend=cluster.get("backend", "ray"), address=cluster.get("address"),
+        dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
+        microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
+    )
 
 
 def _source(campaign: Campaign) -> str:
