@@ -180,14 +180,15 @@ class HookedRootModule(HookAPI, nn.Module):
         and the backward pass when the request needs one. A `write` destination gets what was
         read as one part per hook point."""
         ctx = RunContext(self, {}, dict(request.sources))
+        previous, self.run_context = self.run_context, ctx  # as running(ctx), inline: once per run, on every generation step
         try:
-            with self.running(ctx):
-                if request.specs:
-                    self.install(RUN_LEVEL, request.specs)
-                output, objective, mask = self._compute(request)
-                if request.needs_grad:
-                    _backpropagate(objective)
+            if request.specs:
+                self.install(RUN_LEVEL, request.specs)
+            output, objective, mask = self._compute(request)
+            if request.needs_grad:
+                _backpropagate(objective)
         finally:
+            self.run_context = previous
             if request.specs:
                 self.remove(RUN_LEVEL)
         if request.write is not None:

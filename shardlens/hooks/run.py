@@ -123,10 +123,11 @@ class RunRequest:
             raise ValueError("return_type='metric' needs metric=sl.metrics....")
         if self.metric is not None and not isinstance(self.metric, Metric):
             raise TypeError(f"metric must be an sl.metrics score; got {type(self.metric).__name__}")
-        object.__setattr__(self, "specs", tuple(self.specs))
-        bad = [s for s in self.specs if not isinstance(s, HookSpec)]
-        if bad:
-            raise TypeError(f"a request's specs are sl.HookSpec values; got {type(bad[0]).__name__}")
+        if self.specs:
+            object.__setattr__(self, "specs", tuple(self.specs))
+            bad = [s for s in self.specs if not isinstance(s, HookSpec)]
+            if bad:
+                raise TypeError(f"a request's specs are sl.HookSpec values; got {type(bad[0]).__name__}")
         if self.resume is not None and self.kv_cache is not None:
             raise ValueError("a run starts either from a key/value cache or at a layer (resume), not both")
 
@@ -156,4 +157,8 @@ class RunResult:
 
 def output_of(return_type: Optional[str], logits: Optional[Tensor], loss: Optional[Tensor]) -> Any:
     """The output a return_type asks for, given the run's logits and loss (or metric)."""
-    return {"logits": logits, "loss": loss, "metric": loss, "both": (logits, loss), None: None}[return_type]
+    if return_type == "logits":
+        return logits
+    if return_type == "both":
+        return logits, loss
+    return None if return_type is None else loss

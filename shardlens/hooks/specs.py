@@ -116,13 +116,18 @@ class HookSpec:
         Raises HookNameError, with the closest names, for a name or glob that matches none.
         """
         selectors = self.points if isinstance(self.points, tuple) else (self.points,)
+        # Exact names by set lookup: a run_with_cache spec names every hook point of a model.
+        exact = {s for s in selectors if isinstance(s, str) and not is_glob(s)}
+        patterns = [s for s in selectors if s not in exact]
+        known = set(names)
         for selector in selectors:
-            if not any(_matches(selector, name) for name in names):
-                if isinstance(selector, Points):
-                    raise HookNameError(selector.example(), names, what=f"hook point matches points({selector.kind!r}, layers={selector.layers}), e.g.")
-                what = "hook point matches the glob" if is_glob(selector) else "hook point named"
-                raise HookNameError(selector, names, what=what)
-        return [name for name in names if any(_matches(s, name) for s in selectors)]
+            if selector in exact and selector in known or selector not in exact and any(_matches(selector, name) for name in names):
+                continue
+            if isinstance(selector, Points):
+                raise HookNameError(selector.example(), names, what=f"hook point matches points({selector.kind!r}, layers={selector.layers}), e.g.")
+            what = "hook point matches the glob" if is_glob(selector) else "hook point named"
+            raise HookNameError(selector, names, what=what)
+        return [name for name in names if name in exact or any(_matches(p, name) for p in patterns)]
 
     def to_json(self, *, allow_code: bool = False) -> str:
         """This spec as JSON; tensors inside travel as safetensors bytes (base64)."""
