@@ -30,6 +30,7 @@ from shardlens.hooks.hook_point import Direction, DirectionOrBoth, check_dir
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.run import Destination, RunRequest, RunResult
+from shardlens.hooks.shapes import canonical_shape
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables import ActivationCache
@@ -180,6 +181,14 @@ class HookAPI:
     def _dataset_metadata(self) -> dict:
         """What every dataset part this runner writes records about the model."""
         return {}
+
+    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
+        """The shape of a canonical hook point's tensors after [batch, pos], or None where it
+        depends on the input (attention scores and patterns) or is unknown (module points)."""
+        architecture = getattr(self, "architecture", None)
+        if architecture is None or name.startswith("module:") or name not in self.hook_names():
+            return None
+        return canonical_shape(self.config, architecture, name)
 
     def shares(self, path: Union[str, os.PathLike]) -> bool:
         """Whether everything that writes for this runner reaches `path` as this process does

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from shardlens.hooks.architectures import BlockArchitecture, Architecture
 from shardlens.hooks.head_inputs import row_blocks
-from shardlens.hooks.tapped_model import canonical_shape
+from shardlens.hooks.shapes import canonical_shape
 from shardlens.hooks.taps import PointOptions
 
 NORMALIZATION_TYPES = ("LN", "RMS")

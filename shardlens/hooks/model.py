@@ -15,7 +15,8 @@ from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
-from shardlens.hooks.tapped_model import TappedModel, cache_fields, no_architecture_for_options
+from shardlens.hooks.shapes import cache_fields
+from shardlens.hooks.tapped_model import TappedModel, no_architecture_for_options
 
 
 class HookedModel(WeightViews, TappedModel):

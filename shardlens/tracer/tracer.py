@@ -19,7 +19,7 @@ from shardlens.hooks.model import load_tokenizer
 from shardlens.hooks.ops import Code, Op
 from shardlens.hooks.run import RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
-from shardlens.hooks.tapped_model import cache_fields, canonical_shape
+from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan
 from shardlens.tables.parquet import is_uri
@@ -108,13 +108,6 @@ class Tracer(HookAPI):
 
     def hook_names(self) -> list[str]:
         return list(self.coordinator.hook_names)
-
-    def hook_shape(self, name: str) -> Optional[tuple[int, ...]]:
-        """The shape of a canonical hook point's tensors after [batch, pos] (as on a
-        HookedModel), or None where it depends on the input or is unknown."""
-        if self.architecture is None or name.startswith("module:") or name not in self.coordinator.hook_names:
-            return None
-        return canonical_shape(self.config, self.architecture, name)
 
     def shutdown(self) -> None:
         """Stop the workers (and the Ray instance, when this tracer started it)."""
