@@ -16,6 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from shardlens.hooks.hook_api import Runner
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import CacheGrad, Patch
 from shardlens.hooks.specs import HookSpec
@@ -33,7 +34,7 @@ def _cell_sums(values: Tensor, over: Sequence[str], positions: Optional[Sequence
 
 
 def atp(
-    model: Any, clean: Tensor, corrupt: Tensor, *, points: Any, metric: Metric,
+    model: Runner, clean: Tensor, corrupt: Tensor, *, points: Any, metric: Metric,
     over: Sequence[str] = ("layer", "pos"), attention_mask: Optional[Tensor] = None,
     positions: Optional[Sequence[int]] = None,
 ) -> CellGrid:
@@ -48,7 +49,7 @@ def atp(
 
 
 def integrated_gradients(
-    model: Any, clean: Tensor, corrupt: Tensor, *, points: Any, metric: Metric, steps: int = 16,
+    model: Runner, clean: Tensor, corrupt: Tensor, *, points: Any, metric: Metric, steps: int = 16,
     over: Sequence[str] = ("layer", "pos"), attention_mask: Optional[Tensor] = None,
 ) -> CellGrid:
     """Integrated gradients at each point along the straight path from the corrupted to the
@@ -76,7 +77,7 @@ def integrated_gradients(
 
 
 def grad_x_act(
-    model: Any, tokens: Tensor, *, points: Any, metric: Metric,
+    model: Runner, tokens: Tensor, *, points: Any, metric: Metric,
     over: Sequence[str] = ("layer", "pos"), attention_mask: Optional[Tensor] = None,
 ) -> CellGrid:
     """Gradient x activation of the metric at each cell: one forward and one backward."""

@@ -10,6 +10,7 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
+from shardlens.hooks.hook_api import Runner
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import Cache
 from shardlens.hooks.run import RunRequest
@@ -51,7 +52,7 @@ class CellGrid:
         return pa.table(columns)
 
 
-def resolve_points(model: Any, points: Any, over: Sequence[str]) -> list[str]:
+def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]:
     """The hook names `points` selects (a kind such as "resid_pre", a name, glob, list or
     sl.points), checked against what `over` needs."""
     over = tuple(over)
@@ -69,13 +70,13 @@ def resolve_points(model: Any, points: Any, over: Sequence[str]) -> list[str]:
     return sorted(names, key=lambda n: (layer_index(n) if layer_index(n) is not None else -1, n))
 
 
-def run_logits(model: Any, tokens: Tensor, mask: Optional[Tensor], specs: Sequence[HookSpec]) -> Tensor:
+def run_logits(model: Runner, tokens: Tensor, mask: Optional[Tensor], specs: Sequence[HookSpec]) -> Tensor:
     """The logits of one run with these specs (the batch kept whole: the specs select rows)."""
     with torch.no_grad():
         return model.run(RunRequest(tokens, attention_mask=mask, specs=tuple(specs), whole_batch=True)).output
 
 
-def cache_with_grads(model: Any, tokens: Tensor, mask: Optional[Tensor], names: list[str], metric: Metric, specs: Sequence = ()) -> tuple[Tensor, Any]:
+def cache_with_grads(model: Runner, tokens: Tensor, mask: Optional[Tensor], names: list[str], metric: Metric, specs: Sequence = ()) -> tuple[Tensor, Any]:
     """(metric value, cache of `names` and their gradients of the metric)."""
     value, cache = model.run_with_cache(
         tokens, names_filter=names, incl_bwd=True, return_type="metric", metric=metric, attention_mask=mask,

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from shardlens.hooks.hook_api import Runner
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import AblateExperts, Patch
 from shardlens.hooks.run import Resume, RunRequest
@@ -44,7 +45,7 @@ def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: 
     return HookSpec(name, Patch(values, heads=[index], positions=positions, batch=rows))
 
 
-def _corrupt_resid(model: Any, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
+def _corrupt_resid(model: Runner, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
     """The corrupted run's resid_pre of each layer the cells are in (a run patched there can
     start from it); empty for a model without canonical layers."""
     if getattr(model, "architecture", None) is None:
@@ -68,13 +69,13 @@ def _request(tokens: Tensor, mask: Optional[Tensor], specs: list, resume: Option
     return RunRequest(tokens, attention_mask=mask, specs=tuple(specs), resume=resume, kv_cache=kv_cache, whole_batch=True)
 
 
-def _run_all(model: Any, requests: list[RunRequest]) -> list[Tensor]:
+def _run_all(model: Runner, requests: list[RunRequest]) -> list[Tensor]:
     """Each request's logits: run_variants spreads them over a Tracer's replicas."""
     with torch.no_grad():
         return [result.output for result in model.run_variants(requests)]
 
 
-def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], runs: list, *, prefix: int, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
+def _run_after_prefix(model: Runner, corrupt: Tensor, mask: Optional[Tensor], runs: list, *, prefix: int, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
     """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
     of the corrupted prefix (computed once; on a Tracer it stays on the stages); the patches
     move to suffix coordinates."""
@@ -96,7 +97,7 @@ def _run_after_prefix(model: Any, corrupt: Tensor, mask: Optional[Tensor], runs:
 
 
 def sweep(
-    model: Any,
+    model: Runner,
     clean: Tensor,
     corrupt: Tensor,
     *,
@@ -111,7 +112,7 @@ def sweep(
     """Patch each clean activation (cell) into the corrupted run and score it.
 
     Args:
-        model: a HookedModel or a Tracer.
+        model: any runner (a HookedModel, a Tracer: see sl.Runner).
         clean, corrupt: token ids [batch, pos] of equal shape.
         points: a hook kind ("resid_pre", "z"), name, glob, list, or sl.points(...).
         metric: an sl.metrics score (its value over the batch is each cell's value).
@@ -180,13 +181,13 @@ def _scores(metric: Metric, runs: list, all_logits: list[Tensor], prefix: int = 
     return torch.cat(values)
 
 
-def _baseline(model: Any, tokens: Tensor, mask: Optional[Tensor], metric: Metric) -> float:
+def _baseline(model: Runner, tokens: Tensor, mask: Optional[Tensor], metric: Metric) -> float:
     """The metric of the run with no cell changed."""
     return float(metric(run_logits(model, tokens, mask, []), mask, tokens))
 
 
 def expert_sweep(
-    model: Any,
+    model: Runner,
     tokens: Tensor,
     *,
     metric: Metric,
@@ -202,7 +203,7 @@ def expert_sweep(
     experts' weights when asked). As in `sweep`, many cells run per forward pass.
 
     Args:
-        model: a HookedModel or a Tracer of a mixture-of-experts model.
+        model: any runner of a mixture-of-experts model.
         tokens: token ids [batch, pos].
         metric: an sl.metrics score.
         layers: the MoE layers to sweep (default: all).
