@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Optional
 
+from shardlens.hooks.hook_point import removed
 from shardlens.hooks.specs import HookSpec
 
 
@@ -97,6 +98,4 @@ class SpecStack:
 def _removed(spec: HookSpec, level: Optional[int], asked: Optional[int], including_permanent: bool, direction: str) -> bool:
     if direction not in ("both", spec.dir):
         return False
-    if including_permanent:  # as HookPoint.remove_hooks: every hook, whatever its level
-        return True
-    return not spec.permanent and (asked is None or level == asked)
+    return removed(permanent=spec.permanent, level=level, asked=asked, including_permanent=including_permanent)

@@ -198,7 +198,7 @@ class StageWorker:
         cache = ActivationCache(results, attention_mask=attention_mask, examples=destination.examples, batch=destination.batch)
         path = destination.path
         if path not in self._sinks:
-            self._sinks[path] = ParquetSink(path, metadata=dict(destination.metadata or {}), layout=destination.layout, threads=1)
+            self._sinks[path] = destination.sink()
         return self._sinks[path].write(cache, name=destination.part_name(start))
 
     def finish_writes(self, path: str) -> list[str]:

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from shardlens.errors import HookNameError
 from shardlens.hooks.generation import decode_loop
-from shardlens.hooks.hook_point import Direction, DirectionOrBoth, check_dir
+from shardlens.hooks.hook_point import Direction, DirectionOrBoth, check_dir, removed
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.run import Destination, RunRequest, RunResult
@@ -60,7 +60,7 @@ class Scoped:
 
     def removed_by(self, level: Optional[int], including_permanent: bool) -> bool:
         """Whether remove(level, including_permanent=...) removes these specs (as it does hooks)."""
-        return including_permanent or (not self.permanent and (level is None or self.level == level))
+        return removed(permanent=self.permanent, level=self.level, asked=level, including_permanent=including_permanent)
 
 
 class Runner(Protocol):
@@ -497,6 +497,17 @@ class HookAPI:
         return result.output, list(result.parts)
 
     # ------------------------------------------------------------------ generation
+
+    def init_kv_cache(self, batch_size: int = 1) -> Any:
+        """An empty key/value cache of this runner: pass it as past_kv_cache= to a run,
+        freeze() it to share a prefix between runs, close() it (or use it as a context
+        manager) to free it. A Tracer's stays on its stages."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+        return self._new_kv_cache(batch_size)
+
+    def _new_kv_cache(self, batch_size: int) -> Any:
+        raise ValueError(f"{type(self).__name__} runs its own forward: a key/value cache needs a HookedModel or a Tracer")
 
     def generate(
         self, input: Any, *, max_new_tokens: int, use_kv_cache: bool = True, fwd_hooks: HookList = (),

@@ -32,6 +32,14 @@ def check_dir(dir: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"dir must be one of {', '.join(map(repr, allowed))}; got {dir!r}")
 
 
+def removed(*, permanent: bool, level: Optional[int], asked: Optional[int], including_permanent: bool) -> bool:
+    """Whether remove / reset_hooks(level=asked, including_permanent=...) removes a hook
+    installed at `level`: every hook with including_permanent, else the non-permanent ones
+    of `asked` (of every level when None). Hook points, runners' scopes and a coordinator's
+    spec stack all follow this one rule."""
+    return including_permanent or (not permanent and (asked is None or level == asked))
+
+
 def layer_of(name: str) -> int:
     """The layer of a hook name of the form ``blocks.<layer>.…``."""
     layer = layer_index(name)
@@ -211,9 +219,7 @@ class HookPoint(nn.Module):
             return
 
         def keep(handle: LensHandle) -> bool:
-            if including_permanent:
-                return False
-            return handle.is_permanent or (level is not None and handle.context_level != level)
+            return not removed(permanent=handle.is_permanent, level=handle.context_level, asked=level, including_permanent=including_permanent)
 
         if dir in ("fwd", "both") and self.fwd_hooks:
             self._remove_where(self.fwd_hooks, keep)

@@ -219,11 +219,7 @@ class HookedModel(WeightViews, TappedModel):
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
         return self.points.hook_logits(logits) if self.architecture.transforms_logits else logits
 
-    def init_kv_cache(self, batch_size: int = 1) -> KeyValueCache:
-        """An empty key/value cache of this model: pass it as past_kv_cache= to a run, freeze()
-        it to share a prefix between runs."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    def _new_kv_cache(self, batch_size: int) -> KeyValueCache:
         return KeyValueCache.init_cache(self.config, self._device, batch_size)
 
     @property

@@ -23,7 +23,7 @@ from shardlens.hooks.ops import Code, RunContext
 from shardlens.hooks.run import RUN_LEVEL, Destination, RunRequest, RunResult
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec, SpecHook
-from shardlens.tables import ActivationCache, ParquetSink
+from shardlens.tables import ActivationCache
 from shardlens.tables.axes import PER_HEAD_SUFFIXES
 
 
@@ -291,6 +291,6 @@ def _write(destination: Destination, values: dict, mask: Optional[Tensor]) -> li
     n = next(iter(values.values())).shape[0]
     cache = ActivationCache({k: v.cpu() for k, v in values.items()}, attention_mask=None if mask is None else mask.cpu(),
                             examples=destination.rows(n), batch=destination.batch)
-    with ParquetSink(destination.path, metadata=dict(destination.metadata or {}), layout=destination.layout, threads=1) as sink:
+    with destination.sink() as sink:
         sink.write(cache, name=destination.part_name(0))
     return sink.parts

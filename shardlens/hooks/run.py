@@ -21,7 +21,7 @@ from torch import Tensor
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.arrow import check_layout
-from shardlens.tables.parquet import check_part_name
+from shardlens.tables.parquet import ParquetSink, check_part_name
 
 RETURN_TYPES = ("logits", "loss", "both", "metric", None)
 RUN_LEVEL = 1_000_000  # a run's own specs are installed here, above every hooks() level
@@ -57,6 +57,10 @@ class Destination:
 
     def part_name(self, start: int) -> Optional[str]:
         return None if self.name is None else f"{self.name}-{start:05d}"
+
+    def sink(self) -> ParquetSink:
+        """A sink that writes parts into this destination's dataset, one at a time."""
+        return ParquetSink(self.path, metadata=dict(self.metadata or {}), layout=self.layout, threads=1)
 
 
 @dataclass(frozen=True)

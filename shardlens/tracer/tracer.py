@@ -222,12 +222,8 @@ class Tracer(HookAPI):
 
     # ------------------------------------------------------------------ key/value caches
 
-    def init_kv_cache(self, batch_size: int = 1) -> StageKeyValueCache:
-        """An empty key/value cache kept on the stages (see StageKeyValueCache): pass it as
-        past_kv_cache= to a run, freeze() it to share a prefix between runs, close() it to
-        free the stages' memory."""
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int; got {batch_size!r}")
+    def _new_kv_cache(self, batch_size: int) -> StageKeyValueCache:
+        """A cache kept on the stages (see StageKeyValueCache); close() frees their memory."""
         return StageKeyValueCache(self.coordinator, f"kv.{uuid.uuid4().hex[:12]}", torch.zeros(batch_size, 0, dtype=torch.long))
 
     def _kv_mask(self, cache: Any, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
