@@ -4,7 +4,8 @@ The spec stack (cluster.stack) is the truth: each worker gets the specs that mat
 points, with their context level; a worker found restarted (its incarnation changed) is
 re-sent the whole stack before it runs anything. A run (cluster.pipeline) goes through the
 pipeline as one RunRequest and comes back as one RunResult; key/value sessions
-(cluster.sessions) keep earlier tokens on the first replica's stages.
+(cluster.sessions) keep earlier tokens on the first replica's stages, base runs on every
+replica's.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, Optional
 from torch import Tensor
 
 from shardlens.cluster.pipeline import PipelineRun, Route
+from shardlens.cluster.sessions import KVSession
 from shardlens.cluster.stack import SpecStack
 from shardlens.errors import WorkerError
 from shardlens.hooks.run import RunRequest, RunResult
@@ -190,31 +192,49 @@ class Coordinator:
             results += self._with_retries(lambda: self._round(round_))
         return results
 
-    def _round(self, requests: Sequence[RunRequest]) -> list[RunResult]:
+    def _round(self, requests: Sequence[RunRequest], *, keep: Optional[str] = None) -> list[RunResult]:
         """One request per replica, at the same time; a failure undoes every run of the round."""
         runs: list[PipelineRun] = []
         try:
             for replica, request in enumerate(requests):
-                runs.append(self._launch(request, (replica,)))
+                runs.append(self._launch(request, (replica,), keep=keep))
             return [run.result() for run in runs]
         except BaseException:
             for run in runs:
                 run.abort()
             raise
 
-    def _launch(self, request: RunRequest, replicas: tuple[int, ...]) -> PipelineRun:
+    def _launch(self, request: RunRequest, replicas: tuple[int, ...], *, keep: Optional[str] = None) -> PipelineRun:
         run_id = next(self._runs)
         kv = None
         if request.kv_cache is not None:
             kv, replicas = request.kv_cache.session_of_run(), (0,)
+        elif request.resume is not None:  # every replica holds the base run
+            kv = KVSession(request.resume.base.session, frozen=True, repeat=request.resume.repeat, held=request.resume.position)
+        elif keep is not None:
+            kv = KVSession(keep)
         per_stage, _ = self.stack.split(request.specs)
         route = Route(replicas, self._first_stage(request), self.microbatch_size)
         backward = request.needs_grad or self.stack.needs_grad()
         run = PipelineRun(
             self.backend, self.workers, request, run_id, route, stage_names=self.stage_names, level=RUN_LEVELS + run_id,
-            per_stage=per_stage, backward=backward, kv=kv,
+            per_stage=per_stage, backward=backward, kv=kv, keep=keep,
         )
         return run.launch()
+
+    def keep_base(self, request: RunRequest, session: str) -> RunResult:
+        """Run `request` (its specs read each layer's resid_pre) on every replica at once,
+        each replica's stages keeping what the specs read and their keys and values as the
+        base run `session` (see StageWorker.keep). Returns the first replica's result."""
+
+        def attempt() -> list[RunResult]:
+            try:
+                return self._round([request] * self.replicas, keep=session)
+            except BaseException:
+                self.end_session(session)
+                raise
+
+        return self._with_retries(attempt)[0]
 
     def _first_stage(self, request: RunRequest) -> int:
         """The stage a run enters at: the one holding the layer it resumes at, else the first."""
@@ -233,9 +253,9 @@ class Coordinator:
         return merged
 
     def end_session(self, session: str) -> None:
-        """Make the first replica's stages forget a key/value session (nothing if they have)."""
+        """Make every stage forget a key/value session or base run (nothing if they have)."""
         try:
-            self._get([self.backend.call(w, "end_session", session) for w in self.workers[0]])
+            self._get([self.backend.call(w, "end_session", session) for w in self._all()])
         except Exception:
             pass
 

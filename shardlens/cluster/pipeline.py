@@ -19,7 +19,8 @@ from torch import Tensor
 
 from shardlens.cluster.sessions import KVSession
 from shardlens.cluster.worker import unpack
-from shardlens.hooks.run import RunRequest, RunResult, output_of
+from shardlens.hooks.layers import default_positions
+from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
 from shardlens.sharding import StageIO
 from shardlens.tables.parquet import delete_parts
 
@@ -58,14 +59,18 @@ class PipelineRun:
         level: the context level the request's own specs are installed at, and per_stage
             their JSON for each stage (see SpecStack.split).
         backward: backpropagate after the forward pass.
-        kv: the key/value session the run reads (and, unless frozen, extends).
+        kv: the key/value session the run reads (and, unless frozen, extends); a resumed
+            run's is its base run's.
+        keep: keep what the specs read on the workers, as the base run of this session,
+            instead of taking it.
     """
 
     def __init__(
         self, backend: Any, workers: list[list[Any]], request: RunRequest, run_id: int, route: Route, *,
         stage_names: Sequence[Sequence[str]], level: int, per_stage: tuple, backward: bool, kv: Optional[KVSession] = None,
+        keep: Optional[str] = None,
     ):
-        self.backend, self.request, self.route, self.kv = backend, request, route, kv
+        self.backend, self.request, self.route, self.kv, self.keep = backend, request, route, kv, keep
         self.stage_names = [set(names) for names in stage_names[route.first_stage:]]
         self.level, self.per_stage, self.backward = level, per_stage, backward
         self.tokens: Tensor = request.input
@@ -113,12 +118,18 @@ class PipelineRun:
             input_ids=self.tokens[chunk], attention_mask=None if self.mask is None else self.mask[chunk], labels=self.tokens[chunk],
             metric=None if request.metric is None else request.metric.rows(chunk),
         )
+        first = request.logits_from(self.tokens.shape[1], self.mask, backward=self.backward) if self.kv is None or request.resume else 0
         if request.resume is not None:
-            io = dataclasses.replace(io, input_ids=None, hidden=request.resume.resid_pre[chunk], start_layer=request.resume.layer)
+            io = _resumed(io, request.resume)
+            first = max(first - request.resume.position, 0)
+        io = dataclasses.replace(io, logits_from=first)
         keep_logits = request.return_type in ("logits", "both")
         for worker, stage_names in zip(self.rows[job.replica], self.stage_names):
             sources = _sources_for(request.sources, stage_names, chunk)
-            io = self.backend.call(worker, "forward", job.batch_id, io, keep_graph=self.backward, sources=sources, kv=self.kv, keep_logits=keep_logits)
+            io = self.backend.call(
+                worker, "forward", job.batch_id, io, keep_graph=self.backward, sources=sources, kv=self.kv, keep_logits=keep_logits,
+                weight_grads=request.weight_grads,
+            )
             if not self.backward:
                 self.takes.append(self._collect(worker, job))
         return io
@@ -126,6 +137,8 @@ class PipelineRun:
     def _collect(self, worker: Any, job: Job) -> Any:
         """The call that gets one worker's results for a microbatch: take them, or write them."""
         write = self.request.write
+        if self.keep is not None:
+            return self.backend.call(worker, "keep", job.batch_id, self.keep)
         if write is None:
             return self.backend.call(worker, "take", job.batch_id)
         destination = dataclasses.replace(write, examples=write.rows(self.tokens.shape[0])[job.rows])
@@ -157,6 +170,8 @@ class PipelineRun:
         output = output_of(self.request.return_type, logits, loss)
         if self.request.write is not None:
             return RunResult(output, parts=tuple(part for parts in taken for part in parts))
+        if self.keep is not None:
+            return RunResult(output)
         return RunResult(output, _merge(taken, len(self.jobs), len(self.stage_names)))
 
     def _loss_weights(self) -> list[float]:
@@ -230,6 +245,19 @@ def _loss_weights(tokens: Tensor, mask: Optional[Tensor], chunks: Sequence[slice
     if total == 0:  # nothing to predict (one-token inputs): the loss is a mean of empty sums
         return [1.0 / len(chunks)] * len(chunks)
     return [count / total for count in counts]
+
+
+def _resumed(io: StageIO, resume: Resume) -> StageIO:
+    """A microbatch entering inside its base run: no token ids or hidden states (the stage
+    that holds the layer has the base run's), the position ids and labels of the positions
+    it runs, and a mask over the base run's positions before them too."""
+    start = resume.position
+    tokens = io.input_ids
+    mask = io.attention_mask if io.attention_mask is not None or start == 0 else torch.ones_like(tokens)
+    return dataclasses.replace(
+        io, input_ids=None, hidden=None, start_layer=resume.layer, attention_mask=mask, labels=tokens[:, start:],
+        position_ids=default_positions(tokens, io.attention_mask)[:, start:],
+    )
 
 
 def _sources_for(sources: Any, names: set[str], chunk: slice) -> dict:

@@ -2,7 +2,8 @@
 
 A session lives on the first replica's stages, each holding its own layers' keys and values
 under the session's id. `StageKeyValueCache` is the driver's handle on one: a KeyValueCache
-whose entries stay on the stages.
+whose entries stay on the stages. A base run (`StageBaseRun`) is a session on every
+replica's stages that also keeps the hidden states entering each layer.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any
 from torch import Tensor
 
 from shardlens.hooks.generation import KeyValueCache, KeyValueCacheEntry
+from shardlens.hooks.run import BaseRun
 
 
 @dataclass(frozen=True)
 class KVSession:
-    """A key/value session kept on the first replica's stages: its id, whether a run may
-    extend it, how many times a run repeats its batch (frozen sessions only), and how many
-    tokens it holds before the run (a failed run cuts it back to them)."""
+    """A key/value session kept on the stages: its id, whether a run may extend it, how many
+    times a run repeats its batch (frozen sessions only), and how many tokens it holds before
+    the run (a failed run cuts it back to them; a run of a frozen session attends to these
+    first tokens only)."""
 
     session: str
     frozen: bool = False
@@ -66,4 +69,17 @@ class StageKeyValueCache(KeyValueCache):
 
     def close(self) -> None:
         """Make the stages forget this cache's keys and values (and every repeat of it)."""
+        self.coordinator.end_session(self.session)
+
+
+class StageBaseRun(BaseRun):
+    """A Tracer's base run (see BaseRun): every replica's stages keep their layers' keys and
+    values and the hidden states entering each of their layers under `session`; close()
+    frees them."""
+
+    def __init__(self, coordinator: Any, session: str, tokens: Tensor, attention_mask: Any, logits: Tensor):
+        super().__init__(tokens, attention_mask, logits)
+        self.coordinator, self.session = coordinator, session
+
+    def close(self) -> None:
         self.coordinator.end_session(self.session)

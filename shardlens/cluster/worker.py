@@ -11,6 +11,7 @@ import os
 import resource
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import fields, replace
 from typing import Any, Optional, Union
 
@@ -63,7 +64,8 @@ class StageWorker:
         self.incarnation = uuid.uuid4().hex  # changes when a restarted actor rebuilds
         self._contexts: dict[str, RunContext] = {}  # each batch's own: what its specs read and store
         self._graphs: dict[str, Graph] = {}
-        self._kv_caches: dict[str, Any] = {}  # generation sessions: this stage's past keys and values
+        self._kv_caches: dict[str, Any] = {}  # key/value sessions: this stage's past keys and values
+        self._bases: dict[str, dict[str, Tensor]] = {}  # base runs (sessions too): what their specs read here
         self._sinks: dict[str, ParquetSink] = {}  # dataset path -> the sink of the run writing there
         self._times = {"forward_s": 0.0, "backward_s": 0.0, "forwards": 0, "tokens": 0}  # tokens: batch x new positions run
 
@@ -97,7 +99,7 @@ class StageWorker:
 
     def forward(
         self, batch_id: str, io: StageIO, *, keep_graph: bool = False, sources: Optional[dict] = None,
-        kv: Optional[Any] = None, keep_logits: bool = True,
+        kv: Optional[Any] = None, keep_logits: bool = True, weight_grads: bool = False,
     ) -> StageIO:
         """Run one (micro)batch through the stage; keep the graph for backward if asked.
         Returns the StageIO for the next stage, on the CPU; a last stage's logits are packed
@@ -107,40 +109,71 @@ class StageWorker:
         With `kv` (a KVSession) the stage keeps its layers' keys and values across calls, `io`
         holds only the new tokens and its attention mask covers the cached ones too. A frozen
         session is not extended: the run gets a copy, its batch repeated `kv.repeat` times.
-        The batch gets a context of its own: what its specs store, and the `sources` they read."""
+        A batch that enters at a layer without hidden states starts inside the session's base
+        run (see `keep`): from its resid_pre there, at the positions after the `kv.held` it
+        attends to. The batch gets a context of its own: what its specs store, and the
+        `sources` they read.
+        A kept graph records gradients of activations only, unless `weight_grads` (see
+        HookedRootModule.activation_grads_only)."""
         start = time.perf_counter()
         ctx = self._contexts[batch_id] = RunContext(self.stage, {}, sources or {})
         io = _to(io, self.device)
-        cache = None if kv is None else self._session_cache(kv.session, io, kv.frozen, kv.repeat)
-        with torch.set_grad_enabled(keep_graph), self.stage.running(ctx):
+        if kv is not None and io.start_layer is not None and io.hidden is None:
+            io = replace(io, hidden=self._base_hidden(kv, io.start_layer))
+        cache = None if kv is None else self._session_cache(kv, io)
+        frozen = self.stage.activation_grads_only() if keep_graph and not weight_grads else nullcontext()
+        with torch.set_grad_enabled(keep_graph), self.stage.running(ctx), frozen:
             out = self._guard(batch_id, lambda: self.stage(io, cache))
         if keep_graph:
             self._graphs[batch_id] = self.stage.detach_graph()
         self._times["forward_s"] += time.perf_counter() - start
         self._times["forwards"] += 1
-        self._times["tokens"] += (out.logits if out.logits is not None else out.hidden).shape[:2].numel()
+        self._times["tokens"] += (io.input_ids if io.input_ids is not None else io.hidden).shape[:2].numel()
         if out.logits is not None and not keep_logits:
             out = replace(out, logits=None)
         out = _to(out, "cpu", detach=True)
         return out if out.logits is None else replace(out, logits=pack(out.logits))  # for the driver: see pack
 
-    def _session_cache(self, session: str, io: StageIO, frozen: bool, repeat: int) -> Any:
-        """The transformers cache one run of a key/value session reads (and, unless frozen, extends)."""
-        if session not in self._kv_caches:
-            self._kv_caches[session] = full_cache(self.stage.config)
-        cache = self._kv_caches[session]
-        held = cache.get_seq_length(self._layers[0])
+    def _session_cache(self, kv: Any, io: StageIO) -> Any:
+        """The transformers cache one run of a key/value session reads: the session's own
+        (which the run extends), or for a frozen session a copy of its first `kv.held` tokens
+        (of the layers the run runs), its batch repeated `kv.repeat` times; None for a frozen
+        session's empty prefix."""
+        if kv.session not in self._kv_caches:
+            self._kv_caches[kv.session] = full_cache(self.stage.config)
+        cache = self._kv_caches[kv.session]
+        held = kv.held if kv.frozen else cache.get_seq_length(self._layers[0])
+        if kv.frozen and held == 0:
+            return None
         new = (io.input_ids if io.input_ids is not None else io.hidden).shape[1]
-        if io.attention_mask is None or io.attention_mask.shape[1] != held + new:
+        if io.attention_mask is None or io.attention_mask.shape[1] != held + new or held > cache.get_seq_length(self._layers[0]):
             covered = None if io.attention_mask is None else io.attention_mask.shape[1]
             raise WorkerError(
-                f"stage {self.index}, replica {self.replica}: key/value session {session} holds {held} tokens, so a run of "
-                f"{new} new tokens needs an attention mask over {held + new}; got {covered}. A worker that restarted "
-                "has lost its sessions: build the cache again"
+                f"stage {self.index}, replica {self.replica}: key/value session {kv.session} holds "
+                f"{cache.get_seq_length(self._layers[0])} tokens, so a run of {new} new tokens after {held} of them needs an "
+                f"attention mask over {held + new}; got {covered}. A worker that restarted has lost its sessions: build the cache again"
             )
-        if not frozen:
+        if not kv.frozen:
             return cache
-        return copy_hf_cache(cache, lambda t: t.detach().repeat(repeat, 1, 1, 1), self.stage.config)
+        layers = [layer for layer in self._layers if io.start_layer is None or layer >= io.start_layer]
+        prefix = lambda t: t[:, :, :held].detach().repeat(kv.repeat, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
+        return copy_hf_cache(cache, prefix, self.stage.config, layers)
+
+    def _base_hidden(self, kv: Any, layer: int) -> Tensor:
+        """The base run's resid_pre entering `layer`, from position kv.held on, repeated."""
+        name = f"blocks.{layer}.hook_resid_pre"
+        kept = self._bases.get(kv.session, {})
+        if name not in kept:
+            raise WorkerError(
+                f"stage {self.index}, replica {self.replica} holds no base run {kv.session} entering layer {layer}: "
+                "a worker that restarted has lost it; make the base run again"
+            )
+        return kept[name][:, kv.held:].repeat(kv.repeat, 1, 1)
+
+    def keep(self, batch_id: str, session: str) -> None:
+        """Keep what the stage's reading specs stored for a batch as part of a base run (with
+        the session's keys and values) until end_session."""
+        self._bases.setdefault(session, {}).update(self._results(batch_id))
 
     def kv_truncate(self, session: str, length: int) -> None:
         """Cut a key/value session back to its first `length` tokens (undoing a failed run)."""
@@ -216,15 +249,18 @@ class StageWorker:
         self._graphs.pop(batch_id, None)
 
     def end_session(self, session: str) -> None:
-        """Forget a key/value session's keys and values."""
+        """Forget a key/value session's keys and values (and a base run's hidden states)."""
         self._kv_caches.pop(session, None)
+        self._bases.pop(session, None)
 
     def stats(self) -> dict[str, Any]:
         memory = {"max_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         if self.device.type == "cuda":
             memory["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        return {"stage": self.index, "replica": self.replica, "pid": os.getpid(), **memory, **self._times,
-                "pending_graphs": len(self._graphs), "pending_results": len(self._contexts)}
+        with_grad = sum(p.grad is not None for p in self.stage.parameters())
+        return {"stage": self.index, "replica": self.replica, "pid": os.getpid(), **memory, **self._times, "parameters_with_grad": with_grad,
+                "pending_graphs": len(self._graphs), "pending_results": len(self._contexts),
+                "sessions": len(set(self._kv_caches) | set(self._bases))}
 
     def _guard(self, batch_id: str, run: Any) -> Any:
         try:

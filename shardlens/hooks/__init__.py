@@ -4,7 +4,7 @@ from shardlens.errors import HookNameError
 from shardlens.hooks.hook_api import HookAPI, Runner
 from shardlens.hooks.hook_point import HookPoint, LensHandle
 from shardlens.hooks.root_module import CachingHook, HookedRootModule, HookIntrospectionMixin
-from shardlens.hooks.run import Destination, Resume, RunRequest, RunResult
+from shardlens.hooks.run import BaseRun, Destination, Resume, RunRequest, RunResult
 from shardlens.hooks.model import HookedModel
 from shardlens.hooks.names import NamesFilter
 from shardlens.hooks import ops
@@ -27,6 +27,7 @@ __all__ = [
     "PointOptions",
     "Points",
     "Resume",
+    "BaseRun",
     "RunRequest",
     "RunResult",
     "Runner",

@@ -5,8 +5,8 @@ and AttentionMaskInterface (the latter with transformers' own SDPA mask builder,
 hands it the same causal / padding / sliding-window mask it would hand SDPA). Any model that
 dispatches attention through that interface gets hook_q/k/v/attn_scores/pattern/z.
 
-A layer none of whose score, pattern or z points has hooks takes transformers' SDPA path
-(after the q/k/v hooks, if any), except where SDPA cannot compute what the layer asks for
+A layer none of whose score or pattern points has hooks takes transformers' SDPA path
+(after the q/k/v hooks, if any, and before the z hooks: SDPA's output is z), except where SDPA cannot compute what the layer asks for
 (Gemma 2's soft-capped scores, gpt-oss's attention sinks); otherwise the layer computes what
 eager attention computes, with the hook points in between.
 """
@@ -90,8 +90,9 @@ def shardlens_attention(
         key = _through(hook_k, key)
     if hook_v.active:
         value = _through(hook_v, value)
-    if plain and not (hook_scores.active or hook_pattern.active or hook_z.active):
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    if plain and not (hook_scores.active or hook_pattern.active):  # SDPA's output is z: its hooks see it there
+        z, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return (hook_z(z) if hook_z.active else z), None
     points = (hook_scores, hook_pattern, hook_z)
     return _attention(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, kwargs=kwargs, points=points)
 

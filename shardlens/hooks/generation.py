@@ -125,11 +125,15 @@ def truncate_hf_cache(hf_cache: Any, length: int, layers: Optional[Iterable[int]
             entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
 
 
-def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None) -> Any:
+def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None, layers: Optional[Iterable[int]] = None) -> Any:
     """A new transformers cache (of `config`'s layer types, when given) holding
-    transform(keys) and transform(values) of each layer of `hf_cache` that holds any."""
+    transform(keys) and transform(values) of each layer of `hf_cache` (of `layers`, when
+    given) that holds any."""
     copy = full_cache(config)
+    wanted = None if layers is None else set(layers)
     for index, layer in enumerate(hf_cache.layers):
+        if wanted is not None and index not in wanted:
+            continue
         if getattr(layer, "is_initialized", True) and getattr(layer, "keys", None) is not None:
             copy.update(transform(layer.keys), transform(layer.values), index)
     return copy

@@ -29,7 +29,7 @@ from shardlens.hooks.generation import decode_loop
 from shardlens.hooks.hook_point import Direction, DirectionOrBoth, check_dir, removed
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
-from shardlens.hooks.run import Destination, RunRequest, RunResult
+from shardlens.hooks.run import BaseRun, Destination, RunRequest, RunResult
 from shardlens.hooks.shapes import canonical_shape
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec
@@ -69,6 +69,7 @@ class Runner(Protocol):
 
     context_level: int
     parallel_runs: int  # how many runs run_variants runs at the same time
+    takes_tokens: bool  # its runs take token ids, return_type, attention_mask, ... (a plain module's forward takes anything)
     architecture: Any  # the model's Architecture (None: module points only)
     config: Any  # the model's config
 
@@ -339,7 +340,7 @@ class HookAPI:
         input = args[0] if args else kwargs.pop("input", None)
         options = {}
         if self.takes_tokens:
-            options = {key: kwargs.pop(key) for key in ("return_type", "attention_mask", "metric") if key in kwargs}
+            options = {key: kwargs.pop(key) for key in ("return_type", "attention_mask", "metric", "weight_grads") if key in kwargs}
             if "past_kv_cache" in kwargs:
                 options["kv_cache"] = kwargs.pop("past_kv_cache")
         fields["sources"] = {**self._scope_sources(), **fields.get("sources", {})}
@@ -428,6 +429,8 @@ class HookAPI:
             remove_batch_dim: drop the batch axis (the batch must hold one example).
             incl_bwd: also backpropagate the loss (or `metric=`; on a plain HookedRootModule,
                 the output, which must be a scalar) and cache gradients as ``<name>_grad``.
+                The parameters are frozen for such a run (no weight gradient is computed or
+                kept in .grad) unless `weight_grads=True` is passed too.
             pos_slice: keep only these positions (TransformerLens' Slice; an int keeps the axis).
             fwd_hooks, bwd_hooks: hooks and specs active during the run, before the caching
                 (so the cache sees their edits); what reading specs read lands in the
@@ -495,6 +498,28 @@ class HookAPI:
             )
             result = self.run(request)
         return result.output, list(result.parts)
+
+    # ------------------------------------------------------------------ base runs
+
+    def base_run(self, input: Any, *, attention_mask: Optional[Tensor] = None) -> BaseRun:
+        """Run `input` once and keep it, so that variant runs can start inside it at any
+        layer and position: RunRequest(..., resume=sl.hooks.Resume(base, layer, position,
+        repeat)) computes only the layers from `layer` on over the positions from `position`
+        on (what sweeps do). The hooks installed now act on it. Use it as a context manager,
+        or close() it: that frees what is kept (on a Tracer, on every replica's stages).
+
+        Example:
+            >>> with model.base_run(corrupt) as base:
+            ...     request = sl.RunRequest(corrupt.repeat(2, 1), specs=patches, resume=sl.hooks.Resume(base, 3, position=5, repeat=2))
+            ...     logits = model.run(request).output        # [2 * batch, pos - 5, vocab]
+        """
+        if getattr(self, "architecture", None) is None:
+            raise ValueError(f"a base run needs a model of a registered architecture (canonical layers); {type(self).__name__} has none")
+        tokens, mask = self.tokens_of(input, attention_mask)
+        return self._keep_base(tokens, mask)
+
+    def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> BaseRun:
+        raise NotImplementedError
 
     # ------------------------------------------------------------------ generation
 

@@ -36,15 +36,20 @@ def _ids(value: Any, name: str) -> Optional[tuple]:
 @serializable
 @dataclass(frozen=True)
 class Metric:
-    """A score of logits: kind, and the answer / wrong token id of each example."""
+    """A score of logits: kind, and the answer / wrong token id of each example. With
+    `copies` > 1 the batch is that many copies of a batch (see per_copy), and its value is
+    the mean over each copy, [copies]."""
 
     kind: str
     answer: Optional[tuple] = None
     wrong: Optional[tuple] = None
+    copies: int = 1
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"metric kind must be one of {', '.join(KINDS)}; got {self.kind!r}")
+        if not isinstance(self.copies, int) or isinstance(self.copies, bool) or self.copies < 1:
+            raise ValueError(f"metric copies must be a positive int; got {self.copies!r}")
         object.__setattr__(self, "answer", _ids(self.answer, "answer"))
         object.__setattr__(self, "wrong", _ids(self.wrong, "wrong"))
         needs = {"logit_diff": ("answer", "wrong"), "prob": ("answer",), "log_prob": ("answer",), "loss": ()}[self.kind]
@@ -58,9 +63,15 @@ class Metric:
         return replace(self, answer=pick(self.answer), wrong=pick(self.wrong))
 
     def repeat(self, times: int) -> "Metric":
-        """The metric for a batch made of `times` copies of the batch, one after another."""
+        """The metric for a batch made of `times` copies of the batch, one after another
+        (its value: the mean over all of them)."""
         return replace(self, answer=None if self.answer is None else self.answer * times,
                        wrong=None if self.wrong is None else self.wrong * times)
+
+    def per_copy(self, copies: int) -> "Metric":
+        """As repeat(copies), valued per copy: [copies] means (what sweeps score each cell's
+        copy of the batch by, where the logits are)."""
+        return replace(self.repeat(copies), copies=copies)
 
     def per_example(self, logits: Tensor, attention_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> Tensor:
         """The score of each example, [batch], in float32."""
@@ -88,6 +99,16 @@ class Metric:
         log_probs = F.log_softmax(final, dim=-1).gather(-1, answer[:, None])[:, 0]
         return log_probs if self.kind == "log_prob" else log_probs.exp()
 
+    def first_read(self, attention_mask: Optional[Tensor], seq_len: int) -> int:
+        """The earliest position whose logits the score reads, in any example: 0 for the
+        loss, else the earliest last real position."""
+        if self.kind == "loss":
+            return 0
+        if attention_mask is None:
+            return seq_len - 1
+        positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+        return int((attention_mask.bool() * positions).argmax(-1).min())
+
     @staticmethod
     def _column(ids: tuple, batch: int, device: Any) -> Tensor:
         if len(ids) not in (1, batch):
@@ -96,8 +117,9 @@ class Metric:
         return column.expand(batch) if len(ids) == 1 else column
 
     def __call__(self, logits: Tensor, attention_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> Tensor:
-        """The batch mean of the per-example scores."""
-        return self.per_example(logits, attention_mask, tokens).mean()
+        """The batch mean of the per-example scores ([copies] means, one per copy, with copies > 1)."""
+        values = self.per_example(logits, attention_mask, tokens)
+        return values.mean() if self.copies == 1 else values.reshape(self.copies, -1).mean(1)
 
 
 def logit_diff(answer: Any, wrong: Any) -> Metric:

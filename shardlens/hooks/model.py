@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional, Union
 
@@ -10,10 +11,12 @@ from torch import Tensor, nn
 
 from shardlens.hooks.architectures import Architecture, architecture_for
 from shardlens.hooks.attention import IMPLEMENTATION
-from shardlens.hooks.generation import KeyValueCache
+from shardlens.hooks.generation import KeyValueCache, copy_hf_cache
 from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
-from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
+from shardlens.hooks.ops import Cache
+from shardlens.hooks.run import BaseRun, Resume, RunRequest, RunResult, output_of
+from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.tapped_model import TappedModel, no_architecture_for_options
@@ -177,19 +180,35 @@ class HookedModel(WeightViews, TappedModel):
             output = self.model(request.input, **mask, **request.forward_kwargs)
             return output, output, None
         tokens, mask = self.tokens_of(request.input, request.attention_mask)
+        first = self.readout_start(request.logits_from(tokens.shape[1], mask, backward=request.needs_grad))
         if request.resume is not None:
-            logits = self._resume(request.resume, tokens, mask)
+            start = request.resume.position  # the output covers the positions from here on
+            first = max(first - start, 0)
+            logits = self._resume(request, tokens, mask, logits_from=first)
+            tokens, mask = tokens[:, start:], None if mask is None else mask[:, start:]
         elif request.kv_cache is not None:
+            first = 0
             logits = self._with_kv_cache(tokens, mask, request.kv_cache, request.forward_kwargs)
         else:
             kwargs = dict(request.forward_kwargs)
             if "position_ids" not in kwargs and ((mask is not None and not bool(mask.all())) or (self.architecture and self.architecture.pos_embed)):
                 kwargs["position_ids"] = default_positions(tokens, mask)
+            if first and "logits_to_keep" not in kwargs and self._keeps_logits:
+                kwargs["logits_to_keep"] = tokens.shape[1] - first
+            else:
+                first = 0
             logits = self.model(input_ids=tokens, attention_mask=mask, use_cache=False, **kwargs).logits
         value = None
         if request.return_type not in ("logits", None) or request.needs_grad:
-            value = request.metric(logits, mask, tokens) if request.metric is not None else next_token_loss(logits, tokens, mask)
+            # the logits cover the positions from `first` on
+            read_tokens, read_mask = tokens[:, first:], None if mask is None else mask[:, first:]
+            value = request.metric(logits, read_mask, read_tokens) if request.metric is not None else next_token_loss(logits, tokens, mask)
         return output_of(request.return_type, logits, value), value, mask
+
+    @property
+    def _keeps_logits(self) -> bool:
+        """Whether the wrapped model's forward can unembed only the last positions."""
+        return "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def _with_kv_cache(self, tokens: Tensor, mask: Optional[Tensor], cache: KeyValueCache, kwargs: dict) -> Tensor:
         """The logits of the new tokens, attending to the cached ones (see `run` for a failure)."""
@@ -201,23 +220,39 @@ class HookedModel(WeightViews, TappedModel):
             input_ids=tokens, attention_mask=full_mask, position_ids=positions, cache=cache.for_run(), use_cache=True, **kwargs
         ).logits
 
-    def _resume(self, resume: Resume, tokens: Tensor, mask: Optional[Tensor]) -> Tensor:
-        """The logits of the model run from layer `resume.layer` on, given that layer's
-        resid_pre: the layers before are not run. Hook points of the layers run fire as usual."""
-        if self.architecture is None:
-            raise ValueError("resuming at a layer needs a registered architecture")
-        if resume.layer >= self.config.num_hidden_layers:
-            raise ValueError(f"resume at layer {resume.layer}: the model has layers 0-{self.config.num_hidden_layers - 1}")
-        parts = self._parts()
-        hidden = resume.resid_pre
-        if hidden.shape[:2] != tokens.shape:
-            raise ValueError(f"resume.resid_pre is {tuple(hidden.shape)}, the tokens {tuple(tokens.shape)}: they must agree on [batch, pos]")
+    def _resume(self, request: RunRequest, tokens: Tensor, mask: Optional[Tensor], *, logits_from: int) -> Tensor:
+        """The logits of a run resumed inside a base run (see Resume), from its position on
+        (of those from `logits_from` on, counted from there): only the layers from
+        resume.layer on run, over those positions, attending to the base run's keys and
+        values before them. Hook points of the layers run fire as usual."""
+        resume = request.resume
+        base = resume.base
+        if not isinstance(base, LocalBaseRun) or base.model is not self:
+            raise TypeError(f"Resume.base must be a base run of this model (model.base_run(tokens)); got {type(base).__name__}")
+        resume.check(tokens, self.config.num_hidden_layers, request, mask)
+        hidden, cache = base.start(resume)
+        if torch.is_grad_enabled():
+            hidden = hidden.detach().requires_grad_(True)
+        run_mask = torch.ones_like(tokens) if mask is None and cache is not None else mask  # over the cached positions too
         rotary = self.model.get_submodule(self.architecture.rotary) if self.architecture.rotary else None
-        blocks = {i: block for i, block in parts.blocks.items() if i >= resume.layer}
-        hidden = run_layers(self.config, self.architecture, blocks, rotary, hidden, attention_mask=mask, position_ids=default_positions(hidden, mask))
-        logits = self.readout(hidden)
+        blocks = {i: block for i, block in self._parts().blocks.items() if i >= resume.layer}
+        positions = default_positions(tokens, mask)[:, resume.position:]
+        hidden = run_layers(self.config, self.architecture, blocks, rotary, hidden, attention_mask=run_mask, position_ids=positions, cache=cache)
+        logits = self.readout(hidden, start=logits_from)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
         return self.points.hook_logits(logits) if self.architecture.transforms_logits else logits
+
+    def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> "LocalBaseRun":
+        """One run of `tokens` through a key/value cache, keeping every layer's resid_pre."""
+        names = tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(self.config.num_hidden_layers))
+        kv = self._new_kv_cache(tokens.shape[0])
+        try:
+            with torch.no_grad():
+                result = self.run(RunRequest(tokens, attention_mask=mask, specs=(HookSpec(names, Cache()),), kv_cache=kv))
+        except BaseException:
+            kv.close()
+            raise
+        return LocalBaseRun(self, tokens, mask, result.output, [result.cache[name] for name in names], kv)
 
     def _new_kv_cache(self, batch_size: int) -> KeyValueCache:
         return KeyValueCache.init_cache(self.config, self._device, batch_size)
@@ -244,6 +279,32 @@ class HookedModel(WeightViews, TappedModel):
     def _dataset_metadata(self) -> dict:
         dtype = next(self.model.parameters()).dtype
         return {"model": getattr(self.config, "_name_or_path", None), "dtype": str(dtype).removeprefix("torch.")}
+
+
+class LocalBaseRun(BaseRun):
+    """A HookedModel's base run: each layer's resid_pre and the key/value cache, in memory."""
+
+    def __init__(self, model: HookedModel, tokens: Tensor, mask: Optional[Tensor], logits: Tensor, resid: list[Tensor], kv: KeyValueCache):
+        super().__init__(tokens, mask, logits)
+        self.model, self.resid, self.kv = model, resid, kv
+
+    def start(self, resume: Resume) -> tuple[Tensor, Any]:
+        """The hidden states entering resume.layer from resume.position on, and a cache of the
+        keys and values before it in the layers from resume.layer on (None at position 0),
+        both of the batch repeated resume.repeat times."""
+        if self.kv.hf_cache is None:
+            raise ValueError("this base run was closed: make a new one with model.base_run(tokens)")
+        layer, position, times = resume.layer, resume.position, resume.repeat
+        hidden = self.resid[layer][:, position:].repeat(times, 1, 1)
+        if position == 0:
+            return hidden, None
+        layers = range(layer, len(self.resid))
+        prefix = lambda t: t[:, :, :position].repeat(times, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
+        return hidden, copy_hf_cache(self.kv.hf_cache, prefix, self.model.config, layers)
+
+    def close(self) -> None:
+        self.resid = []
+        self.kv.close()
 
 
 def load_tokenizer(path_or_name: Union[str, os.PathLike]) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
@@ -184,7 +184,8 @@ class HookedRootModule(HookAPI, nn.Module):
         try:
             if request.specs:
                 self.install(RUN_LEVEL, request.specs)
-            output, objective, mask = self._compute(request)
+            with self.activation_grads_only() if request.needs_grad and not request.weight_grads else nullcontext():
+                output, objective, mask = self._compute(request)
             if request.needs_grad:
                 _backpropagate(objective)
         finally:
@@ -204,6 +205,35 @@ class HookedRootModule(HookAPI, nn.Module):
             yield
         finally:
             self.run_context = previous
+
+    @contextmanager
+    def activation_grads_only(self) -> Iterator[None]:
+        """A forward in this block records gradients of activations only: every parameter is
+        frozen (so backward computes no weight gradient and leaves .grad alone), and the
+        outputs of the modules where the graph starts (`_graph_entries`: the embeddings)
+        become leaves that require grad. A module that does not know where its graph starts
+        keeps its parameters as they are (its own forward decides what requires grad)."""
+        entries = self._graph_entries()
+        if entries is None:
+            yield
+            return
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        for parameter in trainable:
+            parameter.requires_grad_(False)
+        # prepend: the leaf comes before any hook point tapped into the module's output
+        handles = [module.register_forward_hook(_leaf_output, prepend=True) for module in entries]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for parameter in trainable:
+                parameter.requires_grad_(True)
+
+    def _graph_entries(self) -> Optional[list[nn.Module]]:
+        """The modules whose outputs start the graph of a run (see activation_grads_only);
+        None where that is not known (a plain module)."""
+        return None
 
     def _compute(self, request: RunRequest) -> tuple[Any, Optional[Tensor], Optional[Tensor]]:
         """(output, what a gradient run backpropagates, attention mask) of the forward pass:
@@ -267,6 +297,13 @@ class HookedRootModule(HookAPI, nn.Module):
             for name, hook in pairs:
                 self.hook_dict[name].add_hook(hook, dir=direction)
         return cache
+
+
+def _leaf_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    """A module's output as a leaf that requires grad (when gradients are being recorded)."""
+    if torch.is_grad_enabled() and isinstance(output, Tensor) and output.is_floating_point():
+        return output.detach().requires_grad_(True)
+    return output
 
 
 def _backpropagate(objective: Any) -> None:

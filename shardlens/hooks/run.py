@@ -63,21 +63,73 @@ class Destination:
         return ParquetSink(self.path, metadata=dict(self.metadata or {}), layout=self.layout, threads=1)
 
 
+class BaseRun:
+    """A run its runner keeps so that variant runs can start inside it (see Resume): the
+    hidden states entering each layer, and every layer's keys and values. Made by
+    `runner.base_run(tokens)`; `close()` (or leaving its `with` block) frees what it holds.
+
+    Attributes:
+        tokens: its token ids [batch, pos].
+        attention_mask: its attention mask (None: every token is real).
+        logits: its logits [batch, pos, vocab].
+    """
+
+    def __init__(self, tokens: Tensor, attention_mask: Optional[Tensor], logits: Tensor):
+        self.tokens, self.attention_mask, self.logits = tokens, attention_mask, logits
+
+    def close(self) -> None:
+        """Free what the runner keeps of this run."""
+
+    def __enter__(self) -> "BaseRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 @dataclass(frozen=True)
 class Resume:
-    """Start a run at layer `layer`, with `resid_pre` [batch, pos, d_model] as that layer's
-    input: what the whole forward gives when the layers before produced it, without
-    recomputing them (sweeps start each patched variant at its layer)."""
+    """Start a run inside a base run (see BaseRun), at layer `layer` and position `position`:
+    the run's batch is the base run's repeated `repeat` times, one copy after another, and
+    what it computes is what the whole forward of that batch computes, without the layers
+    before `layer` (their output is the base run's hidden states entering `layer`) and
+    without the positions before `position` (every layer run attends to the base run's keys
+    and values there). A variant that changes nothing before (layer, position) gives the
+    whole forward's result. The run's output covers the positions from `position` on.
 
+    The request's input is the whole batch (the base run's tokens, repeated) and its
+    attention mask that batch's.
+    """
+
+    base: BaseRun
     layer: int
-    resid_pre: Tensor
+    position: int = 0
+    repeat: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layer, int) or isinstance(self.layer, bool) or self.layer < 0:
-            raise ValueError(f"Resume.layer must be a layer index (an int >= 0); got {self.layer!r}")
-        if not isinstance(self.resid_pre, Tensor) or self.resid_pre.ndim != 3:
-            shape = tuple(self.resid_pre.shape) if isinstance(self.resid_pre, Tensor) else type(self.resid_pre).__name__
-            raise ValueError(f"Resume.resid_pre must be [batch, pos, d_model]; got {shape}")
+        if not isinstance(self.base, BaseRun):
+            raise TypeError(f"Resume.base must be a BaseRun (runner.base_run(tokens)); got {type(self.base).__name__}")
+        for name, low in (("layer", 0), ("position", 0), ("repeat", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ValueError(f"Resume.{name} must be an int >= {low}; got {value!r}")
+        if self.position >= self.base.tokens.shape[1]:
+            raise ValueError(f"Resume.position {self.position} is past the base run's {self.base.tokens.shape[1]} positions")
+
+    def check(self, tokens: Tensor, n_layers: int, request: "RunRequest", attention_mask: Optional[Tensor]) -> None:
+        """Refuse a resumed run whose batch is not the base run's repeated, a layer the model
+        lacks, or a metric that reads a position before the run's."""
+        first = request.logits_from(tokens.shape[1], attention_mask, backward=request.needs_grad)
+        if request.metric is not None and first < self.position:
+            raise ValueError(f"the metric reads position {first}, before Resume.position {self.position}: resume at {first} or earlier")
+        if self.layer >= n_layers:
+            raise ValueError(f"resume at layer {self.layer}: the model has layers 0-{n_layers - 1}")
+        expected = (self.base.tokens.shape[0] * self.repeat, self.base.tokens.shape[1])
+        if tuple(tokens.shape) != expected:
+            raise ValueError(
+                f"a run resumed inside a base run of {tuple(self.base.tokens.shape)} repeated {self.repeat} times "
+                f"takes a batch of {expected}; got {tuple(tokens.shape)}"
+            )
 
 
 @dataclass(frozen=True)
@@ -95,13 +147,16 @@ class RunRequest:
             patches, run_with_cache's caching specs).
         grads: backpropagate the loss (or metric) after the forward pass, so that gradient
             specs (sl.ops.CacheGrad, ...) act.
+        weight_grads: in a run that backpropagates, also compute the parameters' gradients
+            (into their .grad). Without it the parameters are frozen for the run: only
+            gradients of activations are computed, and no .grad is touched.
         kv_cache: a key/value cache of earlier tokens (the runner's own kind): only `input`,
             the new tokens, runs; the cache grows unless it is frozen.
         sources: earlier runs' caches by name, for sl.ops.Patch(from_cache=name).
         write: write what the specs read into this dataset instead of returning it.
         whole_batch: keep the batch whole on one pipeline (specs that select batch rows
             need it); a one-process runner always does.
-        resume: start at a layer from given hidden states (see Resume).
+        resume: start inside a base run, at a layer and position (see Resume).
         forward_kwargs: more keyword arguments for the wrapped model's forward (one process
             only; a plain HookedRootModule gets `input` and these as they are).
     """
@@ -113,6 +168,7 @@ class RunRequest:
     metric: Optional[Metric] = None
     specs: tuple[HookSpec, ...] = ()
     grads: bool = False
+    weight_grads: bool = False
     kv_cache: Any = None
     sources: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
     write: Optional[Destination] = None
@@ -134,6 +190,17 @@ class RunRequest:
                 raise TypeError(f"a request's specs are sl.HookSpec values; got {type(bad[0]).__name__}")
         if self.resume is not None and self.kv_cache is not None:
             raise ValueError("a run starts either from a key/value cache or at a layer (resume), not both")
+
+    def logits_from(self, seq_len: int, attention_mask: Optional[Tensor], *, backward: bool) -> int:
+        """The first position whose logits the run needs, of `seq_len`: 0 when it returns
+        logits or backpropagates the next-token loss, else the first position its metric
+        reads (the last position when nothing is read). A runner may skip the unembedding
+        of the positions before it."""
+        if self.return_type in ("logits", "both"):
+            return 0
+        if self.metric is None:
+            return 0 if backward or self.return_type == "loss" else seq_len - 1
+        return self.metric.first_read(attention_mask, seq_len)
 
     @property
     def needs_grad(self) -> bool:

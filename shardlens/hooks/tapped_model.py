@@ -78,12 +78,28 @@ class TappedModel(HookedRootModule):
             taps += expert_taps(block_points, block, block_architecture, family)
         self.points, self._taps, self.point_options = points, taps, options
 
-    def readout(self, resid: Tensor) -> Tensor:
-        """The logits of a final residual stream: final norm, unembedding, and what the
-        family's forward does to the logits (`logit_transform`, set by a model that holds the
-        head)."""
+    def _graph_entries(self) -> Optional[list[nn.Module]]:
+        """The embeddings (token, and position where the family has one): where a run's graph
+        starts (none in a stage without them: its input hidden states are its leaf). Their
+        taps are wired first, so that the leaf comes before hook_embed."""
+        if self.architecture is None:
+            return super()._graph_entries()
+        self.sync_taps()
         parts = self._parts()
-        return self.logit_transform(parts.unembed(parts.final_norm(resid)))
+        return [module for module in (parts.embed, parts.pos_embed) if module is not None]
+
+    def readout(self, resid: Tensor, *, start: int = 0) -> Tensor:
+        """The logits of a final residual stream [batch, pos, d_model] (of its positions from
+        `start` on): final norm, unembedding, and what the family's forward does to the logits
+        (`logit_transform`, set by a model that holds the head)."""
+        parts = self._parts()
+        return self.logit_transform(parts.unembed(parts.final_norm(resid)[:, start:]))
+
+    def readout_start(self, start: int) -> int:
+        """Where a run's unembedding may start, given the first position it needs: there,
+        unless hooks at hook_logits want every position."""
+        hook_logits = getattr(getattr(self, "points", None), "hook_logits", None)
+        return 0 if hook_logits is None or hook_logits.active else start
 
     @property
     def n_kv_heads(self) -> int:

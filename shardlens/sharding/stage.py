@@ -44,8 +44,10 @@ class StageIO:
     every stage passes on `hidden` [batch, pos, d_model] with the mask, positions and labels,
     from which the next stage rebuilds its attention mask and rotary embeddings. The last
     stage returns `logits`, and `loss`: the value of `metric` when one is given (labels are
-    the tokens), else the mean next-token loss when labels are given. With `start_layer`
-    the batch enters at that layer (which this stage holds) with `hidden` as its resid_pre.
+    the tokens), else the mean next-token loss when labels are given; its logits cover the
+    positions from `logits_from` on (RunRequest.logits_from: those the run needs). With
+    `start_layer` the batch enters at that layer (which this stage holds) with `hidden` as
+    its resid_pre.
     """
 
     hidden: Optional[Tensor] = None
@@ -57,6 +59,7 @@ class StageIO:
     logits: Optional[Tensor] = None
     loss: Optional[Tensor] = None
     start_layer: Optional[int] = None
+    logits_from: int = 0
 
 
 class Stage(TappedModel):
@@ -114,12 +117,13 @@ class Stage(TappedModel):
         )
         out = replace(io, hidden=hidden, input_ids=None, position_ids=position_ids, start_layer=None)
         if self.last:
-            logits = self.readout(hidden)
-            mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the new tokens' columns
+            first = self.readout_start(io.logits_from)
+            logits = self.readout(hidden, start=first)
+            mask = None if io.attention_mask is None else io.attention_mask[:, -logits.shape[1]:]  # the logits' columns
             if io.metric is not None:
-                loss = io.metric(logits, mask, io.labels)
+                loss = io.metric(logits, mask, None if io.labels is None else io.labels[:, -logits.shape[1]:])
             else:
-                loss = next_token_loss(logits, io.labels, mask) if io.labels is not None else None
+                loss = next_token_loss(logits, io.labels, mask) if io.labels is not None and first == 0 else None
             out = replace(out, hidden=None, logits=logits, loss=loss)
         if torch.is_grad_enabled():
             self._pending = Graph(leaf, out.loss if out.loss is not None else (out.logits if self.last else out.hidden))

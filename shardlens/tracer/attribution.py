@@ -20,7 +20,7 @@ from shardlens.hooks.hook_api import Runner
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import CacheGrad, Patch
 from shardlens.hooks.specs import HookSpec
-from shardlens.tracer.cells import CellGrid, cache_with_grads, resolve_points
+from shardlens.tracer.cells import CellGrid, cache_of, cache_with_grads, resolve_points
 
 
 def _cell_sums(values: Tensor, over: Sequence[str], positions: Optional[Sequence[int]] = None) -> Tensor:
@@ -42,7 +42,7 @@ def atp(
     first-order estimate of what patching each cell changes the metric by. Two forward
     passes and one backward. `positions` restricts head cells, as in sweep."""
     names = resolve_points(model, points, over)
-    _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
+    clean_cache = cache_of(model, clean, attention_mask, names)
     baseline, corrupt_cache = cache_with_grads(model, corrupt, attention_mask, names, metric)
     rows = [_cell_sums((clean_cache[n] - corrupt_cache[n]) * corrupt_cache[n + "_grad"], over, positions) for n in names]
     return CellGrid(tuple(names), tuple(over), torch.stack(rows).cpu(), float(baseline))
@@ -58,8 +58,8 @@ def integrated_gradients(
     if steps < 1:
         raise ValueError(f"steps must be at least 1; got {steps}")
     names = resolve_points(model, points, over)
-    _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
-    _, corrupt_cache = model.run_with_cache(corrupt, names_filter=names, attention_mask=attention_mask)
+    clean_cache = cache_of(model, clean, attention_mask, names)
+    corrupt_cache = cache_of(model, corrupt, attention_mask, names)
     alphas = (torch.arange(steps, dtype=torch.float32) + 0.5) / steps
     tokens = corrupt.repeat(steps, 1)
     mask = None if attention_mask is None else attention_mask.repeat(steps, 1)

@@ -70,6 +70,14 @@ def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]
     return sorted(names, key=lambda n: (layer_index(n) if layer_index(n) is not None else -1, n))
 
 
+def cache_of(model: Runner, tokens: Tensor, mask: Optional[Tensor], names: list[str]) -> Any:
+    """The cache of `names` in one run of `tokens`, asking for no logits (a runner that takes
+    tokens then unembeds only what it must, and a Tracer sends none back)."""
+    options = {"return_type": None} if model.takes_tokens else {}
+    _, cache = model.run_with_cache(tokens, names_filter=names, attention_mask=mask, **options)
+    return cache
+
+
 def run_logits(model: Runner, tokens: Tensor, mask: Optional[Tensor], specs: Sequence[HookSpec]) -> Tensor:
     """The logits of one run with these specs (the batch kept whole: the specs select rows)."""
     with torch.no_grad():
@@ -84,7 +92,3 @@ def cache_with_grads(model: Runner, tokens: Tensor, mask: Optional[Tensor], name
     )
     return value.detach(), cache
 
-
-def batch_mean(values: Tensor, variants: int) -> Tensor:
-    """[variants * batch] per-example values -> [variants] means."""
-    return values.reshape(variants, -1).mean(1)

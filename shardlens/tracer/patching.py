@@ -1,18 +1,23 @@
 """Activation patching sweeps: the metric with one clean activation patched into the
 corrupted run, for every (hook point, position) or (hook point, head).
 
-Many patch variants run per forward pass: the corrupted batch is repeated along the batch
-axis, and each copy gets its own patch (sl.ops.Patch with batch= rows). The variants of one
-layer resume at that layer from the corrupted run's resid_pre there (sl.RunRequest's
-resume): the layers before it are the corrupted run's, so they are not computed again (on
-a Tracer, the run enters at the stage that holds the layer). The runs go through the
-runner's run_variants: a Tracer spreads them over its replicas. Head cells patched only at
-later positions run against a frozen key/value cache of the shared prefix (on a runner that
-runs one variant at a time: a HookedModel, or a Tracer with one replica).
+A sweep pays only for what a patch can change. The corrupted batch runs once and is kept
+by the runner (runner.base_run: each layer's resid_pre and every layer's keys and values;
+on a Tracer, on each replica's stages). A cell patched at (layer L, position p) then runs
+only the layers from L on, over the positions from p on: the layers before are the
+corrupted run's, and causal attention reads the positions before p from its keys and
+values (sl.hooks.Resume). On a Tracer the run enters at the stage that holds L.
+
+Many cells run per forward pass: the corrupted batch is repeated along the batch axis,
+each copy with its own patch (sl.ops.Patch with batch= rows). Cells of one layer are
+grouped by their start position, trading a few recomputed positions for fewer, larger runs
+(`_groups`). The runs go through the runner's run_variants: a Tracer spreads them over its
+replicas.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import torch
@@ -21,79 +26,101 @@ from torch import Tensor
 from shardlens.hooks.hook_api import Runner
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import AblateExperts, Patch
-from shardlens.hooks.run import Resume, RunRequest
+from shardlens.hooks.run import BaseRun, Resume, RunRequest
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import layer_index
-from shardlens.tracer.cells import CellGrid, batch_mean, resolve_points, run_logits
+from shardlens.tracer.cells import CellGrid, cache_of, resolve_points, run_logits
+
+RUN_COST = 32  # what one more run costs, in example-positions it could compute instead (weights read again, calls)
 
 
-def _cells(names: list[str], over: Sequence[str], clean_cache: Any) -> list[tuple[str, int]]:
+@dataclass(frozen=True)
+class Cell:
+    """One cell of a sweep: its hook point, its index (position, head or expert), and where
+    a run of it can start (layer None: the whole forward)."""
+
+    name: str
+    index: int
+    layer: Optional[int]
+    position: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """Cells run in one forward pass, each on its own copy of the batch, from (layer, position)."""
+
+    cells: tuple[Cell, ...]
+    layer: Optional[int]
+    position: int
+
+
+def _cells(names: list[str], over: Sequence[str], clean_cache: Any, positions: Optional[list], first_read: int) -> list[Cell]:
+    """Every cell, with the earliest (layer, position) its patch can change: its own layer,
+    and its patched position (a head cell's earliest one), but no later than the first
+    position the metric reads."""
     cells = []
     for name in names:
-        tensor = clean_cache[name]
+        tensor, layer = clean_cache[name], layer_index(name)
         count = tensor.shape[1] if over[1] == "pos" else tensor.shape[2]
-        cells += [(name, i) for i in range(count)]
+        for i in range(count):
+            patched = i if over[1] == "pos" else (min(positions) if positions else 0)
+            start = 0 if layer is None else min(patched, first_read)
+            cells.append(Cell(name, i, layer, start))
     return cells
 
 
-def patch_spec(name: str, over: Sequence[str], index: int, clean: Tensor, rows: list[int], positions: Optional[list] = None) -> HookSpec:
-    """The spec patching cell (name, index) of the clean activation into batch rows `rows`
-    (a head cell only at `positions`, when given)."""
+def _groups(cells: list[Cell], *, per_run: int, batch: int, seq_len: int) -> list[Group]:
+    """The cells of each start layer cut into runs of at most `per_run`, in order of start
+    position, so that the positions computed (a run computes every cell from its earliest
+    start position) plus RUN_COST per run are fewest (dynamic programming over the cuts)."""
+    by_layer: dict = {}
+    for cell in cells:
+        by_layer.setdefault(cell.layer, []).append(cell)
+    groups = []
+    for layer, layer_cells in by_layer.items():
+        ordered = sorted(layer_cells, key=lambda c: c.position)
+        best = [0.0] + [float("inf")] * len(ordered)  # best[i]: the cost of the first i cells
+        cut = [0] * (len(ordered) + 1)
+        for i in range(1, len(ordered) + 1):
+            for j in range(max(0, i - per_run), i):
+                cost = best[j] + (i - j) * batch * (seq_len - ordered[j].position) + RUN_COST
+                if cost < best[i]:
+                    best[i], cut[i] = cost, j
+        i, runs = len(ordered), []
+        while i > 0:
+            runs.append(ordered[cut[i]:i])
+            i = cut[i]
+        groups += [Group(tuple(run), layer, run[0].position) for run in reversed(runs)]
+    return groups
+
+
+def patch_spec(cell: Cell, over: Sequence[str], clean: Tensor, rows: list[int], positions: Optional[list], start: int = 0) -> HookSpec:
+    """The spec patching a cell's clean activation into batch rows `rows` of a run whose
+    positions start at `start` (a head cell only at `positions`, when given)."""
     if over[1] == "pos":
-        return HookSpec(name, Patch(clean[:, index:index + 1], positions=[index], batch=rows))
-    values = clean[:, :, index:index + 1] if positions is None else clean[:, positions, index:index + 1]
-    return HookSpec(name, Patch(values, heads=[index], positions=positions, batch=rows))
+        return HookSpec(cell.name, Patch(clean[:, cell.index:cell.index + 1], positions=[cell.index - start], batch=rows))
+    head = slice(cell.index, cell.index + 1)
+    if positions is None:
+        return HookSpec(cell.name, Patch(clean[:, start:, head], heads=[cell.index], batch=rows))
+    return HookSpec(cell.name, Patch(clean[:, positions, head], heads=[cell.index], positions=[p - start for p in positions], batch=rows))
 
 
-def _corrupt_resid(model: Runner, corrupt: Tensor, attention_mask: Optional[Tensor], names: list[str]) -> dict:
-    """The corrupted run's resid_pre of each layer the cells are in (a run patched there can
-    start from it); empty for a model without canonical layers."""
-    if getattr(model, "architecture", None) is None:
-        return {}
-    layers = sorted({layer_index(n) for n in names if layer_index(n) is not None})
-    resid = [f"blocks.{layer}.hook_resid_pre" for layer in layers]
-    _, cache = model.run_with_cache(corrupt, names_filter=resid, attention_mask=attention_mask)
-    return {layer: cache[name] for layer, name in zip(layers, resid)}
+def _request(group: Group, base: Optional[BaseRun], tokens: Tensor, mask: Optional[Tensor], specs: list, metric: Metric) -> RunRequest:
+    """One group's run, scored per cell: the batch repeated once per cell, started inside
+    the base run when the group has a start layer."""
+    n = len(group.cells)
+    resume = None if base is None or group.layer is None else Resume(base, group.layer, group.position, n)
+    return RunRequest(
+        tokens.repeat(n, 1), attention_mask=None if mask is None else mask.repeat(n, 1), specs=tuple(specs), resume=resume,
+        whole_batch=True, return_type="metric", metric=metric.per_copy(n),
+    )
 
 
-def _by_layer(cells: list, start_from: dict) -> list:
-    """Cells grouped by the layer a run can start from (None: the whole forward), in order."""
-    groups: dict = {}
-    for name, index in cells:
-        layer = layer_index(name)
-        groups.setdefault(layer if layer in start_from else None, []).append((name, index))
-    return list(groups.items())
-
-
-def _request(tokens: Tensor, mask: Optional[Tensor], specs: list, resume: Optional[Resume] = None, kv_cache: Any = None) -> RunRequest:
-    return RunRequest(tokens, attention_mask=mask, specs=tuple(specs), resume=resume, kv_cache=kv_cache, whole_batch=True)
-
-
-def _run_all(model: Runner, requests: list[RunRequest]) -> list[Tensor]:
-    """Each request's logits: run_variants spreads them over a Tracer's replicas."""
+def _run_all(model: Runner, requests: list[RunRequest]) -> Tensor:
+    """Every request's metric per copy of its batch, one after another: run_variants spreads
+    the requests over a Tracer's replicas, and the metric is computed where the logits are."""
     with torch.no_grad():
-        return [result.output for result in model.run_variants(requests)]
-
-
-def _run_after_prefix(model: Runner, corrupt: Tensor, mask: Optional[Tensor], runs: list, *, prefix: int, positions: Sequence[int], clean_cache: Any) -> list[Tensor]:
-    """Each run's logits for the tokens from `prefix` on, against one frozen key/value cache
-    of the corrupted prefix (computed once; on a Tracer it stays on the stages); the patches
-    move to suffix coordinates."""
-    with model.init_kv_cache(corrupt.shape[0]) as cache, torch.no_grad():
-        model(corrupt[:, :prefix], attention_mask=None if mask is None else mask[:, :prefix], past_kv_cache=cache)
-        cache.freeze()
-        shifted = [p % corrupt.shape[1] - prefix for p in positions]
-        batch = corrupt.shape[0]
-        requests = []
-        for _, group, tokens, run_mask, _ in runs:
-            specs = [
-                HookSpec(name, Patch(clean_cache[name][:, list(positions), index:index + 1], heads=[index], positions=shifted,
-                                     batch=list(range(j * batch, (j + 1) * batch))))
-                for j, (name, index) in enumerate(group)
-            ]
-            suffix_mask = None if run_mask is None else run_mask[:, prefix:]
-            requests.append(_request(tokens[:, prefix:], suffix_mask, specs, kv_cache=cache.repeat(len(group))))
-        return _run_all(model, requests)
+        return torch.cat([result.output.reshape(-1).cpu() for result in model.run_variants(requests)])
 
 
 def sweep(
@@ -107,7 +134,7 @@ def sweep(
     attention_mask: Optional[Tensor] = None,
     positions: Optional[Sequence[int]] = None,
     max_batch: int = 64,
-    reuse_prefix: bool = True,
+    reuse: bool = True,
 ) -> CellGrid:
     """Patch each clean activation (cell) into the corrupted run and score it.
 
@@ -118,11 +145,10 @@ def sweep(
         metric: an sl.metrics score (its value over the batch is each cell's value).
         over: ("layer", "pos") or ("layer", "head") (head needs points such as hook_z).
         positions: with over=("layer", "head"), patch each head only at these positions.
-        max_batch: rows per forward pass (variants x examples).
-        reuse_prefix: with head cells at `positions`, run the tokens before the earliest
-            patched position once (a frozen key/value cache) and only the rest for every
-            variant: on a HookedModel, and on a Tracer with one replica (with several, the
-            whole runs spread over the replicas instead).
+        max_batch: rows per forward pass (cells x examples).
+        reuse: start each cell's run inside the corrupted run, at the cell's layer and
+            position (see the module's docstring); False runs the whole forward per cell
+            (the same values: for comparison).
 
     Returns:
         CellGrid: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
@@ -133,52 +159,40 @@ def sweep(
     names = resolve_points(model, points, over)
     if positions is not None and over[1] != "head":
         raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
-    positions = None if positions is None else [int(p) for p in positions]
-    _, clean_cache = model.run_with_cache(clean, names_filter=names, attention_mask=attention_mask)
-    cells = _cells(names, over, clean_cache)
-    # A runner that runs several variants at once (a Tracer with replicas) spreads whole runs
-    # instead of sharing a prefix: the prefix would live on one replica.
-    prefix = min(p % clean.shape[1] for p in positions) if positions and reuse_prefix and model.parallel_runs == 1 else 0
-    start_from = _corrupt_resid(model, corrupt, attention_mask, names) if prefix == 0 else {}
-    runs = _patch_runs(_by_layer(cells, start_from), corrupt, attention_mask, clean_cache, over=over, positions=positions, max_batch=max_batch)
-    if prefix > 0:
-        all_logits = _run_after_prefix(model, corrupt, attention_mask, runs, prefix=prefix, positions=positions, clean_cache=clean_cache)
-    else:
-        requests = [
-            _request(tokens, mask, specs, None if layer is None else Resume(layer, start_from[layer].repeat(len(group), 1, 1)))
-            for layer, group, tokens, mask, specs in runs
-        ]
-        all_logits = _run_all(model, requests)
-    values = _scores(metric, [run[1:] for run in runs], all_logits, prefix)
-    grid = values.reshape(len(names), -1).cpu()
-    return CellGrid(tuple(names), tuple(over), grid, _baseline(model, corrupt, attention_mask, metric))
-
-
-def _patch_runs(
-    groups: list, corrupt: Tensor, mask: Optional[Tensor], clean_cache: Any, *, over: Sequence[str], positions: Optional[list],
-    max_batch: int,
-) -> list:
-    """The runs of a sweep: (layer to start from or None, its cells, tokens, mask, specs), each
-    the corrupted batch repeated once per cell, the cell's patch on its copy."""
+    seq_len = clean.shape[1]
+    positions = None if positions is None else sorted({int(p) % seq_len for p in positions})
+    clean_cache = cache_of(model, clean, attention_mask, names)
+    reuse = reuse and getattr(model, "architecture", None) is not None
+    first_read = metric.first_read(attention_mask, seq_len) if reuse else 0
+    cells = _cells(names, over, clean_cache, positions, first_read)
+    if not reuse:
+        cells = [Cell(c.name, c.index, None, 0) for c in cells]
+    groups = _groups(cells, per_run=max(1, max_batch // clean.shape[0]), batch=clean.shape[0], seq_len=seq_len)
     batch = corrupt.shape[0]
-    per_run = max(1, max_batch // batch)
-    runs = []
-    for layer, layer_cells in groups:
-        for start in range(0, len(layer_cells), per_run):
-            group = layer_cells[start:start + per_run]
-            specs = [patch_spec(n, over, i, clean_cache[n], list(range(j * batch, (j + 1) * batch)), positions) for j, (n, i) in enumerate(group)]
-            runs.append((layer, group, corrupt.repeat(len(group), 1), None if mask is None else mask.repeat(len(group), 1), specs))
-    return runs
+
+    def specs(group: Group) -> list[HookSpec]:
+        rows = lambda j: list(range(j * batch, (j + 1) * batch))  # noqa: E731  the j-th copy of the batch
+        return [patch_spec(cell, over, clean_cache[cell.name], rows(j), positions, group.position) for j, cell in enumerate(group.cells)]
+
+    grid, baseline = _run_groups(model, groups, cells, corrupt, attention_mask, metric=metric, specs=specs, reuse=reuse)
+    return CellGrid(tuple(names), tuple(over), grid.reshape(len(names), -1), baseline)
 
 
-def _scores(metric: Metric, runs: list, all_logits: list[Tensor], prefix: int = 0) -> Tensor:
-    """The metric of each cell: the mean over its copy of the batch in its run's logits
-    (which cover the tokens from `prefix` on)."""
-    values = []
-    for (cells, tokens, mask, _), logits in zip(runs, all_logits):
-        tokens, mask = tokens[:, prefix:], None if mask is None else mask[:, prefix:]
-        values.append(batch_mean(metric.repeat(len(cells)).per_example(logits, mask, tokens), len(cells)))
-    return torch.cat(values)
+def _run_groups(
+    model: Runner, groups: list[Group], cells: list[Cell], tokens: Tensor, mask: Optional[Tensor], *, metric: Metric, specs: Any,
+    reuse: bool,
+) -> tuple[Tensor, float]:
+    """(each cell's metric in the order of `cells`, the metric of the unchanged run): every
+    group run with specs(group), inside one base run of `tokens` when reusing it."""
+    if reuse:
+        with model.base_run(tokens, attention_mask=mask) as base:
+            values = _run_all(model, [_request(g, base, tokens, mask, specs(g), metric) for g in groups])
+            baseline = float(metric(base.logits, mask, tokens))
+    else:
+        values = _run_all(model, [_request(g, None, tokens, mask, specs(g), metric) for g in groups])
+        baseline = _baseline(model, tokens, mask, metric)
+    order = {(cell.name, cell.index): i for i, cell in enumerate(c for g in groups for c in g.cells)}
+    return values[[order[(c.name, c.index)] for c in cells]], baseline
 
 
 def _baseline(model: Runner, tokens: Tensor, mask: Optional[Tensor], metric: Metric) -> float:
@@ -200,7 +214,8 @@ def expert_sweep(
 
     Each cell (layer, expert) takes that expert out of that layer's routing for every token
     (sl.ops.AblateExperts at blocks.<layer>.mlp.hook_expert_weights, renormalising the other
-    experts' weights when asked). As in `sweep`, many cells run per forward pass.
+    experts' weights when asked). As in `sweep`, many cells run per forward pass, each starting
+    at its layer inside one run of the unchanged batch.
 
     Args:
         model: any runner of a mixture-of-experts model.
@@ -223,18 +238,16 @@ def expert_sweep(
             raise ValueError(f"layers {missing} have no mixture-of-experts block; MoE layers: {[layer_index(n) for n in names]}")
         names = [n for n in names if layer_index(n) in wanted]
     n_experts = model.hook_shape(names[0].replace("hook_expert_weights", "hook_router_logits"))[0]
-    cells = [(name, expert) for name in names for expert in range(n_experts)]
+    reuse = getattr(model, "architecture", None) is not None
+    cells = [Cell(name, expert, layer_index(name) if reuse else None, 0) for name in names for expert in range(n_experts)]
     batch = tokens.shape[0]
-    per_run = max(1, max_batch // batch)
-    runs = []
-    for start in range(0, len(cells), per_run):
-        group = cells[start:start + per_run]
-        specs = [
-            HookSpec(name, AblateExperts([expert], renormalize=renormalize, batch=list(range(j * batch, (j + 1) * batch))))
-            for j, (name, expert) in enumerate(group)
+    groups = _groups(cells, per_run=max(1, max_batch // batch), batch=batch, seq_len=tokens.shape[1])
+
+    def specs(group: Group) -> list[HookSpec]:
+        return [
+            HookSpec(cell.name, AblateExperts([cell.index], renormalize=renormalize, batch=list(range(j * batch, (j + 1) * batch))))
+            for j, cell in enumerate(group.cells)
         ]
-        mask = None if attention_mask is None else attention_mask.repeat(len(group), 1)
-        runs.append((group, tokens.repeat(len(group), 1), mask, specs))
-    all_logits = _run_all(model, [_request(tokens, mask, specs) for _, tokens, mask, specs in runs])
-    grid = _scores(metric, runs, all_logits).reshape(len(names), n_experts).cpu()
-    return CellGrid(tuple(names), ("layer", "expert"), grid, _baseline(model, tokens, attention_mask, metric))
+
+    grid, baseline = _run_groups(model, groups, cells, tokens, attention_mask, metric=metric, specs=specs, reuse=reuse)
+    return CellGrid(tuple(names), ("layer", "expert"), grid.reshape(len(names), n_experts), baseline)

@@ -12,11 +12,11 @@ import torch
 from torch import Tensor
 
 from shardlens.cluster import Coordinator, make_backend
-from shardlens.cluster.sessions import StageKeyValueCache
+from shardlens.cluster.sessions import StageBaseRun, StageKeyValueCache
 from shardlens.hooks.architectures import architecture_for
 from shardlens.hooks.hook_api import HookAPI, Scope
 from shardlens.hooks.model import load_tokenizer
-from shardlens.hooks.ops import Code, Op
+from shardlens.hooks.ops import Cache, Code, Op
 from shardlens.hooks.run import RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.shapes import cache_fields
@@ -186,8 +186,11 @@ class Tracer(HookAPI):
         run_mask = mask if request.kv_cache is None else self._kv_mask(request.kv_cache, tokens, mask)
         resume = request.resume
         if resume is not None:
-            resume = dataclasses.replace(resume, resid_pre=resume.resid_pre.detach().cpu())
-        prepared = dataclasses.replace(request, input=tokens, attention_mask=run_mask, resume=resume)
+            if not isinstance(resume.base, StageBaseRun) or resume.base.coordinator is not self.coordinator:
+                raise TypeError(f"Resume.base must be a base run of this Tracer (tracer.base_run(tokens)); got {type(resume.base).__name__}")
+            resume.check(tokens, self.plan.stages[-1].layers[-1] + 1, request, mask)
+            mask = None if mask is None else mask[:, resume.position:]  # the output's positions
+        prepared = dataclasses.replace(request, input=tokens, attention_mask=run_mask)
         return prepared, mask
 
     def _ran(self, request: RunRequest, prepared: RunRequest) -> None:
@@ -221,6 +224,17 @@ class Tracer(HookAPI):
         return is_uri(path) or self.coordinator.shares(path)
 
     # ------------------------------------------------------------------ key/value caches
+
+    def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> StageBaseRun:
+        """One run of `tokens` on every replica, whose stages keep it (see StageBaseRun)."""
+        names = tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(self.plan.stages[-1].layers[-1] + 1))
+        session = f"base.{uuid.uuid4().hex[:12]}"
+        request = RunRequest(
+            tokens, attention_mask=torch.ones_like(tokens) if mask is None else mask, specs=(HookSpec(names, Cache()),), whole_batch=True,
+        )
+        result = self.coordinator.keep_base(request, session)
+        return StageBaseRun(self.coordinator, session, tokens, mask, result.output)
+
 
     def _new_kv_cache(self, batch_size: int) -> StageKeyValueCache:
         """A cache kept on the stages (see StageKeyValueCache); close() frees their memory."""

@@ -466,11 +466,10 @@ def test_hook_logits_is_after_the_familys_logit_transform(tiny_checkpoints, toke
         expected = load_reference(tiny_checkpoints[name])(tokens).logits
     _, cache = model.run_with_cache(tokens, names_filter="hook_logits", labels=tokens)  # a loss first in the output
     assert torch.allclose(cache["hook_logits"], expected, atol=ATOL)
-    _, resid = model.run_with_cache(tokens, names_filter="blocks.1.hook_resid_pre")
     seen = {}
-    with model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: seen.setdefault("x", x))]):
-        from_layer_1 = model.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(1, resid["blocks.1.hook_resid_pre"]))).output
-    assert torch.allclose(from_layer_1, expected, atol=ATOL) and torch.equal(seen["x"], from_layer_1)
+    with model.base_run(tokens) as base, model.hooks(fwd_hooks=[("hook_logits", lambda x, hook: seen.setdefault("x", x))]):
+        from_layer_1 = model.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(base, 1, position=2))).output
+    assert torch.allclose(from_layer_1, expected[:, 2:], atol=ATOL) and torch.equal(seen["x"], from_layer_1)
 
 
 @pytest.mark.parametrize("name", ["falcon", "falcon_7b"])

@@ -71,6 +71,29 @@ def test_incl_bwd_gives_autograds_gradients(runner, hf, tokens):
     hf.zero_grad()
 
 
+def parameters_with_grad(runner) -> int:
+    if isinstance(runner, sl.HookedModel):
+        return sum(p.grad is not None for p in runner.parameters())
+    return sum(stats["parameters_with_grad"] for stats in runner.stats())
+
+
+def test_gradient_runs_compute_no_weight_gradients_unless_asked(runner, hf, tokens):
+    out = hf(tokens, labels=tokens)
+    out.loss.backward()
+    expected = {name: p.grad.clone() for name, p in hf.named_parameters()}
+    hf.zero_grad(set_to_none=True)
+    _, cache = runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True)
+    assert cache["blocks.1.hook_resid_pre_grad"].abs().sum() > 0
+    assert parameters_with_grad(runner) == 0
+    runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True, weight_grads=True)
+    if isinstance(runner, sl.HookedModel):
+        got = dict(runner.model.named_parameters())
+        assert all(torch.allclose(got[name].grad, grad, atol=ATOL) for name, grad in expected.items())
+        runner.zero_grad(set_to_none=True)
+    else:
+        assert parameters_with_grad(runner) == len(expected) * runner.coordinator.replicas + int(hf.config.tie_word_embeddings)
+
+
 def scaled_reference(hf, tokens, layer, factor):
     """The logits with decoder layer `layer`'s output scaled, by a plain torch forward hook."""
     handle = hf.model.layers[layer].register_forward_hook(lambda module, args, output: output * factor)
@@ -278,8 +301,45 @@ def test_list_hooks_gives_each_point_its_own_spec(runner):
     }
 
 
-def test_resume_at_a_layer_the_model_lacks_is_refused(runner, tokens):
-    with pytest.raises(ValueError, match="layer 7"):
-        runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(7, torch.zeros(2, 7, 32))))
-    with pytest.raises(ValueError, match="resid_pre must be"):
-        sl.hooks.Resume(1, torch.zeros(2, 7))
+def test_a_run_resumed_inside_a_base_run_is_the_whole_forward(runner, hf, tokens):
+    mask = torch.ones_like(tokens)
+    mask[0, :2] = 0  # left padding
+    layers = hf.config.num_hidden_layers
+    with runner.base_run(tokens, attention_mask=mask) as base:
+        with torch.no_grad():
+            assert torch.allclose(base.logits, hf(tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits, atol=ATOL)
+        for layer, position in [(0, 0), (1, 3), (2, 6)]:
+            # one copy unchanged, one with layer 2's output scaled from `position` on
+            specs = (sl.HookSpec("blocks.2.hook_resid_post", sl.ops.Scale(0.5, batch=[2, 3])),)
+            request = sl.RunRequest(tokens.repeat(2, 1), attention_mask=mask.repeat(2, 1), specs=specs, resume=sl.hooks.Resume(base, layer, position, repeat=2))
+            logits = runner.run(request).output
+            assert logits.shape == (4, tokens.shape[1] - position, hf.config.vocab_size)
+            real = mask[:, position:].bool()
+            assert torch.allclose(logits[:2][real], base.logits[:, position:][real], atol=ATOL)
+            with torch.no_grad():
+                scaled = hf_scaled(hf, tokens, mask, layers - 1, 0.5)
+            assert torch.allclose(logits[2:][real], scaled[:, position:][real], atol=ATOL)
+    assert not runner.has_hooks()
+
+
+def hf_scaled(hf, tokens, mask, layer, factor):
+    handle = hf.model.layers[layer].register_forward_hook(lambda module, args, output: output * factor)
+    try:
+        return hf(tokens, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    finally:
+        handle.remove()
+
+
+def test_bad_resumes_are_refused(runner, tokens):
+    with runner.base_run(tokens) as base:
+        with pytest.raises(ValueError, match="layer 7"):
+            runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(base, 7)))
+        with pytest.raises(ValueError, match=r"takes a batch of \(4, 7\)"):
+            runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(base, 1, repeat=2)))
+        with pytest.raises(ValueError, match="position 7 is past"):
+            sl.hooks.Resume(base, 1, position=7)
+        with pytest.raises(TypeError, match="Resume.base must be a BaseRun"):
+            sl.hooks.Resume(torch.zeros(2, 7, 32), 1)
+        other = sl.hooks.BaseRun(tokens, None, torch.zeros(2, 7, 5))
+        with pytest.raises(TypeError, match="base run of this"):
+            runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(other, 1)))

@@ -25,9 +25,11 @@ def task(model):
     return clean, corrupt, sl.metrics.logit_diff(answer, [5, 6, 7])
 
 
-def naive_sweep(model, clean, corrupt, metric, names, over):
-    """One forward per cell, patching with a plain function (no specs)."""
-    _, cache = model.run_with_cache(clean, names_filter=names)
+def naive_sweep(model, clean, corrupt, metric, names, over, mask=None, positions=None):
+    """One forward per cell, patching with a plain function (no specs); head cells at
+    `positions` only, when given."""
+    _, cache = model.run_with_cache(clean, names_filter=names, attention_mask=mask)
+    at = slice(None) if positions is None else positions
     rows = []
     for name in names:
         count = cache[name].shape[1] if over == "pos" else cache[name].shape[2]
@@ -38,11 +40,11 @@ def naive_sweep(model, clean, corrupt, metric, names, over):
                 if over == "pos":
                     x[:, i] = cache[name][:, i]
                 else:
-                    x[:, :, i] = cache[name][:, :, i]
+                    x[:, at, i] = cache[name][:, at, i]
                 return x
 
             with torch.no_grad():
-                row.append(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, patch)])))
+                row.append(metric(model.run_with_hooks(corrupt, fwd_hooks=[(name, patch)], attention_mask=mask), mask))
         rows.append(torch.stack(row))
     return torch.stack(rows)
 
@@ -60,6 +62,26 @@ def test_sweep_equals_the_naive_loop(model, task, points, over, max_batch):
     table = result.table
     assert table.column_names == ["point", "layer", "pos", "head", "value"] and table.num_rows == expected.numel()
     assert table.column(over).null_count == 0
+
+
+@pytest.mark.parametrize("points, over, positions", [
+    ("resid_pre", "pos", None), ("attn_out", "pos", None), ("blocks.*.hook_mlp_out", "pos", None), ("z", "head", None), ("z", "head", [2, 4]),
+])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_padded_sweep_equals_the_naive_loop(model, task, points, over, positions, side):
+    clean, corrupt, metric = task
+    mask = torch.ones_like(clean)
+    mask[0, :2] = 0
+    mask[1, :1] = 0
+    if side == "right":  # the metric reads example 0 at position 3: cells after it change nothing there
+        mask = mask.flip(-1)
+    kwargs = dict(points=points, metric=metric, over=("layer", over), attention_mask=mask, positions=positions)
+    result = patching.sweep(model, clean, corrupt, max_batch=clean.shape[0], **kwargs)  # one cell per run: each from its own position
+    assert torch.allclose(result.grid, patching.sweep(model, clean, corrupt, **kwargs).grid, atol=1e-5)
+    expected = naive_sweep(model, clean, corrupt, metric, list(result.points), over, mask, positions)
+    assert torch.allclose(result.grid, expected, atol=1e-5)
+    with torch.no_grad():
+        assert result.baseline == pytest.approx(float(metric(model(corrupt, attention_mask=mask), mask)), abs=1e-6)
 
 
 def test_patching_the_clean_run_into_itself_changes_nothing(model, task):
@@ -153,7 +175,7 @@ def test_a_tracer_sweep_spreads_its_runs_over_the_replicas(ray_session, tiny_che
 def test_a_shared_prefix_is_computed_once_and_changes_nothing(model, task, positions):
     clean, corrupt, metric = task
     reused = patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=positions)
-    full = patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=positions, reuse_prefix=False)
+    full = patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=positions, reuse=False)
     assert torch.allclose(reused.grid, full.grid, atol=1e-5)
     _, cache = model.run_with_cache(clean, names_filter="blocks.*.attn.hook_z")
     naive = []
@@ -183,25 +205,64 @@ def test_run_with_cache_against_a_frozen_prefix(model, task):
     assert torch.allclose(acts["blocks.1.hook_resid_post"], full["blocks.1.hook_resid_post"][:, 4:], atol=1e-5)
 
 
-def test_a_tracer_sweep_reuses_the_prefix_on_its_stages(tiny_checkpoints, model, task):
+def cell_starts(clean, over, n_layers, heads, positions=None):
+    """(layer, first position) each cell of a sweep can start at, for a metric read at the
+    last position: its layer, and its (earliest) patched position."""
+    length = clean.shape[1]
+    if over == "pos":
+        return [(layer, p) for layer in range(n_layers) for p in range(length)]
+    return [(layer, min(positions) if positions else 0) for layer in range(n_layers) for _ in range(heads)]
+
+
+@pytest.mark.parametrize("points, over, positions", [("resid_pre", "pos", None), ("z", "head", [3, 5]), ("z", "head", None)])
+def test_each_cell_runs_only_its_layers_from_its_position(model, task, points, over, positions):
     clean, corrupt, metric = task
-    kwargs = dict(points="z", metric=metric, over=("layer", "head"), positions=[4, 5], max_batch=12)
-    expected = patching.sweep(model, clean, corrupt, reuse_prefix=False, **kwargs)
-    tokens = {}
-    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
-        for reuse in (False, True):
-            before = tracer.stats()[0]["tokens"]
-            got = patching.sweep(tracer, clean, corrupt, reuse_prefix=reuse, **kwargs)
-            tokens[reuse] = tracer.stats()[0]["tokens"] - before
-            assert torch.allclose(got.grid, expected.grid, atol=1e-5)
-            assert got.baseline == pytest.approx(expected.baseline, abs=1e-6)
-        assert tracer.coordinator.workers[0][0]._kv_caches == {}  # the sweep's prefix cache was freed
-        first_stage_layers = len(tracer.plan.stages[0].layers)
+    batch, length, n_layers = clean.shape[0], clean.shape[1], model.config.num_hidden_layers
+    computed = [0] * n_layers  # example-positions each decoder layer ran
+    handles = [
+        block.register_forward_pre_hook(lambda module, args, kwargs, layer=layer: computed.__setitem__(layer, computed[layer] + args[0].shape[:2].numel()) if args else None, with_kwargs=True)
+        for layer, block in enumerate(model.model.model.layers)
+    ]
+    kwargs = dict(points=points, metric=metric, over=("layer", over), positions=positions, max_batch=batch)  # one cell per run
+    try:
+        result = patching.sweep(model, clean, corrupt, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert torch.allclose(result.grid, patching.sweep(model, clean, corrupt, reuse=False, **kwargs).grid, atol=1e-5)
+    starts = cell_starts(clean, over, n_layers, model.config.num_attention_heads, positions)
+    # the clean run and the corrupted (base) run whole, then each cell from its (layer, position)
+    assert computed == [2 * batch * length + sum(batch * (length - p) for start, p in starts if start <= layer) for layer in range(n_layers)]
+
+
+def test_a_tracer_sweep_starts_each_cell_at_its_stage_and_position(tiny_checkpoints, model, task):
+    clean, corrupt, metric = task
     batch, length, heads = clean.shape[0], clean.shape[1], model.config.num_attention_heads
-    # Tokens stage 0 runs besides the clean and baseline runs (the same in both sweeps). Without
-    # the prefix: the corrupted run (for each layer's resid_pre), then each variant resumes at
-    # its layer, so stage 0 runs only those of its own layers, whole. With it: the 4 prefix
-    # positions once, and every variant's last positions only.
-    resumed = batch * length + first_stage_layers * heads * batch * length
-    suffixes = batch * 4 + model.config.num_hidden_layers * heads * batch * (length - 4)
-    assert tokens[False] - tokens[True] == resumed - suffixes
+    kwargs = dict(points="z", metric=metric, over=("layer", "head"), positions=[4, 5], max_batch=batch)
+    expected = patching.sweep(model, clean, corrupt, reuse=False, **kwargs)
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, replicas=2, backend="local") as tracer:
+        before = tracer.stats()
+        got = patching.sweep(tracer, clean, corrupt, **kwargs)
+        after = tracer.stats()
+        assert [s["sessions"] for s in after] == [0] * 4  # each replica's base run was freed
+        last_of_stage = [stage.layers[-1] for stage in tracer.plan.stages]
+    assert torch.allclose(got.grid, expected.grid, atol=1e-5)
+    assert got.baseline == pytest.approx(expected.baseline, abs=1e-6)
+    tokens = [sum(a["tokens"] - b["tokens"] for a, b in zip(after, before) if a["stage"] == s) for s in range(2)]
+    starts = cell_starts(clean, "head", model.config.num_hidden_layers, heads, [4, 5])
+    # per stage, over both replicas: the clean run (split between them), the base run (on each), and the
+    # cells whose layer is on this stage or before, each from its position
+    assert tokens == [batch * length + 2 * batch * length + sum(batch * (length - p) for layer, p in starts if layer <= last) for last in last_of_stage]
+
+
+def test_a_failed_sweep_frees_its_base_run(tiny_checkpoints, task, monkeypatch):
+    clean, corrupt, metric = task
+
+    def failing(model, requests):
+        raise RuntimeError("a variant failed")
+
+    monkeypatch.setattr(patching, "_run_all", failing)
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, replicas=2, backend="local") as tracer:
+        with pytest.raises(RuntimeError, match="a variant failed"):
+            patching.sweep(tracer, clean, corrupt, points="resid_pre", metric=metric)
+        assert [s["sessions"] for s in tracer.stats()] == [0] * 4
