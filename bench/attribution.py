@@ -28,9 +28,9 @@ from shardlens.hooks.toy import word_tokenizer
 POINTS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
 
 
-def saved_bytes(model, tokens, metric, weight_grads: bool) -> int:
-    """The bytes of activations (not parameters, which are only referenced) that the graph
-    of one gradient run saves for its backward."""
+def saved_bytes(model, tokens, metric, weight_grads: bool) -> tuple[int, int]:
+    """(the bytes of activations, not parameters, which are only referenced, that the graph
+    of one gradient run saves for its backward; the bytes of the .grad it leaves)."""
     parameters = {p.data_ptr() for p in model.parameters()}
     total = [0]
 
@@ -41,8 +41,9 @@ def saved_bytes(model, tokens, metric, weight_grads: bool) -> int:
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         model.run_with_cache(tokens, names_filter=POINTS, incl_bwd=True, return_type="metric", metric=metric, weight_grads=weight_grads)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     model.zero_grad(set_to_none=True)
-    return total[0]
+    return total[0], grads
 
 
 def with_grad(runner) -> int:
@@ -72,7 +73,7 @@ def main() -> None:
         runners = [("HookedModel", lambda: sl.HookedModel.from_pretrained(folder))]
         runners.append(("Tracer, 2 stages, local", lambda: sl.Tracer.from_pretrained(folder, stages=2, backend="local")))
         if args.ray:
-            runners.append(("Tracer, 2 stages, Ray", lambda: sl.Tracer.from_pretrained(folder, stages=2, backend="ray", worker_threads=1)))
+            runners.append(("Tracer, 2 stages, Ray", lambda: sl.Tracer.from_pretrained(folder, stages=2, backend="ray", worker_threads=torch.get_num_threads())))
         for label, make in runners:
             runner = make()
             try:
@@ -84,8 +85,7 @@ def main() -> None:
                 if isinstance(runner, sl.HookedModel):
                     weights = sum(p.numel() * p.element_size() for p in runner.parameters())
                     for weight_grads in (False, True):
-                        saved = saved_bytes(runner, corrupt, metric, weight_grads)
-                        grads = weights if weight_grads else 0
+                        saved, grads = saved_bytes(runner, corrupt, metric, weight_grads)
                         print(f"    weight_grads={weight_grads!s:<5}: weights {weights / 2**20:6.1f} MiB + activations saved for backward "
                               f"{saved / 2**20:6.1f} MiB + weight gradients {grads / 2**20:6.1f} MiB")
             finally:

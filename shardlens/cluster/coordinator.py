@@ -192,44 +192,44 @@ class Coordinator:
             results += self._with_retries(lambda: self._round(round_))
         return results
 
-    def _round(self, requests: Sequence[RunRequest], *, keep: Optional[str] = None) -> list[RunResult]:
+    def _round(self, requests: Sequence[RunRequest], *, keep_base: Optional[str] = None) -> list[RunResult]:
         """One request per replica, at the same time; a failure undoes every run of the round."""
         runs: list[PipelineRun] = []
         try:
             for replica, request in enumerate(requests):
-                runs.append(self._launch(request, (replica,), keep=keep))
+                runs.append(self._launch(request, (replica,), keep_base=keep_base))
             return [run.result() for run in runs]
         except BaseException:
             for run in runs:
                 run.abort()
             raise
 
-    def _launch(self, request: RunRequest, replicas: tuple[int, ...], *, keep: Optional[str] = None) -> PipelineRun:
+    def _launch(self, request: RunRequest, replicas: tuple[int, ...], *, keep_base: Optional[str] = None) -> PipelineRun:
         run_id = next(self._runs)
         kv = None
         if request.kv_cache is not None:
             kv, replicas = request.kv_cache.session_of_run(), (0,)
         elif request.resume is not None:  # every replica holds the base run
             kv = KVSession(request.resume.base.session, frozen=True, repeat=request.resume.repeat, held=request.resume.position)
-        elif keep is not None:
-            kv = KVSession(keep)
+        elif keep_base is not None:
+            kv = KVSession(keep_base)
         per_stage, _ = self.stack.split(request.specs)
         route = Route(replicas, self._first_stage(request), self.microbatch_size)
         backward = request.needs_grad or self.stack.needs_grad()
         run = PipelineRun(
             self.backend, self.workers, request, run_id, route, stage_names=self.stage_names, level=RUN_LEVELS + run_id,
-            per_stage=per_stage, backward=backward, kv=kv, keep=keep,
+            per_stage=per_stage, backward=backward, kv=kv, keep_base=keep_base,
         )
         return run.launch()
 
     def keep_base(self, request: RunRequest, session: str) -> RunResult:
         """Run `request` (its specs read each layer's resid_pre) on every replica at once,
         each replica's stages keeping what the specs read and their keys and values as the
-        base run `session` (see StageWorker.keep). Returns the first replica's result."""
+        base run `session` (see StageWorker.keep_base). Returns the first replica's result."""
 
         def attempt() -> list[RunResult]:
             try:
-                return self._round([request] * self.replicas, keep=session)
+                return self._round([request] * self.replicas, keep_base=session)
             except BaseException:
                 self.end_session(session)
                 raise

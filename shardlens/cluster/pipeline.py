@@ -19,7 +19,6 @@ from torch import Tensor
 
 from shardlens.cluster.sessions import KVSession
 from shardlens.cluster.worker import unpack
-from shardlens.hooks.layers import default_positions
 from shardlens.hooks.run import Resume, RunRequest, RunResult, output_of
 from shardlens.sharding import StageIO
 from shardlens.tables.parquet import delete_parts
@@ -61,16 +60,16 @@ class PipelineRun:
         backward: backpropagate after the forward pass.
         kv: the key/value session the run reads (and, unless frozen, extends); a resumed
             run's is its base run's.
-        keep: keep what the specs read on the workers, as the base run of this session,
+        keep_base: keep what the specs read on the workers, as the base run of this session,
             instead of taking it.
     """
 
     def __init__(
         self, backend: Any, workers: list[list[Any]], request: RunRequest, run_id: int, route: Route, *,
         stage_names: Sequence[Sequence[str]], level: int, per_stage: tuple, backward: bool, kv: Optional[KVSession] = None,
-        keep: Optional[str] = None,
+        keep_base: Optional[str] = None,
     ):
-        self.backend, self.request, self.route, self.kv, self.keep = backend, request, route, kv, keep
+        self.backend, self.request, self.route, self.kv, self.keep_base = backend, request, route, kv, keep_base
         self.stage_names = [set(names) for names in stage_names[route.first_stage:]]
         self.level, self.per_stage, self.backward = level, per_stage, backward
         self.tokens: Tensor = request.input
@@ -137,8 +136,8 @@ class PipelineRun:
     def _collect(self, worker: Any, job: Job) -> Any:
         """The call that gets one worker's results for a microbatch: take them, or write them."""
         write = self.request.write
-        if self.keep is not None:
-            return self.backend.call(worker, "keep", job.batch_id, self.keep)
+        if self.keep_base is not None:
+            return self.backend.call(worker, "keep_base", job.batch_id, self.keep_base)
         if write is None:
             return self.backend.call(worker, "take", job.batch_id)
         destination = dataclasses.replace(write, examples=write.rows(self.tokens.shape[0])[job.rows])
@@ -170,7 +169,7 @@ class PipelineRun:
         output = output_of(self.request.return_type, logits, loss)
         if self.request.write is not None:
             return RunResult(output, parts=tuple(part for parts in taken for part in parts))
-        if self.keep is not None:
+        if self.keep_base is not None:
             return RunResult(output)
         return RunResult(output, _merge(taken, len(self.jobs), len(self.stage_names)))
 
@@ -207,7 +206,7 @@ class PipelineRun:
             self._get_each_quietly(self._finish_writes())
             delete_parts(self.request.write.path, [part for parts in written if parts for part in parts])
         if self.kv is not None and not self.kv.frozen:  # the stages before the failure have grown the session
-            self._get_quietly([self.backend.call(w, "kv_truncate", self.kv.session, self.kv.held) for w in self.rows[0]])
+            self._get_quietly([self.backend.call(w, "kv_truncate", self.kv.session, self.kv.held) for row in self.rows.values() for w in row])
         self._get_quietly([self.backend.call(w, "drop", job.batch_id) for job in self.jobs for w in self.rows[job.replica]])
         self._remove_specs()
 
@@ -251,12 +250,10 @@ def _resumed(io: StageIO, resume: Resume) -> StageIO:
     """A microbatch entering inside its base run: no token ids or hidden states (the stage
     that holds the layer has the base run's), the position ids and labels of the positions
     it runs, and a mask over the base run's positions before them too."""
-    start = resume.position
     tokens = io.input_ids
-    mask = io.attention_mask if io.attention_mask is not None or start == 0 else torch.ones_like(tokens)
+    positions, mask = resume.entry(tokens, io.attention_mask)
     return dataclasses.replace(
-        io, input_ids=None, hidden=None, start_layer=resume.layer, attention_mask=mask, labels=tokens[:, start:],
-        position_ids=default_positions(tokens, io.attention_mask)[:, start:],
+        io, input_ids=None, hidden=None, start_layer=resume.layer, attention_mask=mask, labels=tokens[:, resume.position:], position_ids=positions,
     )
 
 

@@ -1,7 +1,7 @@
 """Key/value sessions: keys and values of earlier tokens kept on the stages between runs.
 
-A session lives on the first replica's stages, each holding its own layers' keys and values
-under the session's id. `StageKeyValueCache` is the driver's handle on one: a KeyValueCache
+A key/value session lives on the first replica's stages, each holding its own layers' keys
+and values under the session's id. `StageKeyValueCache` is the driver's handle on one: a KeyValueCache
 whose entries stay on the stages. A base run (`StageBaseRun`) is a session on every
 replica's stages that also keeps the hidden states entering each layer.
 """

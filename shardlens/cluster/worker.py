@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from shardlens.errors import RemoteHookError, WorkerError
-from shardlens.hooks.generation import copy_hf_cache, full_cache, truncate_hf_cache
+from shardlens.hooks.generation import full_cache, prefix_copy, truncate_hf_cache
 from shardlens.hooks.ops import RunContext
 from shardlens.hooks.run import Destination
 from shardlens.hooks.specs import HookSpec
@@ -110,7 +110,7 @@ class StageWorker:
         holds only the new tokens and its attention mask covers the cached ones too. A frozen
         session is not extended: the run gets a copy, its batch repeated `kv.repeat` times.
         A batch that enters at a layer without hidden states starts inside the session's base
-        run (see `keep`): from its resid_pre there, at the positions after the `kv.held` it
+        run (see `keep_base`): from its resid_pre there, at the positions after the `kv.held` it
         attends to. The batch gets a context of its own: what its specs store, and the
         `sources` they read.
         A kept graph records gradients of activations only, unless `weight_grads` (see
@@ -156,8 +156,7 @@ class StageWorker:
         if not kv.frozen:
             return cache
         layers = [layer for layer in self._layers if io.start_layer is None or layer >= io.start_layer]
-        prefix = lambda t: t[:, :, :held].detach().repeat(kv.repeat, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
-        return copy_hf_cache(cache, prefix, self.stage.config, layers)
+        return prefix_copy(cache, held, kv.repeat, config=self.stage.config, layers=layers)
 
     def _base_hidden(self, kv: Any, layer: int) -> Tensor:
         """The base run's resid_pre entering `layer`, from position kv.held on, repeated."""
@@ -168,9 +167,9 @@ class StageWorker:
                 f"stage {self.index}, replica {self.replica} holds no base run {kv.session} entering layer {layer}: "
                 "a worker that restarted has lost it; make the base run again"
             )
-        return kept[name][:, kv.held:].repeat(kv.repeat, 1, 1)
+        return kept[name][:, kv.held:].repeat(kv.repeat, 1, 1)  # [batch * repeat, pos - held, d_model]
 
-    def keep(self, batch_id: str, session: str) -> None:
+    def keep_base(self, batch_id: str, session: str) -> None:
         """Keep what the stage's reading specs stored for a batch as part of a base run (with
         the session's keys and values) until end_session."""
         self._bases.setdefault(session, {}).update(self._results(batch_id))

@@ -139,6 +139,13 @@ def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None, layers: Opt
     return copy
 
 
+def prefix_copy(hf_cache: Any, length: int, times: int, *, config: Any, layers: Iterable[int]) -> Any:
+    """A new transformers cache holding the first `length` tokens of `layers` of `hf_cache`,
+    its batch repeated `times` times (what a run resumed inside a base run attends to)."""
+    prefix = lambda t: t[:, :, :length].detach().repeat(times, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
+    return copy_hf_cache(hf_cache, prefix, config, layers)
+
+
 def sample(logits: Tensor, *, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:
     """The next token of each row of [batch, vocab] logits: greedy at temperature 0."""
     if temperature == 0:

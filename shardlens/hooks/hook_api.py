@@ -68,7 +68,6 @@ class Runner(Protocol):
     builds on them (run_with_cache, run_with_hooks, hooks, ...)."""
 
     context_level: int
-    parallel_runs: int  # how many runs run_variants runs at the same time
     takes_tokens: bool  # its runs take token ids, return_type, attention_mask, ... (a plain module's forward takes anything)
     architecture: Any  # the model's Architecture (None: module points only)
     config: Any  # the model's config
@@ -146,13 +145,12 @@ class HookAPI:
 
     A runner sets `context_level = 0`, `tokenizer` and `config` (its text config, or None),
     and implements hook_names, install, remove, installed and run (run_variants defaults to
-    one run after another). Options a runner may set: `parallel_runs` (runs run_variants
-    runs at once), `backward_in_run` (its runs backpropagate themselves whenever a gradient
-    spec is active, as a Tracer's must: its outputs come back without a graph).
+    one run after another) and, for base runs, _keep_base. Options a runner may set:
+    `backward_in_run` (its runs backpropagate themselves whenever a gradient spec is active,
+    as a Tracer's must: its outputs come back without a graph).
     """
 
     context_level: int = 0
-    parallel_runs: int = 1
     backward_in_run: bool = False
     tokenizer: Any = None
     takes_tokens: bool = True  # runs take token ids (False: a plain module's forward takes anything)

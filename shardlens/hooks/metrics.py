@@ -1,6 +1,7 @@
 """Metrics: serialisable scores of a model's logits, evaluated where the logits are (the
 last stage of a pipeline). Each scores every example at its last real (non-padding)
-position; `value` is the mean over the batch.
+position; its value is the mean over the batch (one mean per copy of a batch made of
+copies: see Metric.per_copy).
 
 Example:
     >>> metric = sl.metrics.logit_diff(answer=[12, 7], wrong=[3, 9])
@@ -118,8 +119,12 @@ class Metric:
 
     def __call__(self, logits: Tensor, attention_mask: Optional[Tensor] = None, tokens: Optional[Tensor] = None) -> Tensor:
         """The batch mean of the per-example scores ([copies] means, one per copy, with copies > 1)."""
-        values = self.per_example(logits, attention_mask, tokens)
-        return values.mean() if self.copies == 1 else values.reshape(self.copies, -1).mean(1)
+        values = self.per_example(logits, attention_mask, tokens)  # [batch]
+        if self.copies == 1:
+            return values.mean()
+        if values.shape[0] % self.copies:
+            raise ValueError(f"a metric valued per copy ({self.copies} copies) needs a batch made of them; got a batch of {values.shape[0]}")
+        return values.reshape(self.copies, -1).mean(1)  # [copies, batch] -> [copies]
 
 
 def logit_diff(answer: Any, wrong: Any) -> Metric:

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from shardlens.hooks.architectures import Architecture, architecture_for
 from shardlens.hooks.attention import IMPLEMENTATION
-from shardlens.hooks.generation import KeyValueCache, copy_hf_cache
+from shardlens.hooks.generation import KeyValueCache, prefix_copy
 from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.ops import Cache
@@ -233,10 +233,9 @@ class HookedModel(WeightViews, TappedModel):
         hidden, cache = base.start(resume)
         if torch.is_grad_enabled():
             hidden = hidden.detach().requires_grad_(True)
-        run_mask = torch.ones_like(tokens) if mask is None and cache is not None else mask  # over the cached positions too
+        positions, run_mask = resume.entry(tokens, mask)
         rotary = self.model.get_submodule(self.architecture.rotary) if self.architecture.rotary else None
         blocks = {i: block for i, block in self._parts().blocks.items() if i >= resume.layer}
-        positions = default_positions(tokens, mask)[:, resume.position:]
         hidden = run_layers(self.config, self.architecture, blocks, rotary, hidden, attention_mask=run_mask, position_ids=positions, cache=cache)
         logits = self.readout(hidden, start=logits_from)
         # hook_logits is on the model's own output where its forward changes the logits (see _parts)
@@ -244,7 +243,7 @@ class HookedModel(WeightViews, TappedModel):
 
     def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> "LocalBaseRun":
         """One run of `tokens` through a key/value cache, keeping every layer's resid_pre."""
-        names = tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(self.config.num_hidden_layers))
+        names = Resume.points(self.config.num_hidden_layers)
         kv = self._new_kv_cache(tokens.shape[0])
         try:
             with torch.no_grad():
@@ -295,12 +294,10 @@ class LocalBaseRun(BaseRun):
         if self.kv.hf_cache is None:
             raise ValueError("this base run was closed: make a new one with model.base_run(tokens)")
         layer, position, times = resume.layer, resume.position, resume.repeat
-        hidden = self.resid[layer][:, position:].repeat(times, 1, 1)
+        hidden = self.resid[layer][:, position:].repeat(times, 1, 1)  # [batch * times, pos - position, d_model]
         if position == 0:
             return hidden, None
-        layers = range(layer, len(self.resid))
-        prefix = lambda t: t[:, :, :position].repeat(times, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
-        return hidden, copy_hf_cache(self.kv.hf_cache, prefix, self.model.config, layers)
+        return hidden, prefix_copy(self.kv.hf_cache, position, times, config=self.model.config, layers=range(layer, len(self.resid)))
 
     def close(self) -> None:
         self.resid = []

@@ -18,6 +18,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import Tensor
 
+from shardlens.hooks.layers import default_positions
 from shardlens.hooks.metrics import Metric
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.arrow import check_layout
@@ -114,14 +115,29 @@ class Resume:
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"Resume.{name} must be an int >= {low}; got {value!r}")
         if self.position >= self.base.tokens.shape[1]:
-            raise ValueError(f"Resume.position {self.position} is past the base run's {self.base.tokens.shape[1]} positions")
+            raise ValueError(f"Resume.position must be 0..{self.base.tokens.shape[1] - 1} (the base run's positions); got {self.position}")
+
+    def entry(self, tokens: Tensor, attention_mask: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+        """(position ids of the positions the run computes, the attention mask its layers
+        take): the batch's mask, over the base run's positions before them too (all ones
+        when the batch has none and the run starts after position 0)."""
+        positions = default_positions(tokens, attention_mask)[:, self.position:]
+        if attention_mask is None and self.position > 0:
+            attention_mask = torch.ones_like(tokens)
+        return positions, attention_mask
+
+    @staticmethod
+    def points(n_layers: int) -> tuple[str, ...]:
+        """The hook points a base run keeps the values of: each layer's resid_pre."""
+        return tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers))
 
     def check(self, tokens: Tensor, n_layers: int, request: "RunRequest", attention_mask: Optional[Tensor]) -> None:
         """Refuse a resumed run whose batch is not the base run's repeated, a layer the model
         lacks, or a metric that reads a position before the run's."""
         first = request.logits_from(tokens.shape[1], attention_mask, backward=request.needs_grad)
-        if request.metric is not None and first < self.position:
-            raise ValueError(f"the metric reads position {first}, before Resume.position {self.position}: resume at {first} or earlier")
+        if first < self.position and (request.metric is not None or request.return_type in ("loss", "both") or request.needs_grad):
+            what = "the metric" if request.metric is not None else "the next-token loss"
+            raise ValueError(f"{what} reads position {first}, before Resume.position {self.position}: resume at {first} or earlier")
         if self.layer >= n_layers:
             raise ValueError(f"resume at layer {self.layer}: the model has layers 0-{n_layers - 1}")
         expected = (self.base.tokens.shape[0] * self.repeat, self.base.tokens.shape[1])
@@ -130,6 +146,10 @@ class Resume:
                 f"a run resumed inside a base run of {tuple(self.base.tokens.shape)} repeated {self.repeat} times "
                 f"takes a batch of {expected}; got {tuple(tokens.shape)}"
             )
+        base_mask = torch.ones_like(self.base.tokens) if self.base.attention_mask is None else self.base.attention_mask
+        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
+        if not torch.equal(mask.cpu().long(), base_mask.cpu().long().repeat(self.repeat, 1)):
+            raise ValueError("a run resumed inside a base run takes the base run's attention mask, repeated: its positions and keys come from it")
 
 
 @dataclass(frozen=True)
@@ -188,6 +208,8 @@ class RunRequest:
             bad = [s for s in self.specs if not isinstance(s, HookSpec)]
             if bad:
                 raise TypeError(f"a request's specs are sl.HookSpec values; got {type(bad[0]).__name__}")
+        if self.metric is not None and self.metric.copies > 1 and not self.whole_batch:
+            raise ValueError(f"a metric valued per copy ({self.metric.copies} copies) scores the whole batch: pass whole_batch=True")
         if self.resume is not None and self.kv_cache is not None:
             raise ValueError("a run starts either from a key/value cache or at a layer (resume), not both")
 

@@ -47,7 +47,7 @@ class StageIO:
     the tokens), else the mean next-token loss when labels are given; its logits cover the
     positions from `logits_from` on (RunRequest.logits_from: those the run needs). With
     `start_layer` the batch enters at that layer (which this stage holds) with `hidden` as
-    its resid_pre.
+    its resid_pre (a worker fills it in from a base run when a resumed batch has none).
     """
 
     hidden: Optional[Tensor] = None

@@ -18,7 +18,7 @@ replicas.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import layer_index
 from shardlens.tracer.cells import CellGrid, cache_of, resolve_points, run_logits
 
+MAX_BATCH = 64  # rows per forward pass (cells x examples), by default
 RUN_COST = 32  # what one more run costs, in example-positions it could compute instead (weights read again, calls)
 
 
@@ -54,15 +55,15 @@ class Group:
     position: int
 
 
-def _cells(names: list[str], over: Sequence[str], clean_cache: Any, positions: Optional[list], first_read: int) -> list[Cell]:
-    """Every cell, with the earliest (layer, position) its patch can change: its own layer,
-    and its patched position (a head cell's earliest one), but no later than the first
-    position the metric reads."""
+def sweep_cells(names: Sequence[str], over: Sequence[str], counts: Mapping[str, int], *, positions: Optional[list], first_read: int) -> list[Cell]:
+    """Every cell of a sweep (`counts[name]` positions or heads of each hook point), with
+    the earliest (layer, position) its patch can change: its own layer, and its patched
+    position (a head cell's earliest one), but no later than the first position the metric
+    reads."""
     cells = []
     for name in names:
-        tensor, layer = clean_cache[name], layer_index(name)
-        count = tensor.shape[1] if over[1] == "pos" else tensor.shape[2]
-        for i in range(count):
+        layer = layer_index(name)
+        for i in range(counts[name]):
             patched = i if over[1] == "pos" else (min(positions) if positions else 0)
             start = 0 if layer is None else min(patched, first_read)
             cells.append(Cell(name, i, layer, start))
@@ -105,6 +106,14 @@ def patch_spec(cell: Cell, over: Sequence[str], clean: Tensor, rows: list[int], 
     return HookSpec(cell.name, Patch(clean[:, positions, head], heads=[cell.index], positions=[p - start for p in positions], batch=rows))
 
 
+def _positions(positions: Sequence[int], seq_len: int) -> list[int]:
+    """Head cells' positions as indices 0..seq_len-1 (negative ones count from the end)."""
+    bad = [p for p in positions if not -seq_len <= int(p) < seq_len]
+    if bad:
+        raise ValueError(f"positions={list(positions)} but the batch has {seq_len} tokens: valid positions are {-seq_len}..{seq_len - 1}")
+    return sorted({int(p) % seq_len for p in positions})
+
+
 def _request(group: Group, base: Optional[BaseRun], tokens: Tensor, mask: Optional[Tensor], specs: list, metric: Metric) -> RunRequest:
     """One group's run, scored per cell: the batch repeated once per cell, started inside
     the base run when the group has a start layer."""
@@ -133,7 +142,7 @@ def sweep(
     over: Sequence[str] = ("layer", "pos"),
     attention_mask: Optional[Tensor] = None,
     positions: Optional[Sequence[int]] = None,
-    max_batch: int = 64,
+    max_batch: int = MAX_BATCH,
     reuse: bool = True,
 ) -> CellGrid:
     """Patch each clean activation (cell) into the corrupted run and score it.
@@ -147,8 +156,9 @@ def sweep(
         positions: with over=("layer", "head"), patch each head only at these positions.
         max_batch: rows per forward pass (cells x examples).
         reuse: start each cell's run inside the corrupted run, at the cell's layer and
-            position (see the module's docstring); False runs the whole forward per cell
-            (the same values: for comparison).
+            position (see the module's docstring); False runs the whole forward for every
+            cell (in groups of cells, as many as max_batch allows: the same values, for
+            comparison).
 
     Returns:
         CellGrid: `.grid` [point, pos|head] of metric values, `.table`, `.baseline` (the
@@ -160,11 +170,12 @@ def sweep(
     if positions is not None and over[1] != "head":
         raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
     seq_len = clean.shape[1]
-    positions = None if positions is None else sorted({int(p) % seq_len for p in positions})
+    positions = None if positions is None else _positions(positions, seq_len)
     clean_cache = cache_of(model, clean, attention_mask, names)
     reuse = reuse and getattr(model, "architecture", None) is not None
     first_read = metric.first_read(attention_mask, seq_len) if reuse else 0
-    cells = _cells(names, over, clean_cache, positions, first_read)
+    counts = {name: clean_cache[name].shape[1 if over[1] == "pos" else 2] for name in names}  # [batch, pos, (head,) ...]
+    cells = sweep_cells(names, over, counts, positions=positions, first_read=first_read)
     if not reuse:
         cells = [Cell(c.name, c.index, None, 0) for c in cells]
     groups = _groups(cells, per_run=max(1, max_batch // clean.shape[0]), batch=clean.shape[0], seq_len=seq_len)
@@ -208,7 +219,7 @@ def expert_sweep(
     renormalize: bool = False,
     layers: Optional[Sequence[int]] = None,
     attention_mask: Optional[Tensor] = None,
-    max_batch: int = 64,
+    max_batch: int = MAX_BATCH,
 ) -> CellGrid:
     """Ablate each expert of each mixture-of-experts layer in turn and score the run.
 

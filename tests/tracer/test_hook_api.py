@@ -336,10 +336,14 @@ def test_bad_resumes_are_refused(runner, tokens):
             runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(base, 7)))
         with pytest.raises(ValueError, match=r"takes a batch of \(4, 7\)"):
             runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(base, 1, repeat=2)))
-        with pytest.raises(ValueError, match="position 7 is past"):
-            sl.hooks.Resume(base, 1, position=7)
         with pytest.raises(TypeError, match="Resume.base must be a BaseRun"):
             sl.hooks.Resume(torch.zeros(2, 7, 32), 1)
+        with pytest.raises(ValueError, match="base run's attention mask"):
+            runner.run(sl.RunRequest(tokens, attention_mask=torch.ones_like(tokens).index_fill(1, torch.tensor([0]), 0), resume=sl.hooks.Resume(base, 1)))
+        with pytest.raises(ValueError, match="next-token loss reads position 0, before Resume.position 3"):
+            runner.run(sl.RunRequest(tokens, return_type="loss", resume=sl.hooks.Resume(base, 1, position=3)))
+        with pytest.raises(ValueError, match="metric reads position 6, before Resume.position 7|position must be 0..6"):
+            sl.hooks.Resume(base, 1, position=7)
         other = sl.hooks.BaseRun(tokens, None, torch.zeros(2, 7, 5))
         with pytest.raises(TypeError, match="base run of this"):
             runner.run(sl.RunRequest(tokens, resume=sl.hooks.Resume(other, 1)))

@@ -255,6 +255,41 @@ def test_a_tracer_sweep_starts_each_cell_at_its_stage_and_position(tiny_checkpoi
     assert tokens == [batch * length + 2 * batch * length + sum(batch * (length - p) for layer, p in starts if layer <= last) for last in last_of_stage]
 
 
+def test_a_padded_tracer_sweep_equals_one_process(tiny_checkpoints, model, task):
+    clean, corrupt, metric = task
+    mask = torch.ones_like(clean)
+    mask[0, :2] = 0
+    kwargs = dict(points="resid_pre", metric=metric, attention_mask=mask, max_batch=clean.shape[0])
+    expected = patching.sweep(model, clean, corrupt, reuse=False, **kwargs)
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, replicas=2, backend="local") as tracer:
+        got = patching.sweep(tracer, clean, corrupt, **kwargs)
+    assert torch.allclose(got.grid, expected.grid, atol=1e-5)
+
+
+def test_a_base_run_failing_on_one_replica_leaves_nothing(tiny_checkpoints, task):
+    clean, _, _ = task
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, replicas=2, backend="local") as tracer:
+        worker = tracer.coordinator.workers[1][1]
+
+        def failing(*args, **kwargs):
+            raise RuntimeError("stage 1 of replica 1 failed")
+
+        worker.forward = failing
+        with pytest.raises(RuntimeError, match="replica 1 failed"):
+            tracer.base_run(clean)
+        del worker.forward
+        assert [(s["sessions"], s["pending_results"]) for s in tracer.stats()] == [(0, 0)] * 4
+        assert all(w.list_hooks() == {} for row in tracer.coordinator.workers for w in row)
+
+
+def test_bad_sweeps_are_refused(model, task):
+    clean, corrupt, metric = task
+    with pytest.raises(ValueError, match=r"positions=\[6\] but the batch has 6 tokens: valid positions are -6..5"):
+        patching.sweep(model, clean, corrupt, points="z", metric=metric, over=("layer", "head"), positions=[6])
+    with pytest.raises(ValueError, match="pass whole_batch=True"):
+        sl.RunRequest(clean.repeat(2, 1), return_type="metric", metric=metric.per_copy(2))
+
+
 def test_a_failed_sweep_frees_its_base_run(tiny_checkpoints, task, monkeypatch):
     clean, corrupt, metric = task
 
