@@ -38,6 +38,8 @@ class StagePlan:
         embed, head: whether it holds the embeddings / the final norm and unembedding.
         resources: custom cluster resources the stage's worker needs ({"node_a": 1} pins it
             to the nodes that advertise node_a); empty: any node where it fits.
+        budget: the bytes max_memory gives the stage over all its devices; None without
+            max_memory (see shardlens.sharding.estimate: what fits in it).
     """
 
     index: int
@@ -48,6 +50,7 @@ class StagePlan:
     embed: bool
     head: bool
     resources: dict = field(default_factory=dict)
+    budget: Optional[int] = None
 
     @property
     def host_bytes(self) -> int:
@@ -58,7 +61,7 @@ class StagePlan:
         return {
             "index": self.index, "layers": [self.layers.start, self.layers.stop], "devices": list(self.devices),
             "device_map": dict(self.device_map), "bytes": self.bytes, "embed": self.embed, "head": self.head,
-            "resources": dict(self.resources),
+            "resources": dict(self.resources), "budget": self.budget,
         }
 
     @classmethod
@@ -67,6 +70,7 @@ class StagePlan:
         return cls(
             index=data["index"], layers=range(*data["layers"]), devices=devices, device_map=dict(data["device_map"]),
             bytes=data["bytes"], embed=data["embed"], head=data["head"], resources=dict(data.get("resources", {})),
+            budget=data.get("budget"),
         )
 
 
@@ -136,7 +140,7 @@ class ShardPlan:
             size = sum(sizes["blocks"][i] for i in layers) + first * sizes["embed"] + last * sizes["head"]
             modules = stage_modules(skeleton, architecture, layers, first=first, last=last)
             devices, device_map = _device_map(modules, architecture, max_memory, size, index, layers)
-            stage_plans.append(StagePlan(index, layers, devices, device_map, size, first, last, resources[index]))
+            stage_plans.append(StagePlan(index, layers, devices, device_map, size, first, last, resources[index], stage_budget(max_memory)))
         return cls(config.model_type, n_layers, str(dtype).removeprefix("torch."), tuple(stage_plans), architecture_path(config.model_type))
 
     def to_dict(self) -> dict:
@@ -330,20 +334,30 @@ def balance(sizes: list[int], stages: int, *, first_extra: int = 0, last_extra: 
     return ranges[::-1]
 
 
+def stage_budget(max_memory: Optional[dict]) -> Optional[int]:
+    """The bytes a stage's runs may use of its max_memory ({0: "40GiB", 1: 2**30}), or None:
+    its accelerators' budgets together where it has any (what it offloads to "cpu" or "disk"
+    is not where its activations live), else all of it."""
+    if max_memory is None:
+        return None
+    from accelerate.utils import convert_file_size_to_int
+
+    accelerators = {device: value for device, value in max_memory.items() if isinstance(device, int)}
+    return sum(v if isinstance(v, int) else convert_file_size_to_int(v) for v in (accelerators or max_memory).values())
+
+
 def _device_map(
     modules: nn.ModuleDict, architecture: Architecture, max_memory: Optional[dict], size: int, index: int, layers: range
 ) -> tuple[tuple, dict]:
     if max_memory is None:
         return ("cpu",), {"": "cpu"}
     from accelerate import infer_auto_device_map
-    from accelerate.utils import convert_file_size_to_int
 
-    budget = sum(v if isinstance(v, int) else convert_file_size_to_int(v) for v in max_memory.values())
     where = f"stage {index} (layers {layers.start}-{layers.stop - 1})"
-    if size > budget:
+    if size > stage_budget(max_memory):
         raise ShardPlanError(
             f"{where} holds {_human(size)} of parameters, but max_memory gives a stage "
-            f"{_human(budget)} over devices {', '.join(map(str, max_memory))}: use more stages or more memory"
+            f"{_human(stage_budget(max_memory))} over devices {', '.join(map(str, max_memory))}: use more stages or more memory"
         )
     block_class = type(next(iter(modules["blocks"].values()))).__name__
     # The plan is made for the stages' hosts, not this one: accelerate's warning that this

@@ -51,6 +51,15 @@ def _families(args: argparse.Namespace) -> int:
 def _plan(args: argparse.Namespace) -> int:
     from shardlens.sharding import ShardPlan
 
+    if Path(args.model).suffix in (".yaml", ".yml") and Path(args.model).is_file():
+        from shardlens.tracer.campaign.cost import campaign_cost
+
+        given = [flag for flag, value in (("--stages", args.stages), ("--max-memory", args.max_memory), ("--dtype", args.dtype),
+                                          ("--stage-resources", args.stage_resources)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} do not apply to a campaign file: its cluster and model sections say them")
+        campaign_cost(args.model).describe()  # its cluster section says the stages, replicas and max_memory
+        return 0
     resources = None
     if args.stage_resources is not None:
         import json
@@ -60,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
         except json.JSONDecodeError as error:
             raise ValueError(f"--stage-resources must be JSON, e.g. '[{{\"node_a\": 1}}, {{\"node_b\": 1}}]': {error}") from None
     plan = ShardPlan.for_model(
-        args.model, stages=args.stages, max_memory=parse_max_memory(args.max_memory), dtype=args.dtype, stage_resources=resources,
+        args.model, stages=args.stages or 1, max_memory=parse_max_memory(args.max_memory), dtype=args.dtype, stage_resources=resources,
     )
     plan.describe()
     if args.json:
@@ -131,6 +140,30 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from shardlens.tracer.campaign import load_campaign, verify
+
+    campaign = load_campaign(args.campaign)
+    given = {key: value for key, value in (("examples", args.examples), ("tolerance", args.tolerance)) if value is not None}
+    result = verify(campaign, **{**(campaign.verify or {}), **given})  # the options given here, then the file's verify key
+    print(result.describe())
+    result.check()  # VerificationError: a non-zero exit naming where they differ
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from shardlens.tracer.campaign import load_campaign, status
+
+    path = Path(args.results)
+    if path.is_file():  # a campaign file: its output folder
+        path = load_campaign(path).output_path
+    result = status(path)
+    print(json.dumps(result.to_dict(), indent=1) if args.json else result.describe())
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from ray.job_submission import JobSubmissionClient
 
@@ -184,9 +217,15 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     families.add_argument("--all", action="store_true", help="also list the types it does not cover")
     families.set_defaults(run=_families)
 
-    plan = commands.add_parser("plan", help="print a shard plan", description="Plan a model's stages from its config alone (no weights are loaded) and print the table.")
-    plan.add_argument("model", help="checkpoint folder or hub id")
-    plan.add_argument("--stages", type=int, default=1, help="number of stages (default: 1)")
+    plan = commands.add_parser(
+        "plan", help="print a shard plan, or what a campaign will cost",
+        description="Plan a model's stages from its config alone (no weights are loaded) and print the table. Given a campaign "
+        "file (.yaml), print what it will cost instead, from its cluster section, data and the model's config: per stage the "
+        "weights, activations and working set per microbatch, peak memory against max_memory, bytes sent between stages and "
+        "written; per experiment its forward-equivalents and bytes written (the other options do not apply).",
+    )
+    plan.add_argument("model", help="checkpoint folder or hub id, or a campaign file")
+    plan.add_argument("--stages", type=int, default=None, help="number of stages (default: 1)")
     plan.add_argument("--max-memory", help="each stage's device budgets, e.g. 0=40GiB,1=40GiB")
     plan.add_argument("--dtype", default=None, help="parameter dtype: float32, bfloat16, float16 (default: the one the checkpoint's config names)")
     plan.add_argument("--stage-resources", help='per stage, the custom Ray resources its workers need, as JSON: \'[{"node_a": 1}, {"node_b": 1}]\'')
@@ -196,6 +235,33 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser("inspect", help="describe a Parquet dataset of activations", description="List a dataset's hook points with rows, value shapes, dtypes and layout, and its metadata.")
     inspect.add_argument("dataset", help="dataset folder or URI")
     inspect.set_defaults(run=_inspect)
+
+
+def _add_campaign_checks(commands: argparse._SubParsersAction) -> None:
+    """The commands that check a campaign without running its units: verify, status."""
+    verify = commands.add_parser(
+        "verify", help="check a campaign's cluster against one process",
+        description="Run a campaign's first examples on its configured cluster and on the same checkpoint in one "
+        "process, and print the largest difference per hook point its experiments name (activations; gradients of "
+        "the metric for atp and ig), for the logits and for the metric. A value passes when max |cluster - one "
+        "process| <= tolerance x max(1, max |one process|). Exit status 1, naming where they differ, when one does "
+        "not. The campaign key `verify:` runs the same check before a campaign's first unit.",
+    )
+    verify.add_argument("campaign", help="the campaign YAML file")
+    verify.add_argument("--examples", type=int, default=None, help="rows of the data to run (default: the file's verify.examples, else 4)")
+    verify.add_argument("--tolerance", type=float, default=None,
+                        help="allowed difference (default: the file's verify.tolerance, else by dtype: float32 1e-4, float16 1e-2, bfloat16 3e-2)")
+    verify.set_defaults(run=_verify)
+
+    status = commands.add_parser(
+        "status", help="show a campaign's progress from its output folder",
+        description="Read a running or finished campaign's output folder alone (campaign.json, events.jsonl and the "
+        "units' parts and markers) and print, per experiment, the units done and left, the rate, the time left, and "
+        "the units that failed with their errors. Works from any machine that sees the folder.",
+    )
+    status.add_argument("results", help="the campaign's output folder (output.path), or its campaign YAML file")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(run=_status)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("campaign", help="the campaign YAML file")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     run.set_defaults(run=_run)
+    _add_campaign_checks(commands)
 
     submit = commands.add_parser("submit", help="submit a campaign to a Ray cluster as a job", description="Send the campaign's folder to a Ray cluster (Ray Jobs) and run `shardlens run` there.")
     submit.add_argument("campaign", help="the campaign YAML file")

@@ -16,12 +16,13 @@ from shardlens.cluster.sessions import StageBaseRun, StageKeyValueCache
 from shardlens.hooks.architectures import architecture_for
 from shardlens.hooks.hook_api import HookAPI, Scope
 from shardlens.hooks.model import load_tokenizer
+from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, Code, Op
-from shardlens.hooks.run import RunRequest, RunResult
+from shardlens.hooks.run import Resume, RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.taps import PointOptions
-from shardlens.sharding import ShardPlan
+from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.tables.parquet import is_uri
 
 
@@ -47,7 +48,6 @@ class Tracer(HookAPI):
         self.config = config
         self.architecture = architecture_for(config) if config is not None else None  # the model's canonical architecture, if any
         self.context_level = 0
-        self.parallel_runs = coordinator.replicas
 
     @classmethod
     def from_pretrained(
@@ -60,7 +60,8 @@ class Tracer(HookAPI):
         address: Optional[str] = None,
         dtype: Optional[torch.dtype] = None,
         max_memory: Optional[dict] = None,
-        microbatch_size: Optional[int] = None,
+        microbatch_size: Union[int, str, None] = None,
+        seq_len: Optional[int] = None,
         allow_code: bool = False,
         device: Optional[str] = None,
         worker_threads: Optional[int] = None,
@@ -77,7 +78,10 @@ class Tracer(HookAPI):
             max_memory: each stage's device budgets (see ShardPlan.for_model); GPUs named
                 there are requested from Ray per worker.
             microbatch_size: examples per microbatch (default: the batch split evenly over
-                the replicas).
+                the replicas); "auto": the largest that fits every stage's max_memory in a
+                run of `seq_len` tokens that keeps its graph for a backward and caches
+                nothing (see shardlens.sharding.estimate; `tracer.estimate` sizes other runs).
+            seq_len: the tokens per example microbatch_size="auto" sizes for.
             allow_code: accept plain Python callables as hooks (pickled to the workers).
             device: put every stage on this device ("cuda", "cpu") instead of the plan's map.
             worker_threads: torch threads per worker.
@@ -87,7 +91,11 @@ class Tracer(HookAPI):
             point_options: TransformerLens' optional hook points every stage adds (sl.PointOptions;
                 a HookedModel switches them with set_use_*, a Tracer when it starts).
         """
+        from transformers import AutoConfig
+
         plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype, stage_resources=stage_resources)
+        config = AutoConfig.from_pretrained(path)
+        microbatch_size = _microbatch_size(microbatch_size, plan, config, seq_len)
         gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
         workers = make_backend(backend, address, gpus_per_worker=gpus)
         try:
@@ -98,9 +106,7 @@ class Tracer(HookAPI):
         except BaseException:
             workers.shutdown()  # no actors (or Ray instance) of ours left behind by a failed start
             raise
-        from transformers import AutoConfig
-
-        return cls(coordinator, tokenizer=load_tokenizer(path), config=AutoConfig.from_pretrained(path))
+        return cls(coordinator, tokenizer=load_tokenizer(path), config=config)
 
     @property
     def plan(self) -> ShardPlan:
@@ -127,6 +133,37 @@ class Tracer(HookAPI):
         """Where each worker runs: [{"replica", "stage", "node"}], node being the Ray node's
         address ("local" on the local backend)."""
         return self.coordinator.placement()
+
+    def estimate(
+        self, tokens_or_shape: Any, *, names_filter: NamesFilter = None, incl_bwd: bool = False,
+        microbatch_size: Union[int, str, None] = None,
+    ) -> Estimate:
+        """What run_with_cache(tokens, names_filter=..., incl_bwd=...) would cost, per stage,
+        without running it: weights, cache and working set per microbatch, the peak against
+        each stage's budget, bytes sent between stages, bytes a dataset of the cache holds
+        (see shardlens.sharding.estimate for what is counted and assumed).
+
+        Args:
+            tokens_or_shape: what run_with_cache takes (token ids [batch, pos], text), or a
+                (batch, pos) shape.
+            names_filter: the hook points cached, as run_with_cache takes it (None: every one).
+            microbatch_size: None: this tracer's; "auto": the largest that fits every stage's
+                budget (see fit_microbatch); or a number of examples.
+
+        Example:
+            >>> tracer.estimate((32, 512), names_filter="blocks.*.hook_resid_post").describe()
+        """
+        if isinstance(tokens_or_shape, tuple) and len(tokens_or_shape) == 2 and all(isinstance(n, int) for n in tokens_or_shape):
+            batch, seq_len = tokens_or_shape
+        else:
+            batch, seq_len = self.tokens_of(tokens_or_shape, None)[0].shape
+        selected = names_predicate(names_filter, self.hook_names())
+        names = [name for name in self.hook_names() if selected(name)]
+        if microbatch_size is None:
+            microbatch_size = self.coordinator.microbatch_size or -(-batch // self.coordinator.replicas)
+        elif microbatch_size == "auto":
+            microbatch_size = fit_microbatch(self.plan, self.config, seq_len=seq_len, names=names, incl_bwd=incl_bwd, batch=batch)
+        return estimate(self.plan, self.config, batch=batch, seq_len=seq_len, names=names, incl_bwd=incl_bwd, microbatch_size=microbatch_size)
 
     # ------------------------------------------------------------------ the runner's primitives
 
@@ -188,7 +225,7 @@ class Tracer(HookAPI):
         if resume is not None:
             if not isinstance(resume.base, StageBaseRun) or resume.base.coordinator is not self.coordinator:
                 raise TypeError(f"Resume.base must be a base run of this Tracer (tracer.base_run(tokens)); got {type(resume.base).__name__}")
-            resume.check(tokens, self.plan.stages[-1].layers[-1] + 1, request, mask)
+            resume.check(tokens, self.plan.n_layers, request, mask)
             mask = None if mask is None else mask[:, resume.position:]  # the output's positions
         prepared = dataclasses.replace(request, input=tokens, attention_mask=run_mask)
         return prepared, mask
@@ -227,14 +264,13 @@ class Tracer(HookAPI):
 
     def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> StageBaseRun:
         """One run of `tokens` on every replica, whose stages keep it (see StageBaseRun)."""
-        names = tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(self.plan.stages[-1].layers[-1] + 1))
+        names = Resume.points(self.plan.n_layers)
         session = f"base.{uuid.uuid4().hex[:12]}"
         request = RunRequest(
             tokens, attention_mask=torch.ones_like(tokens) if mask is None else mask, specs=(HookSpec(names, Cache()),), whole_batch=True,
         )
         result = self.coordinator.keep_base(request, session)
         return StageBaseRun(self.coordinator, session, tokens, mask, result.output)
-
 
     def _new_kv_cache(self, batch_size: int) -> StageKeyValueCache:
         """A cache kept on the stages (see StageKeyValueCache); close() frees their memory."""
@@ -252,3 +288,15 @@ class Tracer(HookAPI):
         if cache.seq_len == 0 and cache.frozen:
             raise ValueError("the key/value cache is frozen and empty: run the prefix through it before freezing it")
         return cache.extended_mask(torch.ones_like(tokens) if mask is None else mask)
+
+
+def _microbatch_size(size: Union[int, str, None], plan: ShardPlan, config: Any, seq_len: Optional[int]) -> Optional[int]:
+    """A Tracer's microbatch size: as given, or for "auto" the largest that fits every stage's
+    budget in a run of seq_len tokens that keeps its graph for a backward."""
+    if size != "auto":
+        if isinstance(size, str):
+            raise ValueError(f"microbatch_size must be a positive int, None or 'auto'; got {size!r}")
+        return size
+    if seq_len is None:
+        raise ValueError("microbatch_size='auto' needs seq_len=, the tokens per example it sizes microbatches for")
+    return fit_microbatch(plan, config, seq_len=seq_len, incl_bwd=True)

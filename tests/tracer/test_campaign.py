@@ -157,7 +157,7 @@ def test_data_without_a_needed_field_is_refused_before_any_work(tmp_path):
 def test_a_campaign_runs_on_a_hooked_model_as_on_a_tracer(tmp_path, monkeypatch):
     on_tracer = run_campaign(write_campaign(tmp_path / "tracer", GOOD), progress=False)
     model = sl.HookedModel.from_pretrained(Path(sl.__file__).parent / "data" / "induction")
-    monkeypatch.setattr(campaign_module.Tracer, "from_pretrained", lambda *a, **k: pytest.fail("the campaign started its own cluster"))
+    monkeypatch.setattr(sl.Tracer, "from_pretrained", lambda *a, **k: pytest.fail("the campaign started its own cluster"))
     on_model = run_campaign(write_campaign(tmp_path / "model", GOOD), progress=False, runner=model)
     assert on_model["units_run_now"] == on_tracer["units_run_now"] == 12
     tracer_data, model_data = visible_dataset(tmp_path / "tracer" / "out"), visible_dataset(tmp_path / "model" / "out")

@@ -1,3 +1,4 @@
+import importlib
 import json
 import re
 import subprocess
@@ -71,6 +72,31 @@ def test_plan_sizes_a_large_config_in_its_own_dtype(tmp_path, capsys):
     assert sum(gigabytes) == pytest.approx(141.1, abs=0.1)  # 70.55B parameters x 2 bytes
 
 
+def test_plan_of_a_campaign_prints_its_cost_and_the_forwards_it_runs(tmp_path, capsys):
+    from shardlens.tracer.campaign import run_campaign
+    from shardlens.tracer.demo import MODEL
+    from tests.sharding.test_estimate import recording_tracer
+    from tests.tracer.test_campaign import GOOD, write_campaign
+    from tests.tracer.test_campaign_cost import BlockPasses
+
+    path = write_campaign(tmp_path, GOOD)
+    with pytest.raises(ValueError, match="--stages do not apply to a campaign file"):
+        main(["--debug", "plan", str(path), "--stages", "4"])
+    assert main(["plan", str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "t: llama, float32, 2 stages; 24 examples in 3 batches, up to 23 tokens, microbatches of 8"
+    assert lines[1].split() == ["stage", "layers", "weights", "activations/mb", "working/mb", "peak", "budget", "sent", "written"]
+    assert [line.split()[:2] for line in lines[2:4]] == [["0", "0-0"], ["1", "1-1"]]
+    assert [line.split()[:3] for line in lines[5:10]] == [
+        ["experiment", "kind", "points"], ["heads", "sweep", "2"], ["atp", "atp", "2"], ["ig", "ig", "2"], ["resid", "extract", "2"],
+    ]
+    printed = float(lines[-1].split()[1])  # total: N forward-equivalents ...
+    tracer, _ = recording_tracer(MODEL, stages=2, microbatch_size=8)
+    passes = BlockPasses(tracer)
+    run_campaign(path, progress=False, runner=tracer)
+    assert printed == pytest.approx(passes.tokens / (2 * 24 * 23), rel=1e-3)  # block passes over 2 layers x 24 examples x 23 tokens
+
+
 @pytest.mark.parametrize("argv, error, message", [
     (["plan", "/no/such/model"], ShardPlanError, "no checkpoint folder at /no/such/model"),
     (["plan", "PLACEHOLDER", "--stages", "9"], ShardPlanError, "stages=9 but the model has 2 layers"),
@@ -91,3 +117,59 @@ def test_bad_input_is_one_line_and_non_zero(argv, error, message, capsys):
     with pytest.raises(error, match=re.escape(message)) as info:  # --debug: the exception itself
         main(["--debug", *argv])
     assert info.type is error
+
+
+def test_verify_prints_the_differences_and_fails_on_a_wrong_stage(tmp_path, capsys, monkeypatch):
+    import shardlens as sl
+    from tests.tracer.test_campaign import write_campaign
+    from tests.tracer.test_verify import CAMPAIGN, perturb
+
+    path = write_campaign(tmp_path, CAMPAIGN + "verify: {examples: 2}\n")
+    assert main(["verify", str(path), "--tolerance", "1e-5"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("2 examples, float32, tolerance 1e-05: a value passes when")
+    assert out[-1] == "ok: the cluster agrees with one process" and len(out) == 2 + 8 + 1  # the header, 8 compared values, the verdict
+
+    def wrong_cluster(campaign):
+        tracer = sl.Tracer.from_pretrained(campaign.model_source, stages=2, backend="local")
+        perturb(tracer, 1)
+        return tracer
+
+    monkeypatch.setattr(importlib.import_module("shardlens.tracer.campaign.verify"), "start_tracer", wrong_cluster)
+    assert main(["verify", str(path), "--examples", "3"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.startswith("3 examples, float32, tolerance 0.0001")
+    assert "blocks.1.attn.hook_z" in captured.out and "DIFFERS" in captured.out
+    assert captured.err.startswith("shardlens verify: error: the cluster and one process differ beyond tolerance 0.0001")
+    assert "the first that differs is blocks.1.attn.hook_z (stage 1)" in captured.err and len(captured.err.splitlines()) == 1
+
+
+def test_status_reads_the_output_folder(tmp_path, capsys):
+    from shardlens.tracer.campaign import run_campaign
+    from tests.tracer.test_campaign import write_campaign
+    from tests.tracer.test_status import SMALL
+
+    path = write_campaign(tmp_path, SMALL)
+    run_campaign(path, progress=False)
+    for given in (tmp_path / "out", path):  # the folder, or the campaign file that names it
+        assert main(["status", str(given)]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("small: finished, 4 of 4 units done, ")
+        assert [line.split()[:4] for line in lines[1:4]] == [["experiment", "kind", "done", "left"], ["atp", "atp", "2", "0"], ["resid", "extract", "2", "0"]]
+    assert main(["status", str(tmp_path / "out"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["name"], data["state"], data["done"], data["left"]) == ("small", "finished", 4, 0)
+    assert main(["status", str(tmp_path / "nowhere")]) == 1
+    assert capsys.readouterr().err.startswith(f"shardlens status: error: no campaign output folder at {tmp_path / 'nowhere'}")
+
+
+@pytest.mark.parametrize("command, words", [
+    ("verify", ("--examples", "--tolerance", "max(1, max |one process|)", "Exit status 1")),
+    ("status", ("--json", "output folder", "units done and left", "failed with their errors")),
+])
+def test_help_of_the_campaign_checks(command, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and out.startswith(f"usage: shardlens {command}")
+    assert all(word in out for word in words), out

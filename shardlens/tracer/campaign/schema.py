@@ -10,20 +10,22 @@ from typing import Any, Optional
 import yaml
 
 SCHEMA: dict[str, dict[str, Any]] = {
-    "": {"name": str, "model": dict, "cluster": dict, "data": dict, "metric": dict, "experiments": list, "output": dict, "schedule": str},
+    "": {"name": str, "model": dict, "cluster": dict, "data": dict, "metric": dict, "experiments": list, "output": dict, "schedule": str,
+         "verify": (bool, dict)},
     "model": {"source": str, "dtype": str},
-    "cluster": {"backend": str, "address": (str, type(None)), "stages": int, "replicas": int, "microbatch_size": (int, type(None)), "max_memory": (dict, type(None)),
+    "cluster": {"backend": str, "address": (str, type(None)), "stages": int, "replicas": int, "microbatch_size": (int, str, type(None)), "max_memory": (dict, type(None)),
                 "stage_resources": (list, type(None))},
     "data": {"path": str, "clean": str, "corrupt": str, "answer": str, "wrong": str, "batch_size": int, "limit": (int, type(None))},
     "metric": {"kind": str},
     "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list},
     "output": {"path": str, "plots": bool},
+    "verify": {"examples": int, "tolerance": (float, int, str)},  # str: PyYAML reads 1e-4 (no dot) as text
 }
 REQUIRED = {"": ("name", "model", "data", "experiments", "output"), "model": ("source",), "data": ("path",),
             "experiment": ("name", "kind", "points"), "output": ("path",)}
 CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "backend"): ("ray", "local"),
            ("metric", "kind"): ("logit_diff", "prob", "log_prob", "loss"), ("experiment", "kind"): ("sweep", "atp", "ig", "extract"),
-           ("experiment", "layout"): ("example", "token")}
+           ("experiment", "layout"): ("example", "token"), ("cluster", "microbatch_size"): ("auto",)}  # or an int
 
 
 class CampaignError(ValueError):
@@ -61,6 +63,15 @@ class Campaign:
     experiments: tuple
     output: dict
     schedule: Optional[str] = None
+    verify: Optional[dict] = None  # None: no check before the first unit; else verify()'s examples / tolerance, as given
+
+    @property
+    def model_source(self) -> str:
+        """The model's checkpoint: a folder relative to this file when one is there, else
+        the source as written (a path or a hub id)."""
+        source = self.model["source"]
+        local = self.path.parent / source
+        return str(local) if not os.path.isabs(source) and local.exists() else source
 
     @property
     def output_path(self) -> Path:
@@ -87,7 +98,7 @@ def _check(section: str, values: Any, file: str, line: int) -> None:
             names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
             raise CampaignError(f"{at}: {section + '.' if section else ''}{key} must be {names}; got {value!r}")
         choices = CHOICES.get((section, key))
-        if choices and value not in choices:
+        if choices and isinstance(value, str) and value not in choices:
             raise CampaignError(f"{at}: {section}.{key} must be one of {', '.join(choices)}; got {value!r}")
     for key in REQUIRED.get(section, ()):
         if key not in values:
@@ -117,5 +128,25 @@ def load_campaign(path: os.PathLike) -> Campaign:
     return Campaign(
         path=path, name=raw["name"], model=dict(raw["model"]), cluster=dict(raw.get("cluster", {})), data=dict(raw["data"]),
         metric=dict(raw.get("metric", {"kind": "logit_diff"})), experiments=tuple(dict(e) for e in raw["experiments"]),
-        output=dict(raw["output"]), schedule=raw.get("schedule"),
+        output=dict(raw["output"]), schedule=raw.get("schedule"), verify=_verify(raw, file),
     )
+
+
+def _verify(raw: dict, file: str) -> Optional[dict]:
+    """The verify key: None when absent or false, {} when true, else its checked mapping."""
+    value = raw.get("verify", False)
+    if isinstance(value, bool):
+        return {} if value else None
+    _check("verify", value, file, raw.lines["verify"])
+    at = lambda key: f"{file}:{value.lines.get(key, raw.lines['verify'])}"  # noqa: E731
+    checked = dict(value)
+    if "examples" in checked and checked["examples"] < 1:
+        raise CampaignError(f"{at('examples')}: verify.examples must be a positive int; got {checked['examples']!r}")
+    if "tolerance" in checked:
+        try:
+            checked["tolerance"] = float(checked["tolerance"])
+        except ValueError:
+            checked["tolerance"] = -1.0
+        if isinstance(value["tolerance"], bool) or not checked["tolerance"] > 0:
+            raise CampaignError(f"{at('tolerance')}: verify.tolerance must be a positive number such as 1.0e-4; got {value['tolerance']!r}")
+    return checked

@@ -25,15 +25,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from shardlens.hooks import metrics
 from shardlens.hooks.names import names_predicate
 from shardlens.tables import ActivationCache, ParquetSink
 from shardlens.tables.parquet import flush_to_disk
 from shardlens.tracer import attribution, patching
 from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
 from shardlens.tracer.campaign.report import summarize
+from shardlens.tracer.campaign.runner import batch_metric, start_tracer
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
-from shardlens.tracer.tracer import Tracer
+from shardlens.tracer.campaign.status import record_start, unit_event
+from shardlens.tracer.campaign.verify import verify_before_run
 
 
 @dataclass
@@ -63,15 +64,6 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
     write(temporary)
     flush_to_disk(temporary)
     os.replace(temporary, path)
-
-
-def _metric(campaign: Campaign, tensors: dict) -> Any:
-    kind = campaign.metric.get("kind", "logit_diff")
-    if kind == "logit_diff":
-        return metrics.logit_diff(tensors["answer"], tensors["wrong"])
-    if kind in ("prob", "log_prob"):
-        return getattr(metrics, kind)(tensors["answer"])
-    return metrics.loss()
 
 
 def _unit_done(unit: Unit, out: Path) -> bool:
@@ -112,7 +104,7 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     if kind == "extract":
         _extract(unit, tracer, campaign, out, hooks=hooks, clean=tensors["clean"], workers_write=workers_write)
         return
-    metric = _metric(campaign, tensors)
+    metric = batch_metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
     common = dict(points=experiment["points"], metric=metric, over=over)
     if experiment.get("positions") is not None:
@@ -146,7 +138,8 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     out = campaign.output_path
     out.mkdir(parents=True, exist_ok=True)
-    tracer = runner if runner is not None else _start(campaign)
+    record_start(out, campaign.name, {e["name"]: (e["kind"], len(batches)) for e in campaign.experiments})  # for `shardlens status`
+    tracer = runner if runner is not None else start_tracer(campaign)
     try:
         extract_hooks = {}
         for experiment in campaign.experiments:
@@ -157,30 +150,16 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
         todo = [u for u in units if not _unit_done(u, out)]
         # Workers on other machines write extract parts only through a filesystem they share with this one.
         workers_write = bool(extract_hooks) and tracer.shares(out)
+        if campaign.verify is not None and todo:
+            verify_before_run(campaign, tracer, out, progress=progress)  # raises VerificationError: no unit runs
         start = time.perf_counter()
         with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
             for unit in todo:
-                _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
+                with unit_event(out, unit.experiment["name"], unit.batch):  # recorded, failures too; errors go on
+                    _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
                 bar.update(1)
     finally:
         if runner is None:
             tracer.shutdown()
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
     return summary
-
-
-def _start(campaign: Campaign) -> Tracer:
-    """The Tracer the campaign's model and cluster sections describe."""
-    cluster = campaign.cluster
-    return Tracer.from_pretrained(
-        _source(campaign), stages=cluster.get("stages", 1), replicas=cluster.get("replicas", 1),
-        backend=cluster.get("backend", "ray"), address=cluster.get("address"),
-        dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
-        microbatch_size=cluster.get("microbatch_size"), stage_resources=cluster.get("stage_resources"),
-    )
-
-
-def _source(campaign: Campaign) -> str:
-    source = campaign.model["source"]
-    local = campaign.path.parent / source
-    return str(local) if not os.path.isabs(source) and local.exists() else source
