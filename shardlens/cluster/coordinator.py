@@ -227,9 +227,11 @@ class Coordinator:
         each replica's stages keeping what the specs read and their keys and values as the
         base run `session` (see StageWorker.keep_base). Returns the first replica's result."""
 
+        others = dataclasses.replace(request, return_type=None)  # the first replica's logits are the base run's
+
         def attempt() -> list[RunResult]:
             try:
-                return self._round([request] * self.replicas, keep_base=session)
+                return self._round([request] + [others] * (self.replicas - 1), keep_base=session)
             except BaseException:
                 self.end_session(session)
                 raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from typing import Any, Optional, Union
@@ -205,7 +206,7 @@ class HookedModel(WeightViews, TappedModel):
             value = request.metric(logits, read_mask, read_tokens) if request.metric is not None else next_token_loss(logits, tokens, mask)
         return output_of(request.return_type, logits, value), value, mask
 
-    @property
+    @functools.cached_property
     def _keeps_logits(self) -> bool:
         """Whether the wrapped model's forward can unembed only the last positions."""
         return "logits_to_keep" in inspect.signature(self.model.forward).parameters
