@@ -19,11 +19,9 @@ import argparse
 import tempfile
 
 import torch
-import transformers
-from timing import median_seconds
+from timing import median_seconds, patching_task, save_gpt2_small
 
 import shardlens as sl
-from shardlens.hooks.toy import word_tokenizer
 
 POINTS = ["blocks.*.attn.hook_z", "blocks.*.hook_mlp_out"]
 
@@ -57,19 +55,11 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also time a 2-stage Tracer on a local Ray instance")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, n_positions=64, bos_token_id=0, eos_token_id=0)
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(3, 8192, (8, 64), generator=generator)
-    corrupt = clean.clone()
-    corrupt[:, 40] = torch.randint(3, 8192, (8,), generator=generator)
+    clean, corrupt = patching_task(8, 64, corrupted=40)
     metric = sl.metrics.logit_diff([5] * 8, [9] * 8)
     print(f"GPT-2-small shape, batch 8 x 64 tokens, torch threads {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as folder:
-        transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-        word_tokenizer(8192).save_pretrained(folder)
+        save_gpt2_small(folder)
         runners = [("HookedModel", lambda: sl.HookedModel.from_pretrained(folder))]
         runners.append(("Tracer, 2 stages, local", lambda: sl.Tracer.from_pretrained(folder, stages=2, backend="local")))
         if args.ray:

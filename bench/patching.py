@@ -22,10 +22,9 @@ import tempfile
 import time
 
 import torch
-import transformers
+from timing import patching_task, save_gpt2_small
 
 import shardlens as sl
-from shardlens.hooks.toy import word_tokenizer
 
 
 def timed(fn) -> tuple[float, object]:
@@ -82,14 +81,7 @@ def main() -> None:
     parser.add_argument("--ray", action="store_true", help="also run the resid_pre sweep on a 2-stage Tracer on Ray")
     parser.add_argument("--quick", action="store_true", help="leave out the naive loop and TransformerLens")
     args = parser.parse_args()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=8192, n_positions=64, bos_token_id=0, eos_token_id=0)
-    generator = torch.Generator().manual_seed(0)
-    clean = torch.randint(3, 8192, (4, 16), generator=generator)
-    corrupt = clean.clone()
-    corrupt[:, 3] = torch.randint(3, 8192, (4,), generator=generator)
+    clean, corrupt = patching_task(4, 16, corrupted=3)
     answer, wrong = [5, 6, 7, 8], [9, 10, 11, 12]
     metric = sl.metrics.logit_diff(answer, wrong)
     resid = dict(points="resid_pre", metric=metric, over=("layer", "pos"))
@@ -97,8 +89,7 @@ def main() -> None:
               "hook_z x head @ last pos": dict(points="z", metric=metric, over=("layer", "head"), positions=[clean.shape[1] - 1])}
     rows = {}
     with tempfile.TemporaryDirectory() as folder:
-        transformers.GPT2LMHeadModel(config).save_pretrained(folder)
-        word_tokenizer(8192).save_pretrained(folder)
+        save_gpt2_small(folder)
         model = sl.HookedModel.from_pretrained(folder)
         for label, kwargs in sweeps.items():
             rows[(label, "shardlens sweep")], result = timed(lambda: sl.patching.sweep(model, clean, corrupt, **kwargs))
