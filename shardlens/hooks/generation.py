@@ -125,7 +125,7 @@ def truncate_hf_cache(hf_cache: Any, length: int, layers: Optional[Iterable[int]
             entry.keys, entry.values = entry.keys[..., :length, :], entry.values[..., :length, :]
 
 
-def copy_hf_cache(hf_cache: Any, transform: Any, config: Any = None, layers: Optional[Iterable[int]] = None) -> Any:
+def copy_hf_cache(hf_cache: Any, transform: Any, *, config: Any = None, layers: Optional[Iterable[int]] = None) -> Any:
     """A new transformers cache (of `config`'s layer types, when given) holding
     transform(keys) and transform(values) of each layer of `hf_cache` (of `layers`, when
     given) that holds any."""
@@ -143,7 +143,7 @@ def prefix_copy(hf_cache: Any, length: int, times: int, *, config: Any, layers: 
     """A new transformers cache holding the first `length` tokens of `layers` of `hf_cache`,
     its batch repeated `times` times (what a run resumed inside a base run attends to)."""
     prefix = lambda t: t[:, :, :length].detach().repeat(times, 1, 1, 1)  # noqa: E731  [batch, kv_head, pos, d_head]
-    return copy_hf_cache(hf_cache, prefix, config, layers)
+    return copy_hf_cache(hf_cache, prefix, config=config, layers=layers)
 
 
 def sample(logits: Tensor, *, temperature: float, top_k: Optional[int], top_p: Optional[float], generator: Optional[torch.Generator]) -> Tensor:

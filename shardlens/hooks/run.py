@@ -132,8 +132,8 @@ class Resume:
         return tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers))
 
     def check(self, tokens: Tensor, n_layers: int, request: "RunRequest", attention_mask: Optional[Tensor]) -> None:
-        """Refuse a resumed run whose batch is not the base run's repeated, a layer the model
-        lacks, or a metric that reads a position before the run's."""
+        """Refuse a resumed run whose batch or attention mask is not the base run's repeated,
+        a layer the model lacks, or a metric or loss that reads a position before the run's."""
         first = request.logits_from(tokens.shape[1], attention_mask, backward=request.needs_grad)
         if first < self.position and (request.metric is not None or request.return_type in ("loss", "both") or request.needs_grad):
             what = "the metric" if request.metric is not None else "the next-token loss"

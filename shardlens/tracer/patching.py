@@ -95,7 +95,7 @@ def _groups(cells: list[Cell], *, per_run: int, batch: int, seq_len: int) -> lis
     return groups
 
 
-def patch_spec(cell: Cell, over: Sequence[str], clean: Tensor, rows: list[int], positions: Optional[list], start: int = 0) -> HookSpec:
+def patch_spec(cell: Cell, over: Sequence[str], clean: Tensor, rows: list[int], *, positions: Optional[list], start: int = 0) -> HookSpec:
     """The spec patching a cell's clean activation into batch rows `rows` of a run whose
     positions start at `start` (a head cell only at `positions`, when given)."""
     if over[1] == "pos":
@@ -183,7 +183,7 @@ def sweep(
 
     def specs(group: Group) -> list[HookSpec]:
         rows = lambda j: list(range(j * batch, (j + 1) * batch))  # noqa: E731  the j-th copy of the batch
-        return [patch_spec(cell, over, clean_cache[cell.name], rows(j), positions, group.position) for j, cell in enumerate(group.cells)]
+        return [patch_spec(cell, over, clean_cache[cell.name], rows(j), positions=positions, start=group.position) for j, cell in enumerate(group.cells)]
 
     grid, baseline = _run_groups(model, groups, cells, corrupt, attention_mask, metric=metric, specs=specs, reuse=reuse)
     return CellGrid(tuple(names), tuple(over), grid.reshape(len(names), -1), baseline)
