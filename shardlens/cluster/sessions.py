@@ -8,6 +8,7 @@ replica's stages that also keeps the hidden states entering each layer.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,8 @@ class StageBaseRun(BaseRun):
     def __init__(self, coordinator: Any, session: str, tokens: Tensor, attention_mask: Any, logits: Tensor):
         super().__init__(tokens, attention_mask, logits)
         self.coordinator, self.session = coordinator, session
+        # a base run dropped without close() is freed when it is collected
+        self._free = weakref.finalize(self, coordinator.end_session, session)
 
     def close(self) -> None:
-        self.coordinator.end_session(self.session)
+        self._free()

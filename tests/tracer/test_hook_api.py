@@ -11,6 +11,8 @@ import torch
 
 import shardlens as sl
 from shardlens.errors import HookNameError
+from shardlens.cluster.worker import StageWorker
+from shardlens.sharding.plan import hf_path
 from tests.tiny_models import load_reference
 
 FAMILY = "llama_gqa"
@@ -92,6 +94,11 @@ def test_gradient_runs_compute_no_weight_gradients_unless_asked(runner, hf, toke
         runner.zero_grad(set_to_none=True)
     else:
         assert parameters_with_grad(runner) == len(expected) * runner.coordinator.replicas + int(hf.config.tie_word_embeddings)
+        if isinstance(runner.coordinator.workers[0][0], StageWorker):  # the local backend: the stages are here to read
+            for worker in runner.coordinator.workers[0]:
+                for name, parameter in worker.stage.named_parameters():
+                    assert torch.allclose(parameter.grad, expected[hf_path(name, runner.architecture)], atol=ATOL), name
+                worker.stage.zero_grad(set_to_none=True)
 
 
 def scaled_reference(hf, tokens, layer, factor):

@@ -1,5 +1,7 @@
 """Sweeps and attribution against naive loops, autograd identities, and across stages."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -280,6 +282,16 @@ def test_a_base_run_failing_on_one_replica_leaves_nothing(tiny_checkpoints, task
         del worker.forward
         assert [(s["sessions"], s["pending_results"]) for s in tracer.stats()] == [(0, 0)] * 4
         assert all(w.list_hooks() == {} for row in tracer.coordinator.workers for w in row)
+
+
+def test_a_base_run_dropped_without_close_is_freed(tiny_checkpoints, task):
+    clean, _, _ = task
+    with sl.Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="local") as tracer:
+        base = tracer.base_run(clean)
+        assert [s["sessions"] for s in tracer.stats()] == [1, 1]
+        del base
+        gc.collect()
+        assert [s["sessions"] for s in tracer.stats()] == [0, 0]
 
 
 def test_bad_sweeps_are_refused(model, task):
