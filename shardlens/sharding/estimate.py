@@ -38,7 +38,7 @@ import torch
 from shardlens.errors import ShardPlanError
 from shardlens.hooks.architectures import Architecture, architecture_for
 from shardlens.hooks.shapes import canonical_shape
-from shardlens.sharding.plan import ShardPlan, StagePlan, meta_model
+from shardlens.sharding.plan import ShardPlan, StagePlan, meta_model, text_table
 from shardlens.tables.axes import layer_index
 
 SCORE_POINTS = ("hook_attn_scores", "hook_pattern")  # [head, q_pos, k_pos] per example; a layer with one hooked computes them
@@ -149,8 +149,7 @@ def stage_table(stages: Sequence[StageCost]) -> str:
         sizes = (s.weight_bytes, s.activation_bytes, s.working_bytes, s.peak_bytes)
         rows.append((str(s.index), f"{s.layers.start}-{s.layers.stop - 1}", *map(format_bytes, sizes), budget,
                      format_bytes(s.sent_bytes), format_bytes(s.written_bytes)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows)
+    return text_table(rows)
 
 
 def format_bytes(n_bytes: float) -> str:

@@ -171,11 +171,15 @@ class ShardPlan:
             parts = [f"{s.layers.start}-{s.layers.stop - 1}"] + ["embed"] * s.embed + ["head"] * s.head
             row = (str(s.index), " + ".join(parts), ", ".join(map(str, s.devices)), f"{s.bytes / 1e9:.4g}")
             rows.append(row + (", ".join(f"{k}={v:g}" for k, v in s.resources.items()),) * pinned)
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-        text = f"{self.model_type}, {self.n_layers} layers, {self.dtype}\n" + "\n".join(lines)
+        text = f"{self.model_type}, {self.n_layers} layers, {self.dtype}\n" + text_table(rows)
         print(text)
         return text
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as text, each column left-aligned to its widest cell."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
 
 
 BUILT_IN_RESOURCES = frozenset({"CPU", "GPU", "memory", "object_store_memory"})  # Ray's own; the plan sets them

@@ -106,7 +106,7 @@ def patch_spec(cell: Cell, over: Sequence[str], clean: Tensor, rows: list[int], 
     return HookSpec(cell.name, Patch(clean[:, positions, head], heads=[cell.index], positions=[p - start for p in positions], batch=rows))
 
 
-def _positions(positions: Sequence[int], seq_len: int) -> list[int]:
+def head_positions(positions: Sequence[int], seq_len: int) -> list[int]:
     """Head cells' positions as indices 0..seq_len-1 (negative ones count from the end)."""
     bad = [p for p in positions if not -seq_len <= int(p) < seq_len]
     if bad:
@@ -170,7 +170,7 @@ def sweep(
     if positions is not None and over[1] != "head":
         raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
     seq_len = clean.shape[1]
-    positions = None if positions is None else _positions(positions, seq_len)
+    positions = None if positions is None else head_positions(positions, seq_len)
     clean_cache = cache_of(model, clean, attention_mask, names)
     reuse = reuse and getattr(model, "architecture", None) is not None
     first_read = metric.first_read(attention_mask, seq_len) if reuse else 0

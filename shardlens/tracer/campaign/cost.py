@@ -26,9 +26,10 @@ from shardlens.hooks.run import Resume
 from shardlens.hooks.shapes import canonical_shape
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.sharding.estimate import format_bytes, model_hook_names, stage_table
+from shardlens.sharding.plan import text_table
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.cells import resolve_points
-from shardlens.tracer.patching import MAX_BATCH, sweep_cells
+from shardlens.tracer.patching import MAX_BATCH, head_positions, sweep_cells
 
 MASK_BYTES = 8  # an int64 attention mask entry
 TABLE_ROW_BYTES = 2 + 4 + 4 + 8 + 4 + 8 + 4  # layer, pos, head, value, batch, baseline, the point's string offset
@@ -122,8 +123,7 @@ class CampaignCost:
         rows = [("experiment", "kind", "points", "forward-equivalents", "written", "peak")]
         for e in self.experiments:
             rows.append((e.name, e.kind, str(len(e.points)), f"{e.forwards:.4g}", format_bytes(e.written_bytes), format_bytes(e.peak_bytes)))
-        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-        table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+        table = text_table(rows)
         total = (f"total: {self.forwards:.4g} forward-equivalents (a backward counts as one forward), "
                  f"{format_bytes(self.written_bytes)} written")
         return "\n".join([head, stage_table(self.stages), "", table, total])
@@ -318,7 +318,7 @@ def _sweep_cells(experiment: dict, names: list[str], model: _Model, campaign: Ca
     over = experiment.get("over", ["layer", "pos"])
     counts = {name: seq_len if over[1] == "pos" else _heads(model, name) for name in names}
     positions = experiment.get("positions")
-    positions = None if positions is None else sorted({int(p) % seq_len for p in positions})
+    positions = None if positions is None else head_positions(positions, seq_len)
     return [(cell.layer, cell.position) for cell in sweep_cells(names, over, counts, positions=positions, first_read=first_read)]
 
 
