@@ -4,7 +4,7 @@ The public names of the package are the ones listed here.
 """
 
 from shardlens.errors import HookNameError, ParquetWriteError, RemoteHookError, ShardPlanError, WorkerError
-from shardlens.hooks import metrics
+from shardlens.hooks import dictionaries, metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
     HookedModel,
@@ -54,6 +54,7 @@ __all__ = [
     "__version__",
     "attribution",
     "build_stage",
+    "dictionaries",
     "metrics",
     "patching",
     "read_cache",

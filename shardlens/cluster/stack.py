@@ -57,7 +57,7 @@ class SpecStack:
                 mine = [name for name in names if name in stage_names]
                 if mine:
                     per_stage[s].append(dataclasses.replace(spec, points=tuple(mine)).to_json(allow_code=self.allow_code))
-                    stage_names += spec.created_names(mine)
+                    stage_names += [name for name in spec.created_names(mine) if name not in stage_names]  # made once
         return tuple(tuple(share) for share in per_stage), known
 
     def push(self, level: Optional[int], specs: Sequence[HookSpec], per_stage: tuple, known: list[list[str]]) -> None:

@@ -7,7 +7,7 @@ from shardlens.hooks.root_module import CachingHook, HookedRootModule, HookIntro
 from shardlens.hooks.run import BaseRun, Destination, Resume, RunRequest, RunResult
 from shardlens.hooks.model import HookedModel
 from shardlens.hooks.names import NamesFilter
-from shardlens.hooks import ops
+from shardlens.hooks import dictionaries, ops
 from shardlens.hooks.slice import Slice
 from shardlens.hooks.specs import HookSpec, Points, points
 from shardlens.hooks.taps import PointOptions
@@ -32,6 +32,7 @@ __all__ = [
     "RunResult",
     "Runner",
     "Slice",
+    "dictionaries",
     "ops",
     "points",
 ]

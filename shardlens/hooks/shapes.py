@@ -26,7 +26,10 @@ def cache_fields(architecture: Optional[Architecture]) -> dict:
 
 def canonical_shape(config: Any, architecture: Architecture, name: str) -> Optional[tuple[int, ...]]:
     """The shape after [batch, pos] of the canonical hook point `name` of a model with this
-    config and architecture; None for attention scores and patterns (they depend on the input)."""
+    config and architecture; None for attention scores and patterns (they depend on the input)
+    and a spliced dictionary's points."""
+    if ".sae." in name:
+        return None  # a spliced dictionary's point: its size is the dictionary's
     config = config.get_text_config()  # a multimodal model's language model
     d_model, n_heads = config.hidden_size, config.num_attention_heads
     n_kv = architecture.n_kv_heads or getattr(config, "num_key_value_heads", None) or n_heads

@@ -151,8 +151,8 @@ class HookSpec:
         return self.dir == "bwd" or self.op.needs_grad
 
     def created_names(self, names: Sequence[str]) -> list[str]:
-        """The hook points the op makes under the points `names` it acts at (a Splice's)."""
-        return [f"{name}.{sub}" for name in names for sub in self.op.creates_points]
+        """The hook points the op makes where it acts at the points `names` (a Splice's)."""
+        return self.op.created_names(names)
 
 
 def _normalize_points(value: Any) -> PointsSelector:
@@ -184,7 +184,7 @@ class SpecHook:
     def __call__(self, tensor: Any, hook: Any) -> Any:
         ctx = self.root.run_context
         if self.store is not None or self.sources:
-            ctx = RunContext(ctx.root, self.store if self.store is not None else ctx.cache, {**ctx.sources, **(self.sources or {})})
+            ctx = RunContext(ctx.root, self.store if self.store is not None else ctx.cache, {**ctx.sources, **(self.sources or {})}, ctx.carried)
         try:
             return self.op(tensor, hook, ctx)
         except Exception as error:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import torch
 from torch import Tensor
 
@@ -15,19 +16,23 @@ from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import Cache
 from shardlens.hooks.run import RunRequest
 from shardlens.hooks.specs import HookSpec
-from shardlens.tables.axes import head_axis, layer_index
+from shardlens.tables.axes import PATTERN_SUFFIXES, head_axis, layer_index
 
-OVER = (("layer", "pos"), ("layer", "head"))  # what activation cells are over; expert sweeps are over ("layer", "expert")
+# What activation cells are over; expert sweeps are over ("layer", "expert"). "latent": the
+# last axis of a [batch, pos, d] point, such as a dictionary's latents or an MLP's neurons.
+OVER = (("layer", "pos"), ("layer", "head"), ("layer", "latent"))
 
 
 @dataclass(frozen=True)
 class CellGrid:
-    """Values over (hook point, position) or (hook point, head).
+    """Values over (hook point, position), (hook point, head), (hook point, latent) or
+    (hook point, expert).
 
     Attributes:
         points: the hook points, one per row of `grid` (in layer order).
-        over: ("layer", "pos"), ("layer", "head") or ("layer", "expert").
-        grid: [point, pos], [point, head] or [point, expert].
+        over: ("layer", "pos"), ("layer", "head"), ("layer", "latent") or ("layer", "expert").
+        grid: [point, pos], [point, head], [point, latent] or [point, expert]; NaN for
+            cells not computed (a latent sweep's latents outside its top N).
         baseline: the metric of the corrupted run (sweeps and attribution), when known.
     """
 
@@ -38,18 +43,19 @@ class CellGrid:
 
     @property
     def table(self) -> pa.Table:
-        """One row per cell: point, layer, pos, head (expert, for expert sweeps), value; pos or
-        head null as `over` says."""
+        """One row per computed cell: point, layer, pos, head (expert or latent, when the grid
+        is over them), value; pos or head null as `over` says."""
         rows, cols = self.grid.shape
         points = [p for p in self.points for _ in range(cols)]
         columns = {
             "point": pa.array(points, pa.string()),
             "layer": pa.array([layer_index(p) for p in points], pa.int16()),
         }
-        for axis in ("pos", "head") + (("expert",) if self.over[1] == "expert" else ()):
+        for axis in ("pos", "head") + ((self.over[1],) if self.over[1] in ("expert", "latent") else ()):
             columns[axis] = pa.array([c if self.over[1] == axis else None for _ in range(rows) for c in range(cols)], pa.int32())
         columns["value"] = pa.array(self.grid.flatten().double().numpy(), pa.float64())
-        return pa.table(columns)
+        table = pa.table(columns)
+        return table.filter(pa.compute.invert(pa.compute.is_nan(table["value"]))) if self.grid.isnan().any() else table
 
 
 def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]:
@@ -57,12 +63,17 @@ def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]
     sl.points), checked against what `over` needs."""
     over = tuple(over)
     if over not in OVER:
-        raise ValueError(f"over must be ('layer', 'pos') or ('layer', 'head'); got {over!r}")
+        raise ValueError(f"over must be ('layer', 'pos'), ('layer', 'head') or ('layer', 'latent'); got {over!r}")
     if isinstance(points, str) and "." not in points and not points.startswith("hook_"):
         from shardlens.hooks.specs import points as by_kind
 
         points = by_kind(points)
     names = HookSpec(points, Cache()).resolve(model.hook_names())
+    if over[1] == "latent":
+        with_heads = [n for n in names if head_axis(n) is not None or n.endswith(PATTERN_SUFFIXES)]
+        if with_heads:
+            raise ValueError(f"over=('layer', 'latent') needs [batch, pos, d] hook points (a dictionary's .sae.hook_latents, "
+                             f"mlp.hook_post); {with_heads[0]} is not one")
     if over[1] == "head":
         without = [n for n in names if head_axis(n) != 2]
         if without:

@@ -244,44 +244,6 @@ def test_fwd_bwd_gradient_op_sees_the_intermediate_gradient(llama, tokens):
     assert torch.allclose(halved["blocks.0.hook_resid_pre_grad"], 0.5 * plain["blocks.0.hook_resid_pre_grad"], atol=1e-7)
 
 
-def test_splice_identity_autoencoder_leaves_logits_unchanged(gpt2, tokens):
-    eye = ops.Linear(torch.eye(32))
-    name = "blocks.1.hook_resid_post"
-    spec = Spec(name, ops.Splice(eye, eye, add_error=True))
-    logits, cache = gpt2.run_with_cache(tokens, names_filter=[name + ".sae.hook_latents", name + ".sae.hook_error"], fwd_hooks=[spec])
-    assert torch.equal(logits, gpt2(tokens))
-    assert torch.count_nonzero(cache[name + ".sae.hook_error"]) == 0
-    assert torch.equal(cache[name + ".sae.hook_latents"], full_cache(gpt2, tokens, name)[name])
-
-
-def test_splice_without_error_changes_the_activation_by_exactly_the_error(gpt2, tokens):
-    torch.manual_seed(0)
-    encoder = ops.Linear(torch.randn(32, 64) * 0.3, torch.randn(64) * 0.1, activation="relu")
-    decoder = ops.Linear(torch.randn(64, 32) * 0.3, torch.randn(32) * 0.1)
-    name = "blocks.1.hook_resid_post"
-    clean = full_cache(gpt2, tokens, name)[name]
-    spec = Spec(name, ops.Splice(encoder, decoder, add_error=False))
-    logits, cache = gpt2.run_with_cache(tokens, names_filter=[name, name + ".sae.hook_error", name + ".sae.hook_reconstruction"], fwd_hooks=[spec])
-    error = cache[name + ".sae.hook_error"]
-    assert torch.equal(cache[name], cache[name + ".sae.hook_reconstruction"])
-    assert torch.allclose(clean - cache[name], error, atol=1e-6)
-    reconstruction = torch.relu(clean @ encoder.weight + encoder.bias) @ decoder.weight + decoder.bias
-    assert torch.allclose(cache[name], reconstruction, atol=1e-5)
-    assert not torch.allclose(logits, gpt2(tokens), atol=1e-3)
-
-
-def test_splice_latents_can_be_patched_by_another_spec(gpt2, tokens):
-    eye = ops.Linear(torch.eye(32))
-    name = "blocks.1.hook_resid_post"
-    latents = name + ".sae.hook_latents"
-    _, cache = gpt2.run_with_cache(tokens, names_filter=name, fwd_hooks=[
-        Spec(name, ops.Splice(eye, eye)), Spec(latents, ops.Ablate("zero", positions=[0]))])
-    clean = full_cache(gpt2, tokens, name)[name]
-    # add_error=True: x = decode(latents') + (x - decode(latents)), so zeroed latents remove x at pos 0
-    assert torch.allclose(cache[name][:, 0], torch.zeros(3, 32), atol=1e-6)
-    assert torch.equal(cache[name][:, 1:], clean[:, 1:])
-
-
 def test_code_op_runs_in_one_process(llama, tokens):
     _, cache = llama.run_with_cache(tokens, names_filter=RESID, fwd_hooks=[Spec(RESID, ops.Code(lambda x, hook: x * 0))])
     assert torch.count_nonzero(cache[RESID]) == 0

@@ -12,7 +12,8 @@ from shardlens.hooks.toy import ToyTransformer
 
 ops = sl.ops
 T = torch.arange(12, dtype=torch.float32).reshape(3, 4)
-SAE = ops.Linear(torch.eye(4), torch.zeros(4), activation="relu")
+SAE = sl.dictionaries.Dictionary({"W_enc": torch.eye(4), "b_enc": torch.zeros(4), "W_dec": torch.eye(4).double(), "b_dec": torch.zeros(4),
+                                   "threshold": torch.full((4,), 0.5)}, "jumprelu", normalize_activations="layer_norm")
 
 EVERY_OP = [
     ops.Cache(positions=[[1, 2], [3]], reduce="mean", dtype="bfloat16", device="cpu"),
@@ -34,7 +35,9 @@ EVERY_OP = [
     ops.Chain([ops.Scale(2.0), ops.Cache()]),
     ops.FwdBwd(fwd=[ops.Scale(2.0)], bwd=[ops.CacheGrad(), ops.ScaleGrad(0.5)], fwd2=[ops.Add(T[1])]),
     ops.AtLayers(ops.Ablate("zero"), layers=range(1, 3)),
-    ops.Splice(SAE, ops.Linear(torch.eye(4).double()), add_error=False),
+    ops.Splice(SAE, error="drop"),
+    ops.Splice(SAE, write="blocks.1.hook_mlp_out", error="freeze"),
+    ops.Ablate("zero", features=[3, 5]),
 ]
 
 
@@ -87,8 +90,8 @@ def test_points_forms_round_trip():
         (lambda: ops.Chain([ops.Cache(), ops.CacheGrad()]), "mixes forward and backward"),
         (lambda: ops.FwdBwd(bwd=[ops.Cache()]), "FwdBwd.bwd"),
         (lambda: ops.AtLayers("op"), "AtLayers"),
-        (lambda: ops.Splice(torch.eye(2), torch.eye(2)), "Splice.encoder"),
-        (lambda: ops.Linear(torch.eye(2), activation="gelu"), "activation"),
+        (lambda: ops.Splice(torch.eye(2)), "Splice takes an sl.dictionaries.Dictionary"),
+        (lambda: ops.Ablate("zero", features=[[1, 2]]), "features takes an int"),
         (lambda: ops.Code(3), "callable"),
         (lambda: sl.points(""), "kind"),
     ],

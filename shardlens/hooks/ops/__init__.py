@@ -11,6 +11,8 @@ Selectors, where an op takes them, pick part of the tensor; each keeps its axis:
   side by side); writing ops act on every position of every group.
 - `heads`: an int, slice or list of heads (hook points with a head axis only).
 - `batch`: an int, slice or list of examples.
+- `features`: an int, slice or list along the last axis (a dictionary's latents, an MLP's
+  neurons): Ablate / Patch / Add / Scale with features= ablate, clamp, steer or scale them.
 Axes: per-head points (hook_q/k/v/z/result) are [batch, pos, head, ...]; hook_attn_scores
 and hook_pattern are [batch, head, q_pos, k_pos] (positions select query positions);
 everything else is [batch, pos, ...].
@@ -25,12 +27,12 @@ from shardlens.hooks.ops.code import Code
 from shardlens.hooks.ops.composition import AtLayers, Chain, FwdBwd
 from shardlens.hooks.ops.context import RunContext
 from shardlens.hooks.ops.reading import AttnPatternBlocks, Cache, CacheGrad, NormStats, ProjectedHeads, RoutingStats
-from shardlens.hooks.ops.sae import Linear, Splice
+from shardlens.hooks.ops.sae import Splice
 from shardlens.hooks.ops.selectors import normalize_index
 from shardlens.hooks.ops.writing import Ablate, AblateExperts, Add, AttnEdit, Patch, RouteTo, Scale, ScaleGrad, StopGrad
 
 __all__ = [
     "Ablate", "AblateExperts", "Add", "AtLayers", "AttnEdit", "AttnPatternBlocks", "Cache", "CacheGrad", "Chain",
-    "Code", "FwdBwd", "Linear", "NormStats", "Op", "Patch", "ProjectedHeads", "RouteTo", "RoutingStats",
+    "Code", "FwdBwd", "NormStats", "Op", "Patch", "ProjectedHeads", "RouteTo", "RoutingStats",
     "RunContext", "Scale", "ScaleGrad", "Splice", "StopGrad", "normalize_index",
 ]

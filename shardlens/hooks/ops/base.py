@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
@@ -41,6 +42,10 @@ class Op:
         """The cache entries this op stores when it acts at hook point `name` (a reading op's)."""
         return ()
 
+    def created_names(self, names: Sequence[str]) -> list[str]:
+        """The hook points this op makes when it acts at the points `names`."""
+        return [f"{name}.{sub}" for name in names for sub in self.creates_points]
+
     def check(self, name: str, root: Any) -> None:
         """Refuse, before anything runs, a hook point this op cannot act on (changes nothing)."""
 
@@ -54,16 +59,19 @@ class Op:
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class _Selecting(Op):
-    """An op with positions / heads / batch selectors."""
+    """An op with positions / heads / batch / features selectors (features: the last axis,
+    such as a dictionary's latents or an MLP's neurons)."""
 
     positions: Any = None
     heads: Any = None
     batch: Any = None
+    features: Any = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positions", normalize_index(self.positions, "positions", groups=True))
         object.__setattr__(self, "heads", normalize_index(self.heads, "heads"))
         object.__setattr__(self, "batch", normalize_index(self.batch, "batch"))
+        object.__setattr__(self, "features", normalize_index(self.features, "features"))
 
     def check(self, name: str, root: Any) -> None:
         if self.heads is not None and axes_of(name).head is None:
@@ -71,12 +79,19 @@ class _Selecting(Op):
 
     def index(self, tensor: Tensor, name: str) -> tuple:
         axes = axes_of(name)
-        for selector, axis, what in ((self.batch, axes.batch, "batch"), (self.positions, axes.pos, "positions"), (self.heads, axes.head, "heads")):
+        feature_axis = tensor.ndim - 1
+        for selector, axis, what in ((self.batch, axes.batch, "batch"), (self.positions, axes.pos, "positions"),
+                                     (self.heads, axes.head, "heads"), (self.features, feature_axis, "features")):
             if selector is not None and axis is not None and axis < tensor.ndim:
                 check_sizes(selector, tensor.shape[axis], what, name)
         selections = {axes.batch: self.batch, axes.pos: self.positions}
         if axes.head is not None:
             selections[axes.head] = self.heads
+        if self.features is not None:
+            if feature_axis in selections:
+                raise ValueError(f"{type(self).__name__}(features=...) at {name}: its tensors have no feature axis after "
+                                 f"batch, position and head (shape {list(tensor.shape)})")
+            selections[feature_axis] = self.features
         return outer_index(tensor, {a: s for a, s in selections.items() if a < tensor.ndim})
 
 
@@ -94,7 +109,7 @@ class _Reading(_Selecting):
 
     def read(self, tensor: Tensor, name: str) -> Tensor:
         """The selected part of `tensor`, each token group reduced to one position."""
-        if self.positions is None and self.heads is None and self.batch is None:
+        if self.positions is None and self.heads is None and self.batch is None and self.features is None:
             return tensor  # all of it: the common case, on every hook point of a run_with_cache
         if not (is_groups(self.positions) and self.reduce):
             return tensor[self.index(tensor, name)]

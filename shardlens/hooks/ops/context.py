@@ -20,11 +20,14 @@ class RunContext:
         cache: where reading ops put their results (the run's ActivationCache dict), or None
             when the run keeps no results.
         sources: caches of earlier runs by name, for Patch(from_cache=...).
+        carried: what an op acting at two hook points of one run hands from the first to
+            the second (a transcoder's latents, from its input point to its output point).
     """
 
     root: Any
     cache: Optional[dict] = None
     sources: Mapping[str, Mapping[str, Tensor]] = field(default_factory=dict)
+    carried: dict = field(default_factory=dict)
 
     def store(self, key: str, value: Tensor) -> None:
         if self.cache is None:
