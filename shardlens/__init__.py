@@ -3,7 +3,7 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import HookNameError, ParquetWriteError, RemoteHookError, ShardPlanError, WorkerError
+from shardlens.errors import HookNameError, ParquetWriteError, RemoteHookError, ShardError, ShardPlanError, WorkerError
 from shardlens.hooks import dictionaries, metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
@@ -23,7 +23,7 @@ from shardlens.hooks import (
     points,
 )
 from shardlens.sharding import ShardPlan, build_stage
-from shardlens.tables import ActivationCache, ParquetSink, read_cache
+from shardlens.tables import ActivationCache, ParquetSink, ShardSpec, ShardWriter, read_cache, verify_shards
 from shardlens.tracer import Tracer, attribution, patching
 
 from shardlens.version import __version__
@@ -46,8 +46,11 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "Runner",
+    "ShardError",
     "ShardPlan",
     "ShardPlanError",
+    "ShardSpec",
+    "ShardWriter",
     "Slice",
     "Tracer",
     "WorkerError",
@@ -58,6 +61,7 @@ __all__ = [
     "metrics",
     "patching",
     "read_cache",
+    "verify_shards",
     "ops",
     "points",
 ]

@@ -72,3 +72,8 @@ class ParquetWriteError(OSError):
     def __reduce__(self):
         # The unwritten data stays in the process that has it; what failed travels.
         return (type(self), (self.message,), {"writes": self.writes})
+
+
+class ShardError(ValueError):
+    """A shard dataset (shardlens.tables.shards) that cannot be written, resumed or verified:
+    names the value or the shard at fault and what would be valid."""

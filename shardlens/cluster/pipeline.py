@@ -263,9 +263,11 @@ def _sources_for(sources: Any, names: set[str], chunk: slice) -> dict:
 
 def _merge(taken: list[dict], n_jobs: int, n_stages: int) -> dict[str, Tensor]:
     """Per-microbatch, per-stage packed results -> one new tensor per entry, microbatches
-    concatenated (the one copy of each value the driver makes)."""
+    concatenated (the one copy of each value the driver makes; a sparse entry coalesced, as
+    one process stores it)."""
     per_job: list[dict] = [dict() for _ in range(n_jobs)]
     for i, result in enumerate(taken):
         per_job[i // n_stages].update(result)
     names = per_job[0].keys() if per_job else []
-    return {name: torch.cat([unpack(job[name]) for job in per_job]) for name in names}
+    merged = {name: torch.cat([unpack(job[name]) for job in per_job]) for name in names}
+    return {name: t.coalesce() if t.is_sparse else t for name, t in merged.items()}

@@ -278,14 +278,17 @@ class StageWorker:
             raise RemoteHookError(hook, self.index, self.replica, batch_id, f"{type(error).__name__}: {error}") from None
 
 
-Packed = tuple  # (torch dtype name, numpy array of the tensor's bytes)
+Packed = tuple  # (torch dtype name, numpy array of the tensor's bytes); a sparse entry: ("sparse", (indices, packed values, shape))
 
 
 def pack(tensor: Tensor) -> Packed:
     """A CPU tensor as a numpy array (and its torch dtype): Ray moves numpy arrays between
     processes without pickling their bytes, and the receiver reads them in place from the
     object store, where a pickled tensor would be copied twice. bf16, which numpy lacks,
-    travels as its 16-bit patterns."""
+    travels as its 16-bit patterns. A sparse COO tensor travels as its indices and values."""
+    if tensor.is_sparse:
+        tensor = tensor.detach().cpu().coalesce()
+        return "sparse", (tensor.indices().numpy(), pack(tensor.values()), tuple(tensor.shape))
     tensor = tensor.detach().cpu().contiguous()
     dtype = str(tensor.dtype).removeprefix("torch.")
     if tensor.dtype == torch.bfloat16:
@@ -299,6 +302,9 @@ def unpack(packed: Packed) -> Tensor:
     import warnings
 
     dtype, array = packed
+    if dtype == "sparse":
+        indices, values, shape = array
+        return torch.sparse_coo_tensor(unpack(("int64", indices)), unpack(values), shape, is_coalesced=True, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         tensor = torch.from_numpy(array)

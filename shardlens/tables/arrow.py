@@ -11,7 +11,11 @@ One table per hook point (forward entries and their `_grad` entries together). C
   value     arrow.fixed_shape_tensor: layout "example" [the entry's shape after batch],
             layout "token" [its shape after batch and position]; bf16 travels as its
             uint16 bits with field metadata shardlens.dtype=bfloat16.
-Layout "token" writes one row per real token: padding is never written as data.
+  indices, values   instead of `value` for a sparse entry (a torch sparse COO tensor, see
+            shardlens.tables.sparse): each row's flat indices into that same row shape
+            and their values, as lists; the row shape is in the metadata of `indices`.
+Layout "token" writes one row per real token: padding is never written as data (a sparse
+entry's token with no stored value is a row with empty lists).
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from torch import Tensor
 
 from shardlens.tables.axes import base_name, layer_index, position_axis
 from shardlens.tables.cache import ActivationCache
+from shardlens.tables.sparse import DTYPE_KEY, is_sparse, movedim, rows_tensor, sparse_columns
 from shardlens.version import __version__
 
 LAYOUTS = ("example", "token")
-DTYPE_KEY = b"shardlens.dtype"
 SHAPE_KEY = b"shardlens.shape"
 
 
@@ -48,11 +52,20 @@ def cache_to_tables(cache: ActivationCache, layout: str = "example") -> dict[str
         hook = base_name(name)
         direction = "bwd" if name.endswith("_grad") else "fwd"
         tables.setdefault(hook, []).append(entry_table(cache, name, hook, direction, tensor, layout))
-    return {hook: pa.concat_tables(parts) for hook, parts in tables.items()}
+    return {hook: _concat(hook, parts) for hook, parts in tables.items()}
+
+
+def _concat(hook: str, parts: list[pa.Table]) -> pa.Table:
+    forms = {"value" in part.column_names for part in parts}
+    if len(forms) > 1:
+        raise ValueError(f"{hook} has a sparse and a dense entry (forward and gradient): one table per hook point holds one form; "
+                         "cache both sparse or both dense")
+    return pa.concat_tables(parts)
 
 
 def entry_table(cache: ActivationCache, name: str, hook: str, direction: str, tensor: Tensor, layout: str) -> pa.Table:
-    tensor = tensor.detach().cpu().contiguous()
+    sparse = is_sparse(tensor)
+    tensor = tensor.detach().cpu() if sparse else tensor.detach().cpu().contiguous()
     n = tensor.shape[0]
     examples = cache.example_ids().cpu().long()
     pos_axis = position_axis(name)
@@ -68,9 +81,14 @@ def entry_table(cache: ActivationCache, name: str, hook: str, direction: str, te
             raise ValueError(f"layout 'token' needs a position axis; {name} has shape {list(tensor.shape)}")
         mask = _mask(cache, n, tensor.shape[pos_axis], name)
         rows, positions = mask.nonzero(as_tuple=True)
-        values = tensor.movedim(pos_axis, 1)[rows, positions].contiguous()  # [tokens, ...]
+        values = movedim(tensor, pos_axis, 1) if sparse else tensor.movedim(pos_axis, 1)[rows, positions].contiguous()  # [tokens, ...]
         columns["pos"] = pa.array(positions.int().numpy(), pa.int32())
-    value_array, value_field = tensor_column(values)
+    if sparse:
+        written = torch.ones(n, dtype=torch.bool) if layout == "example" else mask
+        value_columns, value_fields = sparse_columns(values, 1 if layout == "example" else 2, written)
+    else:
+        value_array, value_field = tensor_column(values)
+        value_columns, value_fields = {"value": value_array}, [value_field]
     n_rows = len(rows)
     layer = layer_index(hook)
     table_columns = {
@@ -82,8 +100,8 @@ def entry_table(cache: ActivationCache, name: str, hook: str, direction: str, te
         "seq_len": pa.nulls(n_rows, pa.int32()) if seq_lens is None else pa.array(seq_lens[rows].int().numpy(), pa.int32()),
         **columns,
     }
-    fields = [pa.field(k, v.type) for k, v in table_columns.items()] + [value_field]
-    return pa.Table.from_arrays(list(table_columns.values()) + [value_array], schema=pa.schema(fields))
+    fields = [pa.field(k, v.type) for k, v in table_columns.items()] + value_fields
+    return pa.Table.from_arrays([*table_columns.values(), *value_columns.values()], schema=pa.schema(fields))
 
 
 def _mask(cache: ActivationCache, n: int, length: int, name: str) -> Tensor:
@@ -123,8 +141,9 @@ def column_tensor(column: pa.ChunkedArray, field: pa.Field) -> Tensor:
     return values
 
 
-def tables_to_cache(table: pa.Table) -> ActivationCache:
-    """The ActivationCache of a table with rows of one or more hook points (a `hook` column)."""
+def tables_to_cache(table: pa.Table, *, sparse: bool = False) -> ActivationCache:
+    """The ActivationCache of a table with rows of one or more hook points (a `hook` column).
+    Entries stored sparsely come back dense, or as sparse COO tensors with `sparse`."""
     if table.num_rows == 0:
         return ActivationCache({})
     hooks = table.column("hook")
@@ -136,15 +155,17 @@ def tables_to_cache(table: pa.Table) -> ActivationCache:
             rows = table.filter(pc.and_(pc.equal(hooks, hook), pc.equal(table.column("direction"), direction)))
             if rows.num_rows:
                 name = hook + ("_grad" if direction == "bwd" else "")
-                tensors[name], entry_mask = _entry_tensor(rows, name, examples)
+                tensors[name], entry_mask = _entry_tensor(rows, name, examples, sparse)
                 mask = entry_mask if entry_mask is not None else mask
     return ActivationCache(tensors, attention_mask=mask, examples=examples)
 
 
-def _entry_tensor(rows: pa.Table, name: str, examples: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-    values = column_tensor(rows.column("value"), rows.schema.field("value"))
+def _entry_tensor(rows: pa.Table, name: str, examples: Tensor, sparse: bool) -> tuple[Tensor, Optional[Tensor]]:
     row_examples = _ints(rows.column("example"))
     index = torch.searchsorted(examples, row_examples)
+    if "indices" in rows.column_names:
+        return _sparse_entry(rows, name, index, len(examples), sparse)
+    values = column_tensor(rows.column("value"), rows.schema.field("value"))
     if "pos" not in rows.column_names:
         out = values.new_zeros((len(examples), *values.shape[1:]))
         out[index] = values
@@ -156,6 +177,19 @@ def _entry_tensor(rows: pa.Table, name: str, examples: Tensor) -> tuple[Tensor, 
     mask = torch.zeros(len(examples), length, dtype=torch.long)
     mask[index, positions] = 1
     return out.movedim(1, position_axis(name)), mask
+
+
+def _sparse_entry(rows: pa.Table, name: str, index: Tensor, n: int, sparse: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """A sparse entry's tensor (dense unless `sparse`) and, in layout "token", its mask."""
+    if "pos" not in rows.column_names:
+        tensor = rows_tensor(rows, index[None], (n,), name=name)
+        return (tensor if sparse else tensor.to_dense()), None
+    positions = _ints(rows.column("pos"))
+    length = int(positions.max()) + 1
+    tensor = movedim(rows_tensor(rows, torch.stack([index, positions]), (n, length), name=name), 1, position_axis(name))
+    mask = torch.zeros(n, length, dtype=torch.long)
+    mask[index, positions] = 1
+    return (tensor if sparse else tensor.to_dense()), mask
 
 
 def _ints(column: pa.ChunkedArray) -> Tensor:

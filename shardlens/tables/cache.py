@@ -19,7 +19,9 @@ class ActivationCache(Mapping[str, Tensor]):
     A read-only mapping: a value scoped to one run, not state a later run writes into.
 
     Args:
-        tensors: hook name -> tensor, each [batch, ...].
+        tensors: hook name -> tensor, each [batch, ...]; entries cached sparsely
+            (sl.ops.Cache(sparse=True) or top_k=k) are torch sparse COO tensors of the dense
+            shape (see shardlens.tables.sparse).
         attention_mask: [batch, pos] (1: real token), when the run had one: it gives each
             example's sequence length, and keeps padding out of token-layout tables.
         examples: the global index of each example of the batch (default 0, 1, …).
@@ -68,7 +70,8 @@ class ActivationCache(Mapping[str, Tensor]):
         return len(self._tensors)
 
     def __repr__(self) -> str:
-        rows = [f"  {name}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')}" for name, t in self._tensors.items()]
+        rows = [f"  {name}: {list(t.shape)} {str(t.dtype).removeprefix('torch.')}{' sparse' if t.is_sparse else ''}"
+                for name, t in self._tensors.items()]
         return f"ActivationCache({len(self)} entries" + (":\n" + "\n".join(rows) + "\n)" if rows else ")")
 
     def _replace(self, tensors: Mapping[str, Tensor], **changes: Any) -> "ActivationCache":

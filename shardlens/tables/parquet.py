@@ -30,6 +30,7 @@ from shardlens.tables.arrow import cache_to_tables, check_layout, schema_metadat
 from shardlens.tables.cache import ActivationCache
 
 PARTITION = "hook"
+TENSOR_COLUMNS = ("value", "indices", "values")  # a dense entry's value; a sparse entry's lists
 
 
 def is_uri(path: str) -> bool:
@@ -180,7 +181,7 @@ class ParquetSink:
         table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
         self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
         try:
-            scalar_columns = [c for c in table.column_names if c != "value"]
+            scalar_columns = [c for c in table.column_names if c not in TENSOR_COLUMNS]
             pq.write_table(
                 table, temporary, filesystem=self.fs, compression=self.compression,
                 # Dictionaries and min/max statistics mean nothing for tensor values, and
@@ -290,11 +291,15 @@ def read_cache(
     *,
     hooks: Optional[Iterable[str]] = None,
     examples: Optional[Iterable[int]] = None,
+    sparse: bool = False,
 ) -> ActivationCache:
     """Read a dataset written by ParquetSink / to_parquet back into an ActivationCache.
 
     The hook and example filters are pushed down to pyarrow.dataset, so only the matching
     partitions and row groups are read. Nothing is unpickled: reading runs no code.
+    Entries cached sparsely (sl.ops.Cache(sparse=True) or top_k=k) come back as dense
+    tensors, zero where nothing was kept, or with `sparse=True` as the sparse COO tensors
+    they were (dense entries stay dense).
     """
     data = dataset(path)
     row_filter = None if examples is None else ds.field("example").isin([int(e) for e in examples])
@@ -316,7 +321,7 @@ def read_cache(
                 f"the parts of hook={hook} differ in schema: a dataset holds one layout, and in layout "
                 "'example' one padded length per hook point (use layout 'token' for ragged batches)"
             ) from None
-        cache = tables_to_cache(table)
+        cache = tables_to_cache(table, sparse=sparse)
         merged.update(cache)
         mask = cache.attention_mask if cache.attention_mask is not None else mask
         examples_seen = cache.examples if examples_seen is None else examples_seen

@@ -12,6 +12,7 @@ from shardlens.hooks.ops.base import Op, _Reading, _Selecting, normalize_dtype
 from shardlens.hooks.ops.context import RunContext
 from shardlens.hooks.ops.selectors import as_list, flat, is_groups, normalize_index, outer_index
 from shardlens.hooks.ops.writing import EXPERT_WEIGHTS, check_point
+from shardlens.tables import sparse
 from shardlens.tables.axes import PATTERN_SUFFIXES
 
 
@@ -22,21 +23,44 @@ class Cache(_Reading):
     Args:
         dtype: cast to this dtype (e.g. "bfloat16") before storing.
         device: move to this device before storing.
+        sparse: store only the non-zeros, as a torch sparse COO tensor of the dense shape
+            (SAE latents: a few dozen of tens of thousands per token).
+        top_k: store only the k largest values along the last axis (the features) at each
+            position, as torch.topk picks them, as a sparse COO tensor; with sparse=True
+            too, only those of them that are non-zero.
+
+    Sparse entries go through ActivationCache, Arrow, Parquet and the Tracer's stages as
+    such (see shardlens.tables.sparse); `.to_dense()` gives the dense tensor, zero where
+    nothing was kept.
+
+    Example:
+        >>> spec = sl.HookSpec("blocks.*.mlp.hook_post", sl.ops.Cache(top_k=32))
     """
 
     dtype: Optional[str] = None
     device: Optional[str] = None
+    sparse: bool = False
+    top_k: Optional[int] = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "device", None if self.device is None else str(self.device))
+        if not isinstance(self.sparse, bool):
+            raise ValueError(f"Cache(sparse=...) must be True or False; got {self.sparse!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1):
+            raise ValueError(f"Cache(top_k=...) must be a positive int (values kept per position) or None; got {self.top_k!r}")
 
     def stores(self, name: str) -> tuple[str, ...]:
         return (name,)
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         value = self.read(tensor.detach(), hook.name)
+        if self.top_k is not None:
+            value = sparse.top_k(value, self.top_k, name=hook.name)
+            value = sparse.drop_zeros(value) if self.sparse else value
+        elif self.sparse:
+            value = sparse.nonzeros(value)
         if self.dtype is not None:
             value = value.to(getattr(torch, self.dtype))
         if self.device is not None:

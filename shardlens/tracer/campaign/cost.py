@@ -27,6 +27,7 @@ from shardlens.hooks.shapes import canonical_shape
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.sharding.estimate import format_bytes, model_hook_names, stage_table
 from shardlens.sharding.plan import text_table
+from shardlens.tracer.campaign import activations, top_contexts
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.cells import resolve_points
 from shardlens.tracer.patching import MAX_BATCH, head_positions, sweep_cells
@@ -45,7 +46,8 @@ def forward_equivalents(
     Convention: a backward that computes the gradients of activations only (shardlens'
     gradient runs freeze the weights) costs about one forward, and counts as one.
 
-    - extract: 1 (one forward).
+    - extract, activations: 1 (one forward).
+    - top_contexts: 1 (one forward; each feature's top k is kept on this process).
     - atp: 3 (the clean forward; the corrupted forward and its backward).
     - ig: 2 + n_points x steps x 2 (the clean and corrupted forwards; per hook point, its
       `steps` interpolated copies of the batch forward and backward).
@@ -61,7 +63,9 @@ def forward_equivalents(
         >>> forward_equivalents("sweep", cells=[(0, 0), (1, 3)], n_layers=2, seq_len=4)
         3.125
     """
-    if kind == "extract":
+    if kind in ("extract", "activations"):
+        return 1.0
+    if kind == "top_contexts":
         return 1.0
     if kind == "atp":
         return 3.0
@@ -70,7 +74,7 @@ def forward_equivalents(
     if kind == "sweep":
         fractions = (1.0 if layer is None else (n_layers - layer) / n_layers * (seq_len - start) / seq_len for layer, start in cells)
         return 2.0 + sum(fractions)
-    raise ValueError(f"experiment kind must be one of extract, atp, ig, sweep; got {kind!r}")
+    raise ValueError(f"experiment kind must be one of extract, activations, top_contexts, atp, ig, sweep; got {kind!r}")
 
 
 @dataclass(frozen=True)
@@ -237,12 +241,13 @@ def _model(campaign: Campaign) -> _Model:
 def _batch_shapes(campaign: Campaign) -> list[tuple[int, int]]:
     """(examples, tokens) of each data batch, from the clean prompts (text through the model's tokenizer)."""
     from shardlens.hooks.model import load_tokenizer
-    from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
+    from shardlens.tracer.campaign.data import check_fields, load_rows
     rows = load_rows(campaign)
     check_fields(campaign, rows)
     tokenizer = load_tokenizer(campaign.model_source) if any(isinstance(r.get(campaign.data.get("clean", "clean")), str) for r in rows) else None
     size = campaign.data.get("batch_size", 16)
-    return [tuple(batch_tensors(campaign, rows[i:i + size], tokenizer)["clean"].shape) for i in range(0, len(rows), size)]
+    # padded shapes: the prompts of an activations experiment's batch may differ in length
+    return [tuple(activations.token_batch(campaign, rows[i:i + size], tokenizer).ids.shape) for i in range(0, len(rows), size)]
 
 
 def _points(experiment: dict, model: _Model) -> list[str]:
@@ -250,6 +255,10 @@ def _points(experiment: dict, model: _Model) -> list[str]:
     if experiment["kind"] == "extract":
         selected = names_predicate(experiment["points"], model.names)
         return [n for n in model.names if selected(n)]
+    if experiment["kind"] == "top_contexts":
+        return top_contexts.hook_points(experiment, model.names)
+    if experiment["kind"] == "activations":
+        return activations.hook_points(experiment, model.names)
     return resolve_points(model, experiment["points"], tuple(experiment.get("over", ["layer", "pos"])))
 
 
@@ -280,6 +289,11 @@ def _unit(experiment: dict, names: list[str], campaign: Campaign, batch: _Batch)
     if kind == "extract":  # its workers write what they cache
         run = batch.run(rows, names)
         return _Unit(1.0, run.written_bytes, (run,), {0: tokens}, stage_written=tuple(s.written_bytes for s in run.stages))
+    if kind == "activations":  # the driver gathers what it caches, and writes it in the experiment's dtype (no padding assumed)
+        run = batch.run(rows, names)
+        return _Unit(forward_equivalents(kind), activations.written_bytes(experiment, run.written_bytes, batch.model.plan.dtype), (run,), {0: tokens})
+    if kind == "top_contexts":  # the driver gathers what it caches, and writes each feature's top k
+        return _Unit(forward_equivalents(kind), _top_contexts_bytes(experiment, names, batch), (batch.run(rows, names),), {0: tokens})
     written = _table_bytes(experiment, names, batch.model, batch.seq_len)
     if kind == "atp":
         return _Unit(3.0, written, (batch.run(rows, names), batch.run(rows, names, incl_bwd=True)), {0: 2 * tokens}, tokens)
@@ -330,6 +344,18 @@ def _table_bytes(experiment: dict, names: list[str], model: _Model, seq_len: int
     """The Arrow bytes of a sweep's or attribution's table for one batch: a row per cell."""
     over_pos = experiment.get("over", ["layer", "pos"])[1] == "pos"
     return sum((seq_len if over_pos else _heads(model, n)) * (TABLE_ROW_BYTES + len(n.encode())) for n in names)
+
+
+def _top_contexts_bytes(experiment: dict, names: list[str], batch: _Batch) -> int:
+    """A top_contexts unit's part: at most k (and at most its tokens) rows per feature."""
+    k = min(top_contexts.option(experiment, "k"), batch.tokens)
+    features = top_contexts.option(experiment, "features")
+    counts = [len(features) if features else _features(batch.model, n) for n in names]
+    return sum(k * count * (top_contexts.CANDIDATE_ROW_BYTES + len(n.encode())) for n, count in zip(names, counts))
+
+
+def _features(model: _Model, name: str) -> int:
+    return canonical_shape(model.config, architecture_for(model.config), name)[-1]
 
 
 def _stage_costs(model: _Model, units: list[_Unit]) -> tuple:

@@ -54,7 +54,7 @@ def check_fields(campaign: Campaign, rows: list[dict]) -> None:
     if not rows:
         raise CampaignError(f"{campaign.path}: data.path {campaign.data_path} holds no rows")
     needed = {"clean"}
-    if any(e["kind"] != "extract" for e in campaign.experiments):
+    if any(e["kind"] not in ("extract", "top_contexts", "activations") for e in campaign.experiments):  # these run the clean prompts alone
         needed |= {"corrupt"} | {"logit_diff": {"answer", "wrong"}, "prob": {"answer"}, "log_prob": {"answer"}}.get(campaign.metric.get("kind", "logit_diff"), set())
     for key in sorted(needed):
         name = campaign.data.get(key, key)

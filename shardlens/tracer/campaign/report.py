@@ -11,6 +11,7 @@ import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
+from shardlens.tracer.campaign import activations, top_contexts
 from shardlens.tracer.campaign.schema import Campaign
 
 
@@ -22,6 +23,12 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
         if experiment["kind"] == "extract":
             hooks = sorted(p.name.removeprefix("hook=") for p in directory.glob("hook=*"))
             experiments[experiment["name"]] = {"kind": "extract", "hooks": hooks}
+            continue
+        if experiment["kind"] == "top_contexts":
+            experiments[experiment["name"]] = top_contexts.summary(experiment, directory)
+            continue
+        if experiment["kind"] == "activations":
+            experiments[experiment["name"]] = activations.summary(experiment, directory)
             continue
         table = pq.read_table(sorted(directory.glob("part-*.parquet")))
         if experiment["kind"] == "sweep":  # the patching effect: patched metric - corrupted metric
@@ -42,6 +49,10 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
     for name, info in experiments.items():
         if info["kind"] == "extract":
             lines.append(f"- **{name}** (extract): {len(info['hooks'])} hook points")
+        elif info["kind"] == "activations":
+            lines.append(f"- **{name}** (activations): {info['rows']} token rows of {len(info['hooks'])} hook points in {info['shards']} shards ({info['dtype']})")
+        elif info["kind"] == "top_contexts":
+            lines.append(f"- **{name}** (top_contexts): {info['contexts']} contexts of {info['features']} features at {len(info['hooks'])} hook points")
         else:
             top = info["top"]
             lines.append(f"- **{name}** ({info['kind']}): largest |value| {top['value']:.4g} at {top['point']}, "

@@ -17,15 +17,18 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "stage_resources": (list, type(None))},
     "data": {"path": str, "clean": str, "corrupt": str, "answer": str, "wrong": str, "batch_size": int, "limit": (int, type(None))},
     "metric": {"kind": str},
-    "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list},
+    "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list,
+                   "k": int, "window": int, "features": (list, type(None)), "sparse": bool,  # k ... sparse: top_contexts
+                   "shard_rows": int, "shuffle_buffer": (int, type(None)), "seed": int, "dtype": (str, type(None))},  # activations
     "output": {"path": str, "plots": bool},
     "verify": {"examples": int, "tolerance": (float, int, str)},  # str: PyYAML reads 1e-4 (no dot) as text
 }
 REQUIRED = {"": ("name", "model", "data", "experiments", "output"), "model": ("source",), "data": ("path",),
             "experiment": ("name", "kind", "points"), "output": ("path",)}
 CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "backend"): ("ray", "local"),
-           ("metric", "kind"): ("logit_diff", "prob", "log_prob", "loss"), ("experiment", "kind"): ("sweep", "atp", "ig", "extract"),
-           ("experiment", "layout"): ("example", "token"), ("cluster", "microbatch_size"): ("auto",)}  # or an int
+           ("metric", "kind"): ("logit_diff", "prob", "log_prob", "loss"), ("experiment", "kind"): ("sweep", "atp", "ig", "extract", "top_contexts",
+                                                                                                                "activations"),
+           ("experiment", "layout"): ("example", "token"), ("experiment", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "microbatch_size"): ("auto",)}  # or an int
 
 
 class CampaignError(ValueError):
@@ -125,6 +128,14 @@ def load_campaign(path: os.PathLike) -> Campaign:
         if experiment["name"] in names:
             raise CampaignError(f"{file}:{experiment.line}: two experiments are named {experiment['name']!r}")
         names.add(experiment["name"])
+        if experiment["kind"] == "top_contexts":
+            from shardlens.tracer.campaign.top_contexts import check_experiment  # it imports this module
+
+            check_experiment(experiment, file)
+        if experiment["kind"] == "activations":
+            from shardlens.tracer.campaign.activations import check_experiment as check_activations  # it imports this module
+
+            check_activations(experiment, file)
     return Campaign(
         path=path, name=raw["name"], model=dict(raw["model"]), cluster=dict(raw.get("cluster", {})), data=dict(raw["data"]),
         metric=dict(raw.get("metric", {"kind": "logit_diff"})), experiments=tuple(dict(e) for e in raw["experiments"]),

@@ -238,7 +238,7 @@ def _found_experiments(out: Path) -> list[str]:
 def _finished(directory: Path, kind: Optional[str]) -> set[int]:
     """The batches of an experiment's finished units: markers for extract units (their parts
     may be an interrupted run's), parts for the others."""
-    if kind == "extract" or (kind is None and (directory / "_done").is_dir()):
+    if kind in ("extract", "activations") or (kind is None and (directory / "_done").is_dir()):
         pattern, files = _MARKER, (directory / "_done").glob("b*.json")
     else:
         pattern, files = _PART, directory.glob("part-b*.parquet")

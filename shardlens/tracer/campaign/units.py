@@ -2,12 +2,14 @@
 
 A work unit is one (experiment, data batch). Its result is written as Parquet parts with
 deterministic names under a hidden temporary name, synced to disk and renamed when
-complete. A sweep, atp or ig unit writes one part from the driver, and is finished once
-that part exists. An extract unit's activations do not pass through the driver where the
+complete. A sweep, atp, ig or top_contexts unit writes one part from the driver, and is
+finished once that part exists (top_contexts.parquet is then merged from the parts). An extract unit's activations do not pass through the driver where the
 workers share the output folder with it: they write them (Tracer.write_cache); otherwise
 the driver gathers and writes them. The unit is finished once its marker
 `<experiment>/_done/b<batch>.json` (listing its parts) exists; a rerun first removes what
-an interrupted run of the unit left. So a campaign killed at any moment (or a machine that
+an interrupted run of the unit left. An activations unit hands its token rows to its
+experiment's shard writer, and is finished once its marker exists, written when the shards
+holding its rows are (see activations.py). So a campaign killed at any moment (or a machine that
 crashed) and run again yields the dataset an uninterrupted run would.
 """
 
@@ -34,6 +36,8 @@ from shardlens.tracer.campaign.report import summarize
 from shardlens.tracer.campaign.runner import batch_metric, start_tracer
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.campaign.status import record_start, unit_event
+from shardlens.tracer.campaign import top_contexts
+from shardlens.tracer.campaign.activations import ActivationDatasets
 from shardlens.tracer.campaign.verify import verify_before_run
 
 
@@ -67,7 +71,7 @@ def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
 
 
 def _unit_done(unit: Unit, out: Path) -> bool:
-    if unit.experiment["kind"] == "extract":
+    if unit.experiment["kind"] in ("extract", "activations"):
         return unit.marker(out).exists()
     return (out / unit.experiment["name"] / unit.part).exists()
 
@@ -103,6 +107,10 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     kind = experiment["kind"]
     if kind == "extract":
         _extract(unit, tracer, campaign, out, hooks=hooks, clean=tensors["clean"], workers_write=workers_write)
+        return
+    if kind == "top_contexts":
+        examples = torch.arange(len(unit.rows)) + unit.batch * campaign.data.get("batch_size", 16)
+        top_contexts.run_unit(experiment, tracer, tensors["clean"], examples, directory / unit.part, _write_atomic)
         return
     metric = batch_metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
@@ -140,12 +148,14 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
     out.mkdir(parents=True, exist_ok=True)
     record_start(out, campaign.name, {e["name"]: (e["kind"], len(batches)) for e in campaign.experiments})  # for `shardlens status`
     tracer = runner if runner is not None else start_tracer(campaign)
+    activations = None  # the activations experiments' dataset writers
     try:
         extract_hooks = {}
         for experiment in campaign.experiments:
             if experiment["kind"] == "extract":
                 selected = names_predicate(experiment["points"], tracer.hook_names())
                 extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
+        activations = ActivationDatasets(campaign, out, batches, tracer)  # before todo: it marks the batches its datasets hold
         units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
         todo = [u for u in units if not _unit_done(u, out)]
         # Workers on other machines write extract parts only through a filesystem they share with this one.
@@ -156,9 +166,17 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
         with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
             for unit in todo:
                 with unit_event(out, unit.experiment["name"], unit.batch):  # recorded, failures too; errors go on
-                    _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
+                    if unit.experiment["kind"] == "activations":
+                        activations.run(unit.experiment, unit.batch, tracer)
+                    else:
+                        _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
                 bar.update(1)
+        activations.close()
+        for experiment in (e for e in campaign.experiments if e["kind"] == "top_contexts"):  # from all the parts, every run
+            top_contexts.finish(experiment, out / experiment["name"], top_contexts.prompt_tokens(campaign, batches, tracer.tokenizer), _write_atomic)
     finally:
+        if activations is not None:
+            activations.abort()  # after a failure: keeps the finished shards (nothing to do after close)
         if runner is None:
             tracer.shutdown()
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)

@@ -240,9 +240,9 @@ def _points(campaign: Campaign, runner: Any) -> tuple[list[str], list[str]]:
 
 
 def _metric(campaign: Campaign, tensors: dict) -> Optional[Metric]:
-    """The campaign's metric for a batch; None when only extract experiments run (the data
+    """The campaign's metric for a batch; None when only extract, top_contexts and activations experiments run (the data
     need not hold answers then)."""
-    if all(e["kind"] == "extract" for e in campaign.experiments):
+    if all(e["kind"] in ("extract", "top_contexts", "activations") for e in campaign.experiments):
         return None
     return batch_metric(campaign, tensors)
 
