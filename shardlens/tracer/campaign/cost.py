@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -146,6 +146,7 @@ class _Model:
     plan: ShardPlan
     config: Any
     names: tuple
+    spliced: Mapping = dataclasses.field(default_factory=dict)  # a spliced dictionary's points: their shapes after [batch, pos]
 
     def hook_names(self) -> list[str]:  # what resolve_points asks of a runner
         return list(self.names)
@@ -235,7 +236,19 @@ def _model(campaign: Campaign) -> _Model:
         source, stages=cluster.get("stages", 1), max_memory=cluster.get("max_memory"), dtype=campaign.model.get("dtype"),
         stage_resources=cluster.get("stage_resources"),
     )
-    return _Model(plan, config, tuple(model_hook_names(plan, config)))
+    names = model_hook_names(plan, config)
+    spliced = _spliced_points(campaign, names)
+    return _Model(plan, config, tuple(names) + tuple(spliced), spliced)
+
+
+def _spliced_points(campaign: Campaign, names: list[str]) -> dict[str, tuple[int]]:
+    """The points the campaign's dictionaries make, with their sizes (from the files' headers)."""
+    shapes = {}
+    for spec in campaign.dictionary_specs():
+        dictionary = spec.op.dictionary
+        for name in spec.created_names(spec.resolve(names)):
+            shapes[name] = (dictionary.d_sae,) if name.endswith(".sae.hook_latents") else (dictionary.d_out,)
+    return shapes
 
 
 def _batch_shapes(campaign: Campaign) -> list[tuple[int, int]]:
@@ -342,8 +355,9 @@ def _heads(model: _Model, name: str) -> int:
 
 def _table_bytes(experiment: dict, names: list[str], model: _Model, seq_len: int) -> int:
     """The Arrow bytes of a sweep's or attribution's table for one batch: a row per cell."""
-    over_pos = experiment.get("over", ["layer", "pos"])[1] == "pos"
-    return sum((seq_len if over_pos else _heads(model, n)) * (TABLE_ROW_BYTES + len(n.encode())) for n in names)
+    over = experiment.get("over", ["layer", "pos"])[1]
+    cells = {"pos": lambda n: seq_len, "head": lambda n: _heads(model, n), "latent": lambda n: _features(model, n)}[over]
+    return sum(cells(n) * (TABLE_ROW_BYTES + len(n.encode())) for n in names)
 
 
 def _top_contexts_bytes(experiment: dict, names: list[str], batch: _Batch) -> int:
@@ -355,6 +369,8 @@ def _top_contexts_bytes(experiment: dict, names: list[str], batch: _Batch) -> in
 
 
 def _features(model: _Model, name: str) -> int:
+    if name in model.spliced:
+        return model.spliced[name][-1]
     return canonical_shape(model.config, architecture_for(model.config), name)[-1]
 
 

@@ -3,6 +3,8 @@ metric of a batch of its data."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -22,6 +24,17 @@ def start_tracer(campaign: Campaign) -> Tracer:
         dtype=getattr(torch, campaign.model["dtype"]) if "dtype" in campaign.model else None, max_memory=cluster.get("max_memory"),
         microbatch_size=campaign_microbatch(campaign), stage_resources=cluster.get("stage_resources"),
     )
+
+
+@contextmanager
+def spliced(campaign: Campaign, runner: Any) -> Iterator[Any]:
+    """`runner` with the campaign's dictionaries spliced in (a context level), for the block."""
+    specs = campaign.dictionary_specs()
+    if not specs:
+        yield runner
+        return
+    with runner.hooks(fwd_hooks=specs):
+        yield runner
 
 
 def batch_metric(campaign: Campaign, tensors: dict) -> Any:

@@ -9,9 +9,12 @@ from typing import Any, Optional
 
 import yaml
 
+from shardlens.hooks.dictionaries import load as load_dictionary
+
 SCHEMA: dict[str, dict[str, Any]] = {
     "": {"name": str, "model": dict, "cluster": dict, "data": dict, "metric": dict, "experiments": list, "output": dict, "schedule": str,
-         "verify": (bool, dict)},
+         "verify": (bool, dict), "dictionaries": list},
+    "dictionary": {"path": str, "point": str, "write": str, "error": str},
     "model": {"source": str, "dtype": str},
     "cluster": {"backend": str, "address": (str, type(None)), "stages": int, "replicas": int, "microbatch_size": (int, str, type(None)), "max_memory": (dict, type(None)),
                 "stage_resources": (list, type(None))},
@@ -23,9 +26,9 @@ SCHEMA: dict[str, dict[str, Any]] = {
     "output": {"path": str, "plots": bool},
     "verify": {"examples": int, "tolerance": (float, int, str)},  # str: PyYAML reads 1e-4 (no dot) as text
 }
-REQUIRED = {"": ("name", "model", "data", "experiments", "output"), "model": ("source",), "data": ("path",),
+REQUIRED = {"": ("name", "model", "data", "experiments", "output"), "model": ("source",), "data": ("path",), "dictionary": ("path",),
             "experiment": ("name", "kind", "points"), "output": ("path",)}
-CHOICES = {("model", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "backend"): ("ray", "local"),
+CHOICES = {("dictionary", "error"): ("add", "freeze", "drop"), ("model", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "backend"): ("ray", "local"),
            ("metric", "kind"): ("logit_diff", "prob", "log_prob", "loss"), ("experiment", "kind"): ("sweep", "atp", "ig", "extract", "top_contexts",
                                                                                                                 "activations"),
            ("experiment", "layout"): ("example", "token"), ("experiment", "dtype"): ("float32", "bfloat16", "float16"), ("cluster", "microbatch_size"): ("auto",)}  # or an int
@@ -67,6 +70,7 @@ class Campaign:
     output: dict
     schedule: Optional[str] = None
     verify: Optional[dict] = None  # None: no check before the first unit; else verify()'s examples / tolerance, as given
+    dictionaries: tuple = ()  # the dictionaries spliced in for every run: sl.dictionaries.load's path, point, write, error
 
     @property
     def model_source(self) -> str:
@@ -85,6 +89,15 @@ class Campaign:
     def data_path(self) -> Path:
         data = Path(self.data["path"])
         return data if data.is_absolute() else self.path.parent / data
+
+    def dictionary_specs(self) -> list:
+        """The specs that splice the campaign's dictionaries in (paths relative to this file;
+        the workers read the weights, the driver only their headers)."""
+        specs = []
+        for entry in self.dictionaries:
+            path = entry["path"] if "://" in entry["path"] or os.path.isabs(entry["path"]) else str(self.path.parent / entry["path"])
+            specs.append(load_dictionary(path, point=entry.get("point"), write=entry.get("write"), error=entry.get("error", "add")))
+        return specs
 
 
 def _check(section: str, values: Any, file: str, line: int) -> None:
@@ -122,6 +135,8 @@ def load_campaign(path: os.PathLike) -> Campaign:
     for section in ("model", "cluster", "data", "metric", "output"):
         if section in raw:
             _check(section, raw[section], file, raw.lines[section])
+    for entry in raw.get("dictionaries", ()):
+        _check("dictionary", entry, file, getattr(entry, "line", raw.lines["dictionaries"]))
     names = set()
     for experiment in raw["experiments"]:
         _check("experiment", experiment, file, getattr(experiment, "line", raw.lines["experiments"]))
@@ -140,6 +155,7 @@ def load_campaign(path: os.PathLike) -> Campaign:
         path=path, name=raw["name"], model=dict(raw["model"]), cluster=dict(raw.get("cluster", {})), data=dict(raw["data"]),
         metric=dict(raw.get("metric", {"kind": "logit_diff"})), experiments=tuple(dict(e) for e in raw["experiments"]),
         output=dict(raw["output"]), schedule=raw.get("schedule"), verify=_verify(raw, file),
+        dictionaries=tuple(dict(d) for d in raw.get("dictionaries", ())),
     )
 
 

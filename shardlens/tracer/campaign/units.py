@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import ExitStack
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +34,7 @@ from shardlens.tables.parquet import flush_to_disk
 from shardlens.tracer import attribution, patching
 from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
 from shardlens.tracer.campaign.report import summarize
-from shardlens.tracer.campaign.runner import batch_metric, start_tracer
+from shardlens.tracer.campaign.runner import batch_metric, spliced, start_tracer
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.campaign.status import record_start, unit_event
 from shardlens.tracer.campaign import top_contexts
@@ -147,15 +148,18 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
     out = campaign.output_path
     out.mkdir(parents=True, exist_ok=True)
     record_start(out, campaign.name, {e["name"]: (e["kind"], len(batches)) for e in campaign.experiments})  # for `shardlens status`
-    tracer = runner if runner is not None else start_tracer(campaign)
-    activations = None  # the activations experiments' dataset writers
-    try:
+    with ExitStack() as cleanup:  # on the way out, also after a failure: in reverse order
+        tracer = runner if runner is not None else start_tracer(campaign)
+        if runner is None:
+            cleanup.callback(tracer.shutdown)
+        cleanup.enter_context(spliced(campaign, tracer))  # before the hook names are read: a splice makes points
         extract_hooks = {}
         for experiment in campaign.experiments:
             if experiment["kind"] == "extract":
                 selected = names_predicate(experiment["points"], tracer.hook_names())
                 extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
         activations = ActivationDatasets(campaign, out, batches, tracer)  # before todo: it marks the batches its datasets hold
+        cleanup.callback(activations.abort)  # after a failure: keeps the finished shards (nothing to do after close)
         units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
         todo = [u for u in units if not _unit_done(u, out)]
         # Workers on other machines write extract parts only through a filesystem they share with this one.
@@ -174,10 +178,5 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
         activations.close()
         for experiment in (e for e in campaign.experiments if e["kind"] == "top_contexts"):  # from all the parts, every run
             top_contexts.finish(experiment, out / experiment["name"], top_contexts.prompt_tokens(campaign, batches, tracer.tokenizer), _write_atomic)
-    finally:
-        if activations is not None:
-            activations.abort()  # after a failure: keeps the finished shards (nothing to do after close)
-        if runner is None:
-            tracer.shutdown()
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
     return summary

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import ExitStack
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from shardlens.hooks.metrics import Metric
 from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
-from shardlens.tracer.campaign.runner import batch_metric, start_tracer
+from shardlens.tracer.campaign.runner import batch_metric, spliced, start_tracer
 from shardlens.tracer.campaign.schema import Campaign, CampaignError, load_campaign
 from shardlens.tracer.campaign.status import append_event
 from shardlens.tracer.cells import resolve_points
@@ -153,10 +154,12 @@ def verify(
 
     Args:
         campaign: a campaign file, or a loaded Campaign.
-        cluster: the runner to check (a Tracer you started); default: start the one the
-            campaign's model and cluster sections describe (and shut it down after).
-        reference: the one-process runner; default: sl.HookedModel.from_pretrained of the
-            campaign's model, in its dtype, on this machine's CPU.
+        cluster: the runner to check (a Tracer you started, with the campaign's dictionaries
+            spliced in, as run_campaign's is); default: start the one the campaign's model
+            and cluster sections describe, with its dictionaries (and shut it down after).
+        reference: the one-process runner, likewise; default: sl.HookedModel.from_pretrained
+            of the campaign's model, in its dtype, on this machine's CPU, with the campaign's
+            dictionaries.
         examples: how many rows of the data to run.
         tolerance: see the module docstring; default: DEFAULT_TOLERANCE of the model's dtype.
 
@@ -166,17 +169,16 @@ def verify(
     campaign = campaign if isinstance(campaign, Campaign) else load_campaign(campaign)
     _check_arguments(examples, tolerance)
     batches = _first_rows(campaign, examples)
-    started = cluster is None
-    if started:
-        cluster = start_tracer(campaign)
-    try:
-        reference = reference if reference is not None else _reference(campaign)
+    with ExitStack() as cleanup:  # what it starts it splices the campaign's dictionaries into, and stops
+        if cluster is None:
+            cluster = start_tracer(campaign)
+            cleanup.callback(cluster.shutdown)
+            cleanup.enter_context(spliced(campaign, cluster))
+        if reference is None:
+            reference = cleanup.enter_context(spliced(campaign, _reference(campaign)))
         points, gradients = _points(campaign, cluster)
         theirs = _values(cluster, campaign, batches, points, gradients)
         ours = _values(reference, campaign, batches, points, gradients)
-    finally:
-        if started:
-            cluster.shutdown()
     dtype = campaign.model.get("dtype") or _dtype(reference)
     tolerance = tolerance if tolerance is not None else DEFAULT_TOLERANCE.get(dtype, DEFAULT_TOLERANCE["bfloat16"])
     stages = _stages(cluster)
