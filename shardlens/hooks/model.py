@@ -15,9 +15,7 @@ from shardlens.hooks.attention import IMPLEMENTATION
 from shardlens.hooks.generation import KeyValueCache, prefix_copy
 from shardlens.hooks.lens import WeightViews
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
-from shardlens.hooks.ops import Cache
 from shardlens.hooks.run import BaseRun, Resume, RunRequest, RunResult, output_of
-from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.tapped_model import TappedModel, no_architecture_for_options
@@ -248,7 +246,7 @@ class HookedModel(WeightViews, TappedModel):
         kv = self._new_kv_cache(tokens.shape[0])
         try:
             with torch.no_grad():
-                result = self.run(RunRequest(tokens, attention_mask=mask, specs=(HookSpec(names, Cache()),), kv_cache=kv))
+                result = self.run(RunRequest(tokens, attention_mask=mask, specs=(Resume.keeping(len(names)),), kv_cache=kv))
         except BaseException:
             kv.close()
             raise

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from shardlens.hooks.layers import default_positions
 from shardlens.hooks.metrics import Metric
+from shardlens.hooks.ops import Cache
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.arrow import check_layout
 from shardlens.tables.parquet import ParquetSink, check_part_name
@@ -130,6 +131,12 @@ class Resume:
     def points(n_layers: int) -> tuple[str, ...]:
         """The hook points a base run keeps the values of: each layer's resid_pre."""
         return tuple(f"blocks.{layer}.hook_resid_pre" for layer in range(n_layers))
+
+    @staticmethod
+    def keeping(n_layers: int) -> HookSpec:
+        """The spec a base run keeps each layer's resid_pre with: as it enters the hook point,
+        before the hooks there (a resumed run passes it through them again, once)."""
+        return HookSpec(Resume.points(n_layers), Cache(), prepend=True)
 
     def check(self, tokens: Tensor, n_layers: int, request: "RunRequest", attention_mask: Optional[Tensor]) -> None:
         """Refuse a resumed run whose batch or attention mask is not the base run's repeated,

@@ -2,11 +2,11 @@
 gradients, and gradient x activation. Gradients come from the pipeline's backward pass, so
 they work across stages.
 
-Every result is a CellGrid over (point, pos), (point, head) or (point, latent): each cell's
-value is a sum over that cell's features (d_model, or d_head of the head; for a latent, over
-positions) and over the batch, of the activation term times the gradient of the batch-mean
+Every result is a CellGrid over (point, pos), (point, head) or (point, feature): each
+cell's value is a sum over that cell's features (d_model, or d_head of the head; for a
+feature, over positions) and over the batch, of the activation term times the gradient of the batch-mean
 metric (which already carries the 1 / batch of the mean): the estimated change of the metric
-when the cell changes in every example. Latent cells are over the last axis of any
+when the cell changes in every example. Feature cells are over the last axis of any
 [batch, pos, d] point: a spliced dictionary's ``.sae.hook_latents`` (an SAE's or a
 transcoder's, installed with model.hooks(fwd_hooks=[sl.dictionaries.load(...)])) or an
 MLP's ``mlp.hook_post`` neurons.
@@ -27,10 +27,10 @@ from shardlens.tracer.cells import CellGrid, cache_of, cache_with_grads, resolve
 
 
 def _cell_sums(values: Tensor, over: Sequence[str], positions: Optional[Sequence[int]] = None) -> Tensor:
-    """[batch, pos, (head,) features...] -> [pos], [head] or [latent], summed over features
-    (or positions, for latents) and batch (head cells over `positions` only, when given)."""
-    if over[1] == "latent":
-        return values.sum(1).sum(0)  # [batch, pos, latent] -> [latent]
+    """[batch, pos, (head,) features...] -> [pos], [head] or [feature], summed over
+    features (or positions, for feature cells) and batch (head cells over `positions` only, when given)."""
+    if over[1] == "feature":
+        return values.sum(1).sum(0)  # [batch, pos, feature] -> [feature]
     if over[1] == "pos":
         return values.flatten(2).sum(-1).sum(0)  # [pos]
     if positions is not None:

@@ -18,21 +18,21 @@ from shardlens.hooks.run import RunRequest
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import PATTERN_SUFFIXES, head_axis, layer_index
 
-# What activation cells are over; expert sweeps are over ("layer", "expert"). "latent": the
+# What activation cells are over; expert sweeps are over ("layer", "expert"). "feature": the
 # last axis of a [batch, pos, d] point, such as a dictionary's latents or an MLP's neurons.
-OVER = (("layer", "pos"), ("layer", "head"), ("layer", "latent"))
+OVER = (("layer", "pos"), ("layer", "head"), ("layer", "feature"))
 
 
 @dataclass(frozen=True)
 class CellGrid:
-    """Values over (hook point, position), (hook point, head), (hook point, latent) or
+    """Values over (hook point, position), (hook point, head), (hook point, feature) or
     (hook point, expert).
 
     Attributes:
         points: the hook points, one per row of `grid` (in layer order).
-        over: ("layer", "pos"), ("layer", "head"), ("layer", "latent") or ("layer", "expert").
-        grid: [point, pos], [point, head], [point, latent] or [point, expert]; NaN for
-            cells not computed (a latent sweep's latents outside its top N).
+        over: ("layer", "pos"), ("layer", "head"), ("layer", "feature") or ("layer", "expert").
+        grid: [point, pos], [point, head], [point, feature] or [point, expert]; NaN for
+            cells not computed (a feature sweep's features outside its top N).
         baseline: the metric of the corrupted run (sweeps and attribution), when known.
     """
 
@@ -43,7 +43,7 @@ class CellGrid:
 
     @property
     def table(self) -> pa.Table:
-        """One row per computed cell: point, layer, pos, head (expert or latent, when the grid
+        """One row per computed cell: point, layer, pos, head (expert or feature, when the grid
         is over them), value; pos or head null as `over` says."""
         rows, cols = self.grid.shape
         points = [p for p in self.points for _ in range(cols)]
@@ -51,7 +51,7 @@ class CellGrid:
             "point": pa.array(points, pa.string()),
             "layer": pa.array([layer_index(p) for p in points], pa.int16()),
         }
-        for axis in ("pos", "head") + ((self.over[1],) if self.over[1] in ("expert", "latent") else ()):
+        for axis in ("pos", "head") + ((self.over[1],) if self.over[1] in ("expert", "feature") else ()):
             columns[axis] = pa.array([c if self.over[1] == axis else None for _ in range(rows) for c in range(cols)], pa.int32())
         columns["value"] = pa.array(self.grid.flatten().double().numpy(), pa.float64())
         table = pa.table(columns)
@@ -63,16 +63,16 @@ def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]
     sl.points), checked against what `over` needs."""
     over = tuple(over)
     if over not in OVER:
-        raise ValueError(f"over must be ('layer', 'pos'), ('layer', 'head') or ('layer', 'latent'); got {over!r}")
+        raise ValueError(f"over must be ('layer', 'pos'), ('layer', 'head') or ('layer', 'feature'); got {over!r}")
     if isinstance(points, str) and "." not in points and not points.startswith("hook_"):
         from shardlens.hooks.specs import points as by_kind
 
         points = by_kind(points)
     names = HookSpec(points, Cache()).resolve(model.hook_names())
-    if over[1] == "latent":
+    if over[1] == "feature":
         with_heads = [n for n in names if head_axis(n) is not None or n.endswith(PATTERN_SUFFIXES)]
         if with_heads:
-            raise ValueError(f"over=('layer', 'latent') needs [batch, pos, d] hook points (a dictionary's .sae.hook_latents, "
+            raise ValueError(f"over=('layer', 'feature') needs [batch, pos, d] hook points (a dictionary's .sae.hook_latents, "
                              f"mlp.hook_post); {with_heads[0]} is not one")
     if over[1] == "head":
         without = [n for n in names if head_axis(n) != 2]

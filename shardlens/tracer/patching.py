@@ -167,8 +167,8 @@ def sweep(
     """
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupt {tuple(corrupt.shape)} must have the same shape")
-    if tuple(over) == ("layer", "latent"):
-        raise ValueError("sweep patches positions or heads; for latents use sl.patching.latent_sweep (its top N by attribution)")
+    if tuple(over) == ("layer", "feature"):
+        raise ValueError("sweep patches positions or heads; for features use sl.patching.feature_sweep (its top N by attribution)")
     names = resolve_points(model, points, over)
     if positions is not None and over[1] != "head":
         raise ValueError("positions= restricts head cells; over=('layer', 'pos') sweeps every position already")
@@ -267,7 +267,7 @@ def expert_sweep(
     return CellGrid(tuple(names), ("layer", "expert"), grid.reshape(len(names), n_experts), baseline)
 
 
-def latent_sweep(
+def feature_sweep(
     model: Runner,
     clean: Tensor,
     corrupt: Tensor,
@@ -275,40 +275,40 @@ def latent_sweep(
     points: Any,
     metric: Metric,
     top: int = 16,
-    latents: Optional[Mapping[str, Sequence[int]]] = None,
+    features: Optional[Mapping[str, Sequence[int]]] = None,
     attention_mask: Optional[Tensor] = None,
     max_batch: int = MAX_BATCH,
 ) -> CellGrid:
-    """Patch each chosen latent's clean values (at every position) into the corrupted run
-    and score it: one cell per (hook point, latent).
+    """Patch each chosen feature's clean values (at every position) into the corrupted run
+    and score it: one cell per (hook point, feature), such as a dictionary's latent.
 
     Args:
         model: any runner, with the dictionaries spliced in (model.hooks(fwd_hooks=[...])).
         points: [batch, pos, d] hook points: a dictionary's ``.sae.hook_latents`` (SAE or
             transcoder), or neurons such as ``mlp.hook_post``.
-        top: sweep each point's `top` latents by |attribution patching| (sl.attribution.atp);
+        top: sweep each point's `top` features by |attribution patching| (sl.attribution.atp);
             one forward and backward more to choose them.
-        latents: the latents to sweep per point, instead of choosing.
+        features: the features to sweep per point, instead of choosing.
 
     Returns:
-        CellGrid over ("layer", "latent"): `.grid` [point, d] with NaN at latents not swept,
+        CellGrid over ("layer", "feature"): `.grid` [point, d] with NaN at features not swept,
         `.table` (the swept cells), `.baseline` (the corrupted run's metric).
     """
     if clean.shape != corrupt.shape:
         raise ValueError(f"clean {tuple(clean.shape)} and corrupt {tuple(corrupt.shape)} must have the same shape")
-    over = ("layer", "latent")
+    over = ("layer", "feature")
     names = resolve_points(model, points, over)
-    if latents is None:
+    if features is None:
         if not isinstance(top, int) or top < 1:
             raise ValueError(f"top must be a positive int; got {top!r}")
         scores = atp(model, clean, corrupt, points=names, metric=metric, over=over, attention_mask=attention_mask).grid
-        latents = {name: scores[i].abs().topk(min(top, scores.shape[1])).indices.sort().values.tolist() for i, name in enumerate(names)}
-    unknown = sorted(set(latents) - set(names))
+        features = {name: scores[i].abs().topk(min(top, scores.shape[1])).indices.sort().values.tolist() for i, name in enumerate(names)}
+    unknown = sorted(set(features) - set(names))
     if unknown:
-        raise ValueError(f"latents= names {unknown}, which points= does not select; selected: {names}")
+        raise ValueError(f"features= names {unknown}, which points= does not select; selected: {names}")
     clean_cache = cache_of(model, clean, attention_mask, names)
     reuse = getattr(model, "architecture", None) is not None
-    cells = [Cell(name, int(i), layer_index(name) if reuse else None, 0) for name in names for i in latents.get(name, ())]
+    cells = [Cell(name, int(i), layer_index(name) if reuse else None, 0) for name in names for i in features.get(name, ())]
     batch = clean.shape[0]
     groups = _groups(cells, per_run=max(1, max_batch // batch), batch=batch, seq_len=clean.shape[1])
 

@@ -17,7 +17,7 @@ from shardlens.hooks.architectures import architecture_for
 from shardlens.hooks.hook_api import HookAPI, Scope
 from shardlens.hooks.model import load_tokenizer
 from shardlens.hooks.names import NamesFilter, names_predicate
-from shardlens.hooks.ops import Cache, Code, Op
+from shardlens.hooks.ops import Code, Op
 from shardlens.hooks.run import Resume, RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.shapes import cache_fields
@@ -264,10 +264,10 @@ class Tracer(HookAPI):
 
     def _keep_base(self, tokens: Tensor, mask: Optional[Tensor]) -> StageBaseRun:
         """One run of `tokens` on every replica, whose stages keep it (see StageBaseRun)."""
-        names = Resume.points(self.plan.n_layers)
         session = f"base.{uuid.uuid4().hex[:12]}"
         request = RunRequest(
-            tokens, attention_mask=torch.ones_like(tokens) if mask is None else mask, specs=(HookSpec(names, Cache()),), whole_batch=True,
+            tokens, attention_mask=torch.ones_like(tokens) if mask is None else mask, specs=(Resume.keeping(self.plan.n_layers),),
+            whole_batch=True,
         )
         result = self.coordinator.keep_base(request, session)
         return StageBaseRun(self.coordinator, session, tokens, mask, result.output)

@@ -3,6 +3,7 @@ architecture's random weights are saved by SAELens' own code, loaded here, and c
 SAELens' encode / decode / forward (fp32, 1e-5)."""
 
 import json
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -77,6 +78,20 @@ def test_saelens_folder_gives_saelens_encode_decode_and_forward(case, tmp_path):
         torch.testing.assert_close(dictionary.decode(latents, x), sae(x), rtol=0, atol=1e-5)
 
 
+def test_a_cfg_json_without_apply_b_dec_to_input_takes_saelens_default(tmp_path):
+    sae = _saelens_sae("standard", apply_b_dec_to_input=True)
+    sae.save_model(tmp_path)
+    config = json.loads((tmp_path / "cfg.json").read_text())
+    del config["apply_b_dec_to_input"]
+    config["dtype"] = "torch.float32"  # as older SAELens wrote it
+    (tmp_path / "cfg.json").write_text(json.dumps(config))
+    reference, ours = sae_lens.SAE.load_from_disk(tmp_path), sl.dictionaries.read(tmp_path)
+    assert reference.cfg.apply_b_dec_to_input and ours.apply_b_dec_to_input and ours.dtype == "float32"
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.encode(x), reference.encode(x), rtol=0, atol=1e-5)
+
+
 def test_batch_top_k_saved_for_inference_and_as_trained_give_saelens_values(tmp_path):
     config = sae_lens.BatchTopKTrainingSAEConfig(d_in=D_IN, d_sae=D_SAE, k=4, metadata=SAEMetadata(hook_name=POINT))
     trained = sae_lens.BatchTopKTrainingSAE(config)
@@ -131,17 +146,19 @@ TRANSCODERS = {
 }
 
 
-def _saelens_transcoder(kind: str, d_out: int = D_IN + 4):
+def _saelens_transcoder(kind: str, d_out: int = D_IN + 4, normalize: str = "none"):
     cls, config_cls = TRANSCODERS[kind]
     metadata = SAEMetadata(hook_name="blocks.0.ln2.hook_normalized", hook_name_out="blocks.0.hook_mlp_out")
-    transcoder = cls(config_cls(d_in=D_IN, d_sae=D_SAE, d_out=d_out, apply_b_dec_to_input=False, metadata=metadata))
+    config = config_cls(d_in=D_IN, d_sae=D_SAE, d_out=d_out, apply_b_dec_to_input=False, normalize_activations=normalize, metadata=metadata)
+    transcoder = cls(config)
     _randomize(transcoder, 5)
     return transcoder
 
 
+@pytest.mark.parametrize("normalize", ["none", "constant_norm_rescale", "layer_norm"])
 @pytest.mark.parametrize("kind", TRANSCODERS)
-def test_saelens_transcoders_read_one_point_and_write_another(kind, tmp_path):
-    transcoder = _saelens_transcoder(kind)
+def test_saelens_transcoders_read_one_point_and_write_another(kind, normalize, tmp_path):
+    transcoder = _saelens_transcoder(kind, normalize=normalize)
     transcoder.save_model(tmp_path)
     spec = sl.dictionaries.load(tmp_path)
     assert spec.points == ("blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out")
@@ -212,6 +229,25 @@ def test_a_loaded_spec_names_its_weights_and_their_hash_and_travels_as_json(tmp_
         torch.testing.assert_close(again.op.dictionary.encode(x), sae.encode(x), rtol=0, atol=1e-5)
 
 
+def test_a_given_hash_spares_reading_the_file_and_is_checked_where_it_is_used(tmp_path):
+    sae = _saelens_sae("standard", seed=12)
+    sae.save_model(tmp_path)
+    import hashlib
+
+    digest = hashlib.sha256((tmp_path / "sae_weights.safetensors").read_bytes()).hexdigest()
+    from shardlens.hooks.dictionaries import _weights
+
+    with mock.patch.object(_weights, "_open", side_effect=AssertionError("streamed the file")):
+        spec = sl.dictionaries.load(tmp_path, sha256=digest)  # the header only
+    x = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(spec.op.dictionary.encode(x), sae.encode(x), rtol=0, atol=1e-5)
+    wrong = sl.dictionaries.load(tmp_path, sha256="0" * 64)
+    forget_loaded_weights()
+    with pytest.raises(ValueError, match="has sha256 .* not the 0000"):
+        wrong.op.dictionary.encode(x)
+
+
 def test_a_changed_weights_file_is_refused_by_hash(tmp_path):
     _saelens_sae("standard", seed=10).save_model(tmp_path)
     spec = sl.dictionaries.load(tmp_path)
@@ -225,13 +261,15 @@ def test_a_changed_weights_file_is_refused_by_hash(tmp_path):
 @pytest.mark.parametrize("make, message", [
     (lambda p: sl.dictionaries.read(p / "missing"), "no such folder or file"),
     (lambda p: sl.dictionaries.read(p), "is not a dictionary: expected a SAELens folder"),
-    (lambda p: Dictionary({"W_enc": torch.zeros(4, 8)}, "standard"), "needs tensors W_enc, W_dec, b_dec, b_enc; missing W_dec, b_dec, b_enc"),
-    (lambda p: Dictionary(_tensors(b_enc=torch.zeros(7)), "standard"), r"b_enc has shape \[7\].* make it \[8\]"),
-    (lambda p: Dictionary(_tensors(), "topk"), "k is the number of latents"),
-    (lambda p: Dictionary(_tensors(), "relu"), "architecture must be one of standard, gated"),
+    (lambda p: Dictionary({"W_enc": torch.zeros(4, 8)}), "needs tensors W_enc, W_dec, b_dec, b_enc; missing W_dec, b_dec, b_enc"),
+    (lambda p: Dictionary(_tensors(b_enc=torch.zeros(7))), r"b_enc has shape \[7\].* make it \[8\]"),
+    (lambda p: Dictionary(_tensors(), architecture="topk"), "k is the number of latents"),
+    (lambda p: Dictionary(_tensors(), architecture="relu"), "architecture must be one of standard, gated"),
     (lambda p: Dictionary(_tensors(), normalize_activations="whiten"), "normalize_activations must be one of"),
     (lambda p: sl.ops.Splice(torch.eye(2)), "Splice takes an sl.dictionaries.Dictionary"),
     (lambda p: sl.ops.Splice(Dictionary(_tensors()), error="keep"), "error must be one of add, freeze, drop"),
+    (lambda p: Dictionary(_tensors(), dtype="float33"), "dtype must be a torch dtype's name"),
+    (lambda p: Dictionary(_tensors(), transcoder=True, apply_b_dec_to_input=True), "a transcoder's b_dec is in its output space"),
 ])
 def test_bad_dictionaries_are_refused_by_name(make, message, tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -13,7 +13,7 @@ from shardlens.hooks.toy import ToyTransformer
 ops = sl.ops
 T = torch.arange(12, dtype=torch.float32).reshape(3, 4)
 SAE = sl.dictionaries.Dictionary({"W_enc": torch.eye(4), "b_enc": torch.zeros(4), "W_dec": torch.eye(4).double(), "b_dec": torch.zeros(4),
-                                   "threshold": torch.full((4,), 0.5)}, "jumprelu", normalize_activations="layer_norm")
+                                   "threshold": torch.full((4,), 0.5)}, architecture="jumprelu", normalize_activations="layer_norm")
 
 EVERY_OP = [
     ops.Cache(positions=[[1, 2], [3]], reduce="mean", dtype="bfloat16", device="cpu"),

@@ -140,6 +140,20 @@ def test_gradients_below_and_at_the_latents_follow_the_error_mode(gpt2, tokens, 
     torch.testing.assert_close(cache[LATENTS + "_grad"], at_point @ SAE.weights["W_dec"].T, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("error", ["add", "freeze"])
+def test_the_error_point_and_a_hook_functions_tensor_hook_get_their_gradients(gpt2, tokens, error):
+    _, at_point = grad_through_leaf(gpt2, POINT, _loss(gpt2, tokens))
+    seen = {}
+
+    def watch(z, hook):  # TransformerLens style: a tensor hook registered in a forward hook
+        z.register_hook(lambda grad: seen.setdefault("latents", grad))
+
+    splice = sl.HookSpec(POINT, ops.Splice(SAE, error=error))
+    _, cache = gpt2.run_with_cache(tokens, return_type="loss", names_filter=ERROR, incl_bwd=True, fwd_hooks=[splice, (LATENTS, watch)])
+    torch.testing.assert_close(cache[ERROR + "_grad"], at_point, rtol=0, atol=1e-5)  # the error adds to the output
+    torch.testing.assert_close(seen["latents"], at_point @ SAE.weights["W_dec"].T, rtol=0, atol=1e-5)
+
+
 # ---------------------------------------------------------------- transcoders
 
 TRANSCODER = Dictionary(weights(seed=3, skip=True))
@@ -165,6 +179,14 @@ def test_a_transcoder_reads_one_point_and_replaces_another(gpt2, tokens):
     _, cache = cache_of(gpt2, tokens, [READ, WRITE], [dropped])
     torch.testing.assert_close(cache[READ], x, rtol=0, atol=0)  # the input point is read, not changed
     torch.testing.assert_close(cache[WRITE], transcode(x), rtol=0, atol=1e-5)
+
+
+def test_a_transcoder_reading_another_layer_is_refused_before_it_runs(gpt2):
+    spec = sl.HookSpec(["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], ops.Splice(TRANSCODER, write="blocks.1.hook_mlp_out"))
+    with pytest.raises(ValueError, match="reads blocks.0.hook_resid_post: a transcoder reads and writes in one layer .* layers 0 and 1"):
+        with gpt2.hooks(fwd_hooks=[spec]):
+            pass
+    assert not gpt2.list_hooks()
 
 
 def test_a_transcoder_whose_input_point_is_missing_says_so(gpt2, tokens):

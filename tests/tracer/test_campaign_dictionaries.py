@@ -21,7 +21,7 @@ POINT = "blocks.1.hook_resid_mid"  # the demo model: d_model 64, layer 1 on the 
 LATENTS = POINT + ".sae.hook_latents"
 D_SAE = 96
 DICTIONARIES = f"dictionaries:\n  - {{path: sae.safetensors, point: {POINT}}}\n"
-LATENT_ATP = f"  - {{name: atp, kind: atp, points: {LATENTS}, over: [layer, latent]}}\n"
+LATENT_ATP = f"  - {{name: atp, kind: atp, points: {LATENTS}, over: [layer, feature]}}\n"
 LATENT_CONTEXTS = f"  - {{name: latents, kind: top_contexts, points: {LATENTS}, k: 4, window: 2, sparse: true}}\n"
 
 
@@ -69,11 +69,11 @@ def test_attribution_per_latent_in_a_campaign_equals_a_spliced_model(tmp_path):
     clean, corrupt = (torch.tensor([r[k] for r in rows[:8]]) for k in ("clean", "corrupt"))
     metric = sl.metrics.logit_diff(torch.tensor([r["answer"] for r in rows[:8]]), torch.tensor([r["wrong"] for r in rows[:8]]))
     with model.hooks(fwd_hooks=[sl.dictionaries.load(tmp_path / "sae.safetensors", point=POINT)]):
-        expected = sl.attribution.atp(model, clean, corrupt, points=LATENTS, metric=metric, over=("layer", "latent"))
-    assert table.column("latent").to_pylist() == list(range(D_SAE))
+        expected = sl.attribution.atp(model, clean, corrupt, points=LATENTS, metric=metric, over=("layer", "feature"))
+    assert table.column("feature").to_pylist() == list(range(D_SAE))
     assert table.column("value").to_pylist() == pytest.approx(expected.grid[0].tolist(), abs=1e-6)
     mean = torch.tensor([pq.read_table(part).column("value").to_pylist() for part in sorted((tmp_path / "out" / "atp").glob("part-*"))]).mean(0)
-    assert f"at {LATENTS}, latent {int(mean.abs().argmax())}" in (tmp_path / "out" / "summary.md").read_text()
+    assert f"at {LATENTS}, feature {int(mean.abs().argmax())}" in (tmp_path / "out" / "summary.md").read_text()
 
 
 def test_verify_and_plan_see_the_spliced_points(tmp_path):

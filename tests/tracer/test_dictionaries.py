@@ -2,12 +2,14 @@
 same latents, logits and per-latent attributions as one process, and the weights reach the
 workers by reference: the driver reads only the files' headers."""
 
+from unittest import mock
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 import shardlens as sl
-from shardlens.hooks.dictionaries._weights import _read
+from shardlens.hooks.dictionaries import WeightsRef
 from tests.tracer.test_hook_api import FAMILY
 
 SAE_POINT = "blocks.2.hook_resid_mid"  # layer 2: the last stage
@@ -31,11 +33,9 @@ def specs(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dictionaries")
     save_file(_weights(0, skip=False), folder / "sae.safetensors")
     save_file(_weights(1, skip=True), folder / "transcoder.safetensors")
-    _read.cache_clear()
-    loaded = [sl.dictionaries.load(folder / "sae.safetensors", point=SAE_POINT),
-              sl.dictionaries.load(folder / "transcoder.safetensors", point=READ, write=WRITE)]
-    assert _read.cache_info().currsize == 0  # the driver read headers, not weights
-    return loaded
+    with mock.patch.object(WeightsRef, "tensors", side_effect=AssertionError("the driver built the weights")):
+        return [sl.dictionaries.load(folder / "sae.safetensors", point=SAE_POINT),
+                sl.dictionaries.load(folder / "transcoder.safetensors", point=READ, write=WRITE)]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_per_latent_attributions_equal_one_process(tracer, reference, specs, tok
     metric = sl.metrics.logit_diff(torch.tensor([5, 6]), torch.tensor([7, 8]))
     function = getattr(sl.attribution, method)
     arguments = (clean,) if method == "grad_x_act" else (clean, corrupt)
-    options = dict(points=LATENTS, metric=metric, over=("layer", "latent"), **({"steps": 4} if method == "integrated_gradients" else {}))
+    options = dict(points=LATENTS, metric=metric, over=("layer", "feature"), **({"steps": 4} if method == "integrated_gradients" else {}))
     with reference.hooks(fwd_hooks=specs):
         expected = function(reference, *arguments, **options)
     with tracer.hooks(fwd_hooks=specs):
@@ -94,12 +94,12 @@ def test_per_latent_attributions_equal_one_process(tracer, reference, specs, tok
             torch.testing.assert_close(expected.grid[row], (cache[name] * cache[name + "_grad"]).sum((0, 1)), rtol=0, atol=1e-6)
 
 
-def test_latent_sweep_of_the_top_latents_equals_one_process_and_a_naive_loop(tracer, reference, specs, tokens):
+def test_feature_sweep_of_the_top_latents_equals_one_process_and_a_naive_loop(tracer, reference, specs, tokens):
     clean, corrupt = tokens
     metric = sl.metrics.logit_diff(torch.tensor([5, 6]), torch.tensor([7, 8]))
     with reference.hooks(fwd_hooks=specs):
-        expected = sl.patching.latent_sweep(reference, clean, corrupt, points=LATENTS, metric=metric, top=3)
-        scores = sl.attribution.atp(reference, clean, corrupt, points=LATENTS, metric=metric, over=("layer", "latent")).grid
+        expected = sl.patching.feature_sweep(reference, clean, corrupt, points=LATENTS, metric=metric, top=3)
+        scores = sl.attribution.atp(reference, clean, corrupt, points=LATENTS, metric=metric, over=("layer", "feature")).grid
         _, clean_cache = reference.run_with_cache(clean, names_filter=LATENTS)
         for row, name in enumerate(LATENTS):
             swept = (~expected.grid[row].isnan()).nonzero().flatten().tolist()
@@ -109,6 +109,31 @@ def test_latent_sweep_of_the_top_latents_equals_one_process_and_a_naive_loop(tra
                 naive = metric(reference.run_with_hooks(corrupt, fwd_hooks=[patch]), None, corrupt)
                 assert expected.grid[row, latent] == pytest.approx(float(naive.detach()), abs=ATOL)
     with tracer.hooks(fwd_hooks=specs):
-        got = sl.patching.latent_sweep(tracer, clean, corrupt, points=LATENTS, metric=metric, top=3)
+        got = sl.patching.feature_sweep(tracer, clean, corrupt, points=LATENTS, metric=metric, top=3)
     torch.testing.assert_close(got.grid, expected.grid, rtol=0, atol=ATOL, equal_nan=True)
-    assert got.table.num_rows == 6 and set(got.table.column("latent").to_pylist()) <= set(range(48))
+    assert got.table.num_rows == 6 and set(got.table.column("feature").to_pylist()) <= set(range(48))
+
+
+def test_a_sweep_inside_a_splice_at_resid_pre_passes_its_hooks_once(tracer, reference, tmp_path, tokens):
+    # A resumed run enters at the patched layer's resid_pre: the base run keeps that value as
+    # it was before the hooks there, so a dropped error (or any edit) is applied once, not twice.
+    save_file(_weights(2, skip=False), tmp_path / "sae.safetensors")
+    point = "blocks.1.hook_resid_pre"
+    latents = point + ".sae.hook_latents"
+    drop = sl.dictionaries.load(tmp_path / "sae.safetensors", point=point, error="drop")
+    clean, corrupt = tokens
+    metric = sl.metrics.logit_diff(torch.tensor([5, 6]), torch.tensor([7, 8]))
+    chosen = {latents: [3, 11, 30]}
+    with reference.hooks(fwd_hooks=[drop]):
+        _, clean_cache = reference.run_with_cache(clean, names_filter=latents)
+        naive = []
+        for latent in chosen[latents]:
+            patch = sl.HookSpec(latents, sl.ops.Patch(clean_cache[latents][..., [latent]], features=[latent]))
+            naive.append(float(metric(reference.run_with_hooks(corrupt, fwd_hooks=[patch]), None, corrupt).detach()))
+    for runner in (reference, tracer):
+        with runner.hooks(fwd_hooks=[drop]):
+            got = sl.patching.feature_sweep(runner, clean, corrupt, points=[latents], metric=metric, features=chosen)
+            whole = sl.patching.sweep(runner, clean, corrupt, points=point, metric=metric, reuse=False)
+            resumed = sl.patching.sweep(runner, clean, corrupt, points=point, metric=metric)
+        assert got.grid[0, chosen[latents]].tolist() == pytest.approx(naive, abs=ATOL)
+        torch.testing.assert_close(resumed.grid, whole.grid, rtol=0, atol=ATOL)

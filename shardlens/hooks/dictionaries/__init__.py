@@ -9,7 +9,8 @@ JumpReLU, top-k, batch-top-k and the transcoder architectures), Gemma Scope's pa
 or a safetensors file of W_enc / W_dec / b_enc / b_dec (+ threshold, W_skip), and gives a
 `HookSpec` holding an `sl.ops.Splice`. The weights stay where they are: the spec names the
 file and the sha256 of its bytes, and each process that runs it (a stage worker) reads the
-file once.
+file once. The process that loads it reads the file's header and builds no tensors (it
+streams the file once to hash it, unless given `sha256=`).
 """
 
 from __future__ import annotations
@@ -25,13 +26,13 @@ __all__ = ["ARCHITECTURES", "NORMALIZATIONS", "Dictionary", "WeightsRef", "load"
 
 
 def read(path: os.PathLike | str, *, architecture: Optional[str] = None, k: Optional[int] = None,
-         dtype: Optional[str] = None) -> Dictionary:
+         dtype: Optional[str] = None, sha256: Optional[str] = None) -> Dictionary:
     """The dictionary at `path` (see `load`), without a hook point."""
-    return _read(path, architecture=architecture, k=k, dtype=dtype)[0]
+    return _read(path, architecture=architecture, k=k, dtype=dtype, sha256=sha256)[0]
 
 
 def load(path: os.PathLike | str, *, point: Optional[str] = None, write: Optional[str] = None, error: str = "add",
-         architecture: Optional[str] = None, k: Optional[int] = None, dtype: Optional[str] = None):
+         architecture: Optional[str] = None, k: Optional[int] = None, dtype: Optional[str] = None, sha256: Optional[str] = None):
     """A spec that splices the dictionary at `path` into a model.
 
     Args:
@@ -43,6 +44,9 @@ def load(path: os.PathLike | str, *, point: Optional[str] = None, write: Optiona
         error: "add", "freeze" or "drop": see `sl.ops.Splice`.
         architecture, k: for files that do not say them (plain safetensors).
         dtype: compute in this dtype (default: the one the files name).
+        sha256: the weights file's sha256, when known (Hugging Face shows it as the file's
+            LFS oid): then this process reads only the file's header; otherwise it streams
+            the file once to hash it. Either way the processes that run the spec check it.
 
     Returns:
         ``HookSpec(point, Splice(dictionary))``, or for a transcoder
@@ -51,7 +55,7 @@ def load(path: os.PathLike | str, *, point: Optional[str] = None, write: Optiona
     from shardlens.hooks.ops.sae import Splice
     from shardlens.hooks.specs import HookSpec
 
-    dictionary, trained_at = _read(path, architecture=architecture, k=k, dtype=dtype)
+    dictionary, trained_at = _read(path, architecture=architecture, k=k, dtype=dtype, sha256=sha256)
     point = point or trained_at.get("hook_name")
     if not point:
         raise ValueError(f"{os.fspath(path)!r} does not say which hook point it reads: pass point=, e.g. 'blocks.6.hook_resid_post'")

@@ -9,6 +9,7 @@ W_dec [d_sae, d_out], b_dec [d_out], threshold [d_sae] (JumpReLU), b_gate / b_ma
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import KW_ONLY, dataclass
 from typing import Any, Optional
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 
 from shardlens.hooks.codec import serializable, values_equal
-from shardlens.hooks.dictionaries._weights import WeightsRef, _read, shapes
+from shardlens.hooks.dictionaries._weights import WeightsRef, shapes
 
 ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -46,17 +47,22 @@ class Dictionary:
         rescale_acts_by_decoder_norm: top-k selection on pre-activations times the decoder
             row norms, latents divided by them on decoding (SAELens' topk option).
         reshape_activations: "hook_z" flattens [..., head, d_head] to [..., head * d_head].
-        dtype: compute in this dtype (default: the weights'); outputs take the input's.
+        transcoder: its output is not its input's space (it reads one hook point and writes
+            another): run-time normalisation of the input is not undone on the output, as in
+            SAELens' Transcoder, and b_dec is never subtracted from the input.
+        dtype: compute in this dtype (default: the weights'): latents come in it, decode's
+            output in the dtype of the input x it is given.
     """
 
     weights: Any
-    architecture: str = "standard"
     _: KW_ONLY
+    architecture: str = "standard"
     k: Optional[int] = None
     apply_b_dec_to_input: bool = False
     normalize_activations: str = "none"
     rescale_acts_by_decoder_norm: bool = False
     reshape_activations: str = "none"
+    transcoder: bool = False
     dtype: Optional[str] = None
 
     def __post_init__(self) -> None:
@@ -72,6 +78,13 @@ class Dictionary:
                              f"with architecture={self.architecture!r}")
         if self.k is not None and (not isinstance(self.k, int) or self.k < 1):
             raise ValueError(f"k must be a positive int; got {self.k!r}")
+        if self.transcoder and self.apply_b_dec_to_input:
+            raise ValueError("apply_b_dec_to_input=True: a transcoder's b_dec is in its output space, not its input's")
+        if self.dtype is not None:
+            name = str(self.dtype).removeprefix("torch.")
+            if not isinstance(getattr(torch, name, None), torch.dtype):
+                raise ValueError(f"dtype must be a torch dtype's name such as 'float32' or 'bfloat16'; got {self.dtype!r}")
+            object.__setattr__(self, "dtype", name)
         check_shapes(self.shapes(), self.architecture, where=self._where)
 
     # ------------------------------------------------------------------ sizes
@@ -127,14 +140,14 @@ class Dictionary:
     def decode(self, latents: Tensor, x: Optional[Tensor] = None) -> Tensor:
         """The reconstruction of `latents`: [..., d_out], in `x`'s dtype and shape.
 
-        `x` is the input the latents were encoded from: run-time normalisation is undone with
-        its statistics, and a transcoder's skip term (W_skip @ x) is added.
+        `x` is the input the latents were encoded from: an SAE's run-time normalisation is
+        undone with its statistics, and a transcoder's skip term (W_skip @ x) is added.
         """
         w = self._placed(latents.device)
         if self.rescale_acts_by_decoder_norm:
             latents = latents / w["W_dec"].norm(dim=-1)
         out = latents.to(w["W_dec"].dtype) @ w["W_dec"] + w["b_dec"]
-        if self.normalize_activations in ("constant_norm_rescale", "layer_norm"):
+        if self.normalize_activations in ("constant_norm_rescale", "layer_norm") and not self.transcoder:
             if x is None:
                 raise ValueError(f"decode needs the input x to undo normalize_activations={self.normalize_activations!r}")
             out = self._denormalize(out, self._flatten(x).to(out.dtype))
@@ -190,24 +203,28 @@ def _same_weights(a: Any, b: Any) -> bool:
     return a == b
 
 
-_PLACED: dict[tuple, dict[str, Tensor]] = {}
+_PLACED: OrderedDict[tuple, dict[str, Tensor]] = OrderedDict()
+PLACED_KEPT = 4  # dictionaries a process keeps on its devices (the ones used last)
 
 
 def _placed_ref(ref: WeightsRef, architecture: str, device: str, dtype: Optional[torch.dtype]) -> dict[str, Tensor]:
-    # Converted copies live as long as the process: a worker uses the same dictionary for
-    # every batch, and moving a 1 GB decoder to the GPU per batch would dominate the run.
+    # Kept across batches, keyed by the file's hash: a worker uses the same dictionary for
+    # every batch, and reading a 1 GB decoder (and moving it to the GPU) per batch would
+    # dominate the run. A copy on the CPU in the file's dtype is the tensors read, not a copy.
     key = (ref.uri, ref.sha256, device, dtype)
     if key not in _PLACED:
         tensors = ref.tensors()
         check_shapes({n: tuple(t.shape) for n, t in tensors.items()}, architecture, where=ref.uri)
         _PLACED[key] = {n: t.to(device=device, dtype=dtype or t.dtype) for n, t in tensors.items()}
+        while len(_PLACED) > PLACED_KEPT:
+            _PLACED.popitem(last=False)
+    _PLACED.move_to_end(key)
     return _PLACED[key]
 
 
 def forget_loaded_weights() -> None:
-    """Drop every dictionary's tensors this process has read (the next use reads the file)."""
+    """Drop every dictionary's tensors this process keeps (the next use reads the file)."""
     _PLACED.clear()
-    _read.cache_clear()
 
 
 def check_shapes(found: dict, architecture: str, *, where: str) -> None:

@@ -22,7 +22,7 @@ _SAELENS = {
 
 
 def read(path: os.PathLike | str, *, architecture: Optional[str] = None, k: Optional[int] = None,
-         dtype: Optional[str] = None) -> tuple[Dictionary, dict]:
+         dtype: Optional[str] = None, sha256: Optional[str] = None) -> tuple[Dictionary, dict]:
     """The dictionary at `path`, and what its files say about where it was trained: the
     hook point it reads ("hook_name"), a transcoder's output point ("hook_name_out"), and
     whether it is a transcoder ("transcoder").
@@ -35,18 +35,18 @@ def read(path: os.PathLike | str, *, architecture: Optional[str] = None, k: Opti
     """
     location = os.fspath(path)
     if location.endswith(FORMATS):
-        return _plain(reference(location), architecture=architecture, k=k, dtype=dtype)
+        return _plain(reference(location, sha256=sha256), architecture=architecture, k=k, dtype=dtype)
     files = _listing(location)
     if SAELENS_CONFIG in files:
-        return _saelens(location, dtype=dtype)
+        return _saelens(location, dtype=dtype, sha256=sha256)
     if "params.npz" in files:
-        return _plain(reference(_join(location, "params.npz")), architecture=architecture, k=k, dtype=dtype)
+        return _plain(reference(_join(location, "params.npz"), sha256=sha256), architecture=architecture, k=k, dtype=dtype)
     raise FileNotFoundError(
         f"{location!r} is not a dictionary: expected a SAELens folder ({SAELENS_CONFIG} and {SAELENS_WEIGHTS}), "
         f"a Gemma Scope params.npz, or a .safetensors / .npz file; found {', '.join(sorted(files)) or 'nothing'}")
 
 
-def _saelens(folder: str, *, dtype: Optional[str]) -> tuple[Dictionary, dict]:
+def _saelens(folder: str, *, dtype: Optional[str], sha256: Optional[str]) -> tuple[Dictionary, dict]:
     config = json.loads(_read_text(_join(folder, SAELENS_CONFIG)))
     config = _pre_6_config(config) if _is_pre_6(config) else config
     name = config.get("architecture", "standard")
@@ -59,12 +59,13 @@ def _saelens(folder: str, *, dtype: Optional[str]) -> tuple[Dictionary, dict]:
         raise ValueError(f"{folder}: normalize_activations='covariance_whitening' is applied by SAELens only in training "
                          "(it folds the whitening into the weights at inference): fold it, save again, and load that")
     dictionary = Dictionary(
-        reference(_join(folder, SAELENS_WEIGHTS)), architecture,
+        reference(_join(folder, SAELENS_WEIGHTS), sha256=sha256), architecture=architecture,
         k=config.get("k") if architecture == "topk" else None,
-        apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", False)) and not transcoder,
+        apply_b_dec_to_input=bool(config.get("apply_b_dec_to_input", True)) and not transcoder,  # SAELens' default: True
         normalize_activations=config.get("normalize_activations") or "none",
         rescale_acts_by_decoder_norm=bool(config.get("rescale_acts_by_decoder_norm", False)),
         reshape_activations=config.get("reshape_activations", "none"),
+        transcoder=transcoder,
         dtype=dtype or config.get("dtype"),
     )
     metadata = dict(config.get("metadata") or {})
@@ -94,7 +95,7 @@ def _plain(ref: WeightsRef, *, architecture: Optional[str], k: Optional[int], dt
     names = shapes(ref.uri)
     if architecture is None:
         architecture = "jumprelu" if "threshold" in names else "gated" if "b_gate" in names else "topk" if k else "standard"
-    return Dictionary(ref, architecture, k=k, dtype=dtype), {"transcoder": "W_skip" in names}
+    return Dictionary(ref, architecture=architecture, k=k, transcoder="W_skip" in names, dtype=dtype), {"transcoder": "W_skip" in names}
 
 
 def _listing(location: str) -> list[str]:

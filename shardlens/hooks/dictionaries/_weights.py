@@ -1,27 +1,31 @@
 """A dictionary's weights by reference: a file path or URI and the sha256 of its bytes.
 
-A spec that holds a reference is a few hundred bytes, whatever the size of the weights: the
-driver never reads them, and each process that runs the spec reads the file once (checking
-its hash) and keeps the tensors for the next batch.
+A spec that holds a reference is a few hundred bytes, whatever the size of the weights. The
+driver builds no tensors: it reads the file's header, and streams the file once to hash it
+unless it is given the hash (Hugging Face shows a file's sha256 as its LFS oid). Each
+process that runs the spec reads the file once, checks the hash, and keeps the tensors (see
+_dictionary.py) for the next batch.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
+import mmap
 import json
 import struct
 import zipfile
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
 from torch import Tensor
 
 from shardlens.hooks.codec import serializable
-from shardlens.tables.parquet import filesystem_and_root
+from shardlens.tables.parquet import filesystem_and_root, is_uri
 
 FORMATS = (".safetensors", ".npz")
 _CHUNK = 1 << 24
@@ -43,12 +47,27 @@ class WeightsRef:
             raise ValueError(f"sha256 must be 64 lowercase hex digits; got {self.sha256!r}")
 
     def tensors(self) -> dict[str, Tensor]:
-        """The file's tensors, read once per process (its hash checked) and then shared."""
-        return _read(self.uri, self.sha256)
+        """The file's tensors, read now, after checking the hash of its bytes."""
+        if not is_uri(self.uri):  # hashed through a memory map, then read by safetensors' own: one copy in memory
+            with open(self.uri, "rb") as file, mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                self._check(hashlib.sha256(data).hexdigest())
+            return load_safetensors_file(self.uri) if self.uri.endswith(".safetensors") else _npz(self.uri)
+        with _open(self.uri) as stream:
+            data = stream.read()
+        self._check(hashlib.sha256(data).hexdigest())
+        return load_safetensors(data) if self.uri.endswith(".safetensors") else _npz(io.BytesIO(data))
+
+    def _check(self, found: str) -> None:
+        if found != self.sha256:
+            raise ValueError(f"weights file {self.uri!r} has sha256 {found}, not the {self.sha256} the spec names: "
+                             "the file changed since the spec was made; load the dictionary again")
 
 
-def reference(uri: str) -> WeightsRef:
-    """A reference to the file `uri`, with the hash of its bytes as they are now."""
+def reference(uri: str, *, sha256: Optional[str] = None) -> WeightsRef:
+    """A reference to the file `uri`, with the hash of its bytes as they are now (or the
+    `sha256` given, which the processes that read the file check)."""
+    if sha256 is not None:
+        return WeightsRef(uri, sha256)
     digest = hashlib.sha256()
     with _open(uri) as stream:
         while chunk := stream.read(_CHUNK):
@@ -81,15 +100,6 @@ def _open(uri: str):
     return filesystem.open_input_stream(path)
 
 
-@functools.lru_cache(maxsize=8)
-def _read(uri: str, sha256: str) -> dict[str, Tensor]:
-    with _open(uri) as stream:
-        data = stream.read()
-    found = hashlib.sha256(data).hexdigest()
-    if found != sha256:
-        raise ValueError(f"weights file {uri!r} has sha256 {found}, not the {sha256} the spec names: "
-                         "the file changed since the spec was made; load the dictionary again")
-    if uri.endswith(".npz"):
-        with np.load(io.BytesIO(data)) as arrays:
-            return {name: torch.from_numpy(np.array(arrays[name])) for name in arrays.files}
-    return load_safetensors(data)
+def _npz(file) -> dict[str, Tensor]:
+    with np.load(file) as arrays:
+        return {name: torch.from_numpy(np.array(arrays[name])) for name in arrays.files}

@@ -12,6 +12,7 @@ from torch import Tensor
 from shardlens.hooks.dictionaries import Dictionary
 from shardlens.hooks.ops.base import Op
 from shardlens.hooks.ops.context import RunContext
+from shardlens.tables.axes import layer_index
 
 SPLICE_POINTS = ("sae.hook_latents", "sae.hook_reconstruction", "sae.hook_error")
 ERROR_MODES = ("add", "freeze", "drop")
@@ -56,6 +57,12 @@ class Splice(Op):
         if self.write is not None and (not isinstance(self.write, str) or not self.write):
             raise ValueError(f"write must be a hook point's name; got {self.write!r}")
 
+    def check(self, name: str, root: Any) -> None:
+        if self.write is not None and name != self.write and (layer_index(name) is None or layer_index(name) != layer_index(self.write)):
+            raise ValueError(f"Splice(write={self.write!r}) reads {name}: a transcoder reads and writes in one layer "
+                             f"(a stage holds whole layers, and a run resumed at a layer starts there); got layers "
+                             f"{layer_index(name)} and {layer_index(self.write)}")
+
     def created_names(self, names: Sequence[str]) -> list[str]:
         if self.write is None:
             return super().created_names(names)
@@ -81,17 +88,19 @@ class Splice(Op):
         # Hooks may edit the latents in place: the error term needs them as they were.
         hooked = latents_point(latents.clone() if latents_point.active else latents)
         decoded = self.dictionary.decode(hooked, x)
-        edited = hooked is not latents and not torch.equal(hooked, latents)
-        # One decode serves both terms unless the latents were edited or take gradients: then
-        # the error's decode is its own node, so the gradient at the latents is the
-        # reconstruction's alone.
-        clean = self.dictionary.decode(latents, x) if edited or latents_point.bwd_hooks else decoded
+        # One decode serves both terms unless the latents' hooks edited them or may take their
+        # gradient: then the error's decode is its own node, so the gradient at the latents
+        # is the reconstruction's alone.
+        separate = latents_point.active and (torch.is_grad_enabled() or not torch.equal(hooked, latents))
+        clean = self.dictionary.decode(latents, x) if separate else decoded
         raw_error = y - clean
+        if self.error == "freeze":  # a constant below the splice; its own gradient still reaches hook_error
+            raw_error = raw_error.detach().requires_grad_(raw_error.requires_grad)
         reconstruction, error = reconstruction_point(decoded), error_point(raw_error)
         if self.error == "drop":
             return reconstruction
-        if error is not raw_error:  # the error was edited (patched, or hooked for gradients)
-            return reconstruction + (error.detach() if self.error == "freeze" else error)
+        if error is not raw_error:  # edited (patched), or hooked for its gradient
+            return reconstruction + error
         # reconstruction + (y - clean), written so that unedited latents give y exactly: the
         # two decodes of equal latents are equal, where reconstruction + error would round.
         if self.error == "freeze":

@@ -356,7 +356,7 @@ def _heads(model: _Model, name: str) -> int:
 def _table_bytes(experiment: dict, names: list[str], model: _Model, seq_len: int) -> int:
     """The Arrow bytes of a sweep's or attribution's table for one batch: a row per cell."""
     over = experiment.get("over", ["layer", "pos"])[1]
-    cells = {"pos": lambda n: seq_len, "head": lambda n: _heads(model, n), "latent": lambda n: _features(model, n)}[over]
+    cells = {"pos": lambda n: seq_len, "head": lambda n: _heads(model, n), "feature": lambda n: _features(model, n)}[over]
     return sum(cells(n) * (TABLE_ROW_BYTES + len(n.encode())) for n in names)
 
 

@@ -56,13 +56,13 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
         else:
             top = info["top"]
             lines.append(f"- **{name}** ({info['kind']}): largest |value| {top['value']:.4g} at {top['point']}, "
-                         f"{next(c for c in ('latent', 'head', 'pos') if c in top)} {top.get('latent', top.get('head', top.get('pos')))}")
+                         f"{next(c for c in ('feature', 'head', 'pos') if c in top)} {top.get('feature', top.get('head', top.get('pos')))}")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     return summary
 
 
 def _mean_grid(table: pa.Table) -> tuple[torch.Tensor, list[str], str]:
-    columns = next(c for c in ("latent", "head", "pos") if c in table.column_names and table.column(c).null_count == 0)
+    columns = next(c for c in ("feature", "head", "pos") if c in table.column_names and table.column(c).null_count == 0)
     points = list(dict.fromkeys(table.column("point").to_pylist()))
     index = table.column(columns).to_pylist()
     values = table.column("value").to_pylist()
