@@ -3,8 +3,8 @@ without it and the bare matmuls the SAE adds.
 
 A random GPT-2-small-shaped model (12 layers, d_model 768, vocab 8192), batch 8 x 64
 tokens, a JumpReLU SAE of 16 x 768 = 12,288 latents at blocks.6.hook_resid_post (saved as
-a safetensors file, loaded by reference). Timed, each the median of --repeats runs in this
-process, under torch.no_grad:
+a safetensors file, loaded by reference). Timed in this process under torch.no_grad, each
+the median of --repeats rounds in which the runs take turns:
 
 - the plain forward (logits, no hooks);
 - the bare matmuls: encode (x @ W_enc + b_enc, the JumpReLU) and decode (z @ W_dec + b_dec)
@@ -22,12 +22,14 @@ costs exactly the matmuls it must add.
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
+import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from timing import median_seconds, save_gpt2_small
+from timing import save_gpt2_small
 
 import shardlens as sl
 
@@ -41,6 +43,19 @@ def sae_weights() -> dict:
     return {"W_enc": torch.randn(D_MODEL, D_SAE, generator=g) / D_MODEL ** 0.5, "b_enc": torch.zeros(D_SAE),
             "W_dec": torch.randn(D_SAE, D_MODEL, generator=g) / D_SAE ** 0.5, "b_dec": torch.zeros(D_MODEL),
             "threshold": torch.full((D_SAE,), 0.5)}
+
+
+def interleaved_medians(runs: dict, repeats: int) -> dict[str, float]:
+    """Each run's median seconds, the runs taking turns in every round (after one warm-up
+    round), so that a slow spell of a shared machine falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for round in range(repeats + 1):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            run()
+            if round:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
@@ -64,15 +79,14 @@ def main() -> None:
                 return z @ weights["W_dec"] + weights["b_dec"]
 
             clamp = sl.HookSpec(LATENTS, sl.ops.Patch(5.0, features=[7]))
-            timings = {
-                "plain forward": median_seconds(lambda: model(tokens), args.repeats),
-                "bare SAE matmuls": median_seconds(bare, args.repeats),
-                "spliced forward": median_seconds(lambda: model.run_with_hooks(tokens, fwd_hooks=[spec]), args.repeats),
-                "spliced, latents cached": median_seconds(
-                    lambda: model.run_with_cache(tokens, fwd_hooks=[spec], names_filter=LATENTS), args.repeats),
-                "spliced, one latent clamped": median_seconds(
-                    lambda: model.run_with_hooks(tokens, fwd_hooks=[spec, clamp]), args.repeats),
+            runs = {
+                "plain forward": lambda: model(tokens),
+                "bare SAE matmuls": bare,
+                "spliced forward": lambda: model.run_with_hooks(tokens, fwd_hooks=[spec]),
+                "spliced, latents cached": lambda: model.run_with_cache(tokens, fwd_hooks=[spec], names_filter=LATENTS),
+                "spliced, one latent clamped": lambda: model.run_with_hooks(tokens, fwd_hooks=[spec, clamp]),
             }
+            timings = interleaved_medians(runs, args.repeats)
             assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[spec]), model(tokens))
     plain, matmuls = timings["plain forward"], timings["bare SAE matmuls"]
     print(f"GPT-2-small shape, batch 8 x 64, JumpReLU SAE d_sae={D_SAE} at {POINT}; median of {args.repeats}")

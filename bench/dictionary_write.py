@@ -1,15 +1,18 @@
-"""Writing a dictionary-training dataset: ShardWriter vs numpy tofile of the same bytes, in the same run.
+"""Writing a dictionary-training dataset: DatasetWriter vs numpy tofile of the same bytes, in the same run.
 
 The same fp16 activations (random normal token rows of two hook points, d=768 and d=2048,
 in batches of 4096 tokens; 512 MB by default) written to the same disk (a temporary
 folder beside this file unless --dir) by:
 
   (a) numpy tofile: each batch's arrays appended to one file, then one fsync;
-  (b) ShardWriter: rows shuffled across a buffer of one shard (shard_rows 16384), Arrow IPC
-      shards written under temporary names, each fsynced (and hashed with sha256 while it
+  (b) DatasetWriter: rows shuffled across a buffer of one file (shard_rows 16384), Arrow IPC
+      files written under temporary names, each fsynced (and hashed with sha256 while it
       is synced) before its rename, then manifest, dataset_info.json and state.json;
       timed from the writer's creation to close(); without provenance columns (the values
-      of (a) plus Arrow's offsets and framing: 0.3% more bytes), then without sha256, then with provenance (token_ids, example, pos);
+      of (a) plus Arrow's offsets and framing: 0.3% more bytes), then without sha256, then
+      with provenance (token_ids, example, pos); then as an activations campaign writes by
+      default (shard_rows and shuffle_buffer 65536, provenance, sha256), and that with
+      `checksum: false`;
   (c) sl.ParquetSink, layout "token" (value as arrow.fixed_shape_tensor), zstd and uncompressed,
       each part fsynced before its rename; timed until the sink is closed.
 
@@ -21,7 +24,14 @@ Prints each one's median seconds and GB/s, its ratio to (a), and every run's sec
 
 sha256 (hashlib, about 2 GB/s per core with SHA instructions) is the costliest step of (b):
 two files are hashed at once beside the writes, so it is free only where cores are to
-spare; on 2 cores it costs about a fifth of the speed (checksum=False skips it).
+spare. Measured with `--repeats 9` on the 2-core virtual machine this was written on (a
+quiet one: load below 1), tofile 0.20 s (2.5 GB/s); files of 16384 rows 0.26 s with sha256
+(x0.78), 0.19 s without (x1.08), 0.26 s with provenance (x0.78): sha256 costs about 30% of
+the speed. The campaign's default (65536-row files) 0.38 s (x0.54): a 369 MB file's hash
+(0.18 s, sequential within a file) is on the critical path. Its `checksum: false` run is
+bimodal, 0.26 s or 0.5-0.8 s: in a 512 MB run its two fresh 369 MB shuffle buffers are
+never reused, and when the kernel must first reclaim page cache for them (after another
+run's files) faulting them in dominates; longer runs reuse their buffers.
 
     .venv/bin/python bench/dictionary_write.py [--mb 512] [--repeats 5] [--dir PATH] [--no-parquet]
 """
@@ -40,7 +50,8 @@ from pathlib import Path
 import torch
 
 import shardlens as sl
-from shardlens.tables.shards import ShardSpec, ShardWriter
+from shardlens.tables.datasets import DatasetSpec, DatasetWriter
+from shardlens.tracer.campaign.activations import DEFAULTS as CAMPAIGN
 
 HOOKS = {"blocks.6.hook_resid_post": 768, "blocks.6.hook_mlp_out": 2048}
 BATCH_TOKENS = 4096
@@ -66,12 +77,12 @@ def time_tofile(data: list, root: Path) -> float:
     return time.perf_counter() - start
 
 
-def time_shards(data: list, root: Path, *, checksum: bool = True, provenance: bool = False) -> float:
+def time_dataset(data: list, root: Path, *, checksum: bool = True, provenance: bool = False, shard_rows: int = SHARD_ROWS) -> float:
     rows = len(data) * BATCH_TOKENS
-    spec = ShardSpec({name: [d] for name, d in HOOKS.items()}, rows, shard_rows=SHARD_ROWS, provenance=provenance)
+    spec = DatasetSpec({name: [d] for name, d in HOOKS.items()}, rows, shard_rows=shard_rows, provenance=provenance)
     ids = torch.arange(BATCH_TOKENS)
     start = time.perf_counter()
-    with ShardWriter(root / "shards", spec, checksum=checksum, metadata={"bench": "dictionary_write"}) as writer:
+    with DatasetWriter(root / "dataset", spec, checksum=checksum, metadata={"bench": "dictionary_write"}) as writer:
         for index, batch in enumerate(data):
             extra = dict(token_ids=ids, examples=ids // 256 + index * 16, positions=ids % 256) if provenance else {}
             writer.write(batch, **extra)
@@ -103,7 +114,7 @@ def rounds(runs: dict, data: list, work: Path, repeats: int) -> dict[str, list[f
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="ShardWriter vs numpy tofile, same bytes, same disk, same run.")
+    parser = argparse.ArgumentParser(description="DatasetWriter vs numpy tofile, same bytes, same disk, same run.")
     parser.add_argument("--mb", type=float, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dir", default=None, help="where to write (default: a temporary folder beside this file, on its disk)")
@@ -113,9 +124,12 @@ def main() -> None:
     n_bytes = sum(t.numel() * t.element_size() for batch in data for t in batch.values())
     runs = {
         "numpy tofile": time_tofile,
-        "ShardWriter": time_shards,
-        "ShardWriter, no sha256": lambda d, r: time_shards(d, r, checksum=False),
-        "ShardWriter, provenance": lambda d, r: time_shards(d, r, provenance=True),
+        "DatasetWriter": time_dataset,
+        "DatasetWriter, no sha256": lambda d, r: time_dataset(d, r, checksum=False),
+        "DatasetWriter, provenance": lambda d, r: time_dataset(d, r, provenance=True),
+        # an activations campaign's default: shard_rows = shuffle_buffer = 65536, provenance, sha256
+        "campaign default": lambda d, r: time_dataset(d, r, provenance=True, shard_rows=CAMPAIGN["shard_rows"]),
+        "campaign, checksum: false": lambda d, r: time_dataset(d, r, provenance=True, shard_rows=CAMPAIGN["shard_rows"], checksum=False),
     }
     parquet = {
         "ParquetSink zstd": lambda d, r: time_parquet(d, r, compression="zstd"),
@@ -130,11 +144,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"{n_bytes / 1e6:.0f} MB of fp16 activations ({len(data)} batches of {BATCH_TOKENS} tokens x d={'+'.join(map(str, HOOKS.values()))}), "
-          f"shards of {SHARD_ROWS} rows, {args.repeats} rounds, median; everything fsynced; torch threads {torch.get_num_threads()}")
+          f"files of {SHARD_ROWS} rows (campaign: {CAMPAIGN['shard_rows']}), {args.repeats} rounds, median; everything fsynced; "
+          f"torch threads {torch.get_num_threads()}, {os.cpu_count()} cores")
     raw = statistics.median(times["numpy tofile"])
     for name, seconds in times.items():
         median = statistics.median(seconds)
-        print(f"  {name:<24} {median:7.3f} s  {n_bytes / median / 1e9:6.2f} GB/s  x{raw / median:5.2f} of tofile"
+        print(f"  {name:<27} {median:7.3f} s  {n_bytes / median / 1e9:6.2f} GB/s  x{raw / median:5.2f} of tofile"
               f"   (runs: {', '.join(f'{s:.2f}' for s in seconds)})")
 
 

@@ -3,7 +3,7 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import HookNameError, ParquetWriteError, RemoteHookError, ShardError, ShardPlanError, WorkerError
+from shardlens.errors import DatasetError, HookNameError, ParquetWriteError, RemoteHookError, ShardPlanError, WorkerError
 from shardlens.hooks import dictionaries, metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
@@ -23,13 +23,17 @@ from shardlens.hooks import (
     points,
 )
 from shardlens.sharding import ShardPlan, build_stage
-from shardlens.tables import ActivationCache, ParquetSink, ShardSpec, ShardWriter, read_cache, verify_shards
+from shardlens.tables import ActivationCache, DatasetManifest, DatasetSpec, DatasetWriter, ParquetSink, read_cache, verify_dataset
 from shardlens.tracer import Tracer, attribution, patching
 
 from shardlens.version import __version__
 
 __all__ = [
     "ActivationCache",
+    "DatasetError",
+    "DatasetManifest",
+    "DatasetSpec",
+    "DatasetWriter",
     "HookedModel",
     "HookedRootModule",
     "HookIntrospectionMixin",
@@ -46,11 +50,8 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "Runner",
-    "ShardError",
     "ShardPlan",
     "ShardPlanError",
-    "ShardSpec",
-    "ShardWriter",
     "Slice",
     "Tracer",
     "WorkerError",
@@ -61,7 +62,7 @@ __all__ = [
     "metrics",
     "patching",
     "read_cache",
-    "verify_shards",
+    "verify_dataset",
     "ops",
     "points",
 ]

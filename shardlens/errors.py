@@ -74,6 +74,6 @@ class ParquetWriteError(OSError):
         return (type(self), (self.message,), {"writes": self.writes})
 
 
-class ShardError(ValueError):
-    """A shard dataset (shardlens.tables.shards) that cannot be written, resumed or verified:
-    names the value or the shard at fault and what would be valid."""
+class DatasetError(ValueError):
+    """An activation dataset (shardlens.tables.datasets) that cannot be written, resumed or
+    verified: names the value or the file at fault and what would be valid."""

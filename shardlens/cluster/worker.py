@@ -27,6 +27,7 @@ from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import ShardPlan, StageIO, build_stage
 from shardlens.sharding.stage import Graph
 from shardlens.tables.cache import ActivationCache
+from shardlens.tables.dtypes import from_numpy, to_numpy
 from shardlens.tables.parquet import ParquetSink
 
 
@@ -290,10 +291,7 @@ def pack(tensor: Tensor) -> Packed:
         tensor = tensor.detach().cpu().coalesce()
         return "sparse", (tensor.indices().numpy(), pack(tensor.values()), tuple(tensor.shape))
     tensor = tensor.detach().cpu().contiguous()
-    dtype = str(tensor.dtype).removeprefix("torch.")
-    if tensor.dtype == torch.bfloat16:
-        tensor = tensor.view(torch.int16)
-    return dtype, tensor.numpy()
+    return str(tensor.dtype).removeprefix("torch."), to_numpy(tensor)
 
 
 def unpack(packed: Packed) -> Tensor:
@@ -307,8 +305,7 @@ def unpack(packed: Packed) -> Tensor:
         return torch.sparse_coo_tensor(unpack(("int64", indices)), unpack(values), shape, is_coalesced=True, check_invariants=False)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        tensor = torch.from_numpy(array)
-    return tensor.view(getattr(torch, dtype)) if dtype == "bfloat16" else tensor
+        return from_numpy(array, dtype)
 
 
 def _to(io: StageIO, device: Union[str, torch.device], *, detach: bool = False) -> StageIO:

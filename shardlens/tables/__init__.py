@@ -2,6 +2,9 @@
 
 from shardlens.tables.cache import ActivationCache
 from shardlens.tables.parquet import ParquetSink, read_cache
-from shardlens.tables.shards import ShardSpec, ShardWriter, read_manifest, verify_shards
+from shardlens.tables.datasets import DatasetFile, DatasetManifest, DatasetSpec, DatasetWriter, read_manifest, verify_dataset
 
-__all__ = ["ActivationCache", "ParquetSink", "ShardSpec", "ShardWriter", "read_cache", "read_manifest", "verify_shards"]
+__all__ = [
+    "ActivationCache", "DatasetFile", "DatasetManifest", "DatasetSpec", "DatasetWriter", "ParquetSink", "read_cache", "read_manifest",
+    "verify_dataset",
+]

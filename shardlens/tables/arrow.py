@@ -10,7 +10,7 @@ One table per hook point (forward entries and their `_grad` entries together). C
   pos       int32     layout "token" only: the position in the (padded) batch
   value     arrow.fixed_shape_tensor: layout "example" [the entry's shape after batch],
             layout "token" [its shape after batch and position]; bf16 travels as its
-            uint16 bits with field metadata shardlens.dtype=bfloat16.
+            uint16 bits with field metadata shardlens.dtype=bfloat16 (shardlens.tables.dtypes).
   indices, values   instead of `value` for a sparse entry (a torch sparse COO tensor, see
             shardlens.tables.sparse): each row's flat indices into that same row shape
             and their values, as lists; the row shape is in the metadata of `indices`.
@@ -32,7 +32,8 @@ from torch import Tensor
 
 from shardlens.tables.axes import base_name, layer_index, position_axis
 from shardlens.tables.cache import ActivationCache
-from shardlens.tables.sparse import DTYPE_KEY, is_sparse, movedim, rows_tensor, sparse_columns
+from shardlens.tables.dtypes import field_dtype, field_metadata, from_numpy, to_numpy
+from shardlens.tables.sparse import is_sparse, movedim, rows_tensor, sparse_columns
 from shardlens.version import __version__
 
 LAYOUTS = ("example", "token")
@@ -59,7 +60,8 @@ def _concat(hook: str, parts: list[pa.Table]) -> pa.Table:
     forms = {"value" in part.column_names for part in parts}
     if len(forms) > 1:
         raise ValueError(f"{hook} has a sparse and a dense entry (forward and gradient): one table per hook point holds one form; "
-                         "cache both sparse or both dense")
+                         "cache both sparse or both dense (sl.ops.CacheGrad(sparse=True) keeps every non-zero of the gradient, "
+                         "sl.ops.Cache(sparse=True) of the activation)")
     return pa.concat_tables(parts)
 
 
@@ -116,15 +118,10 @@ def _mask(cache: ActivationCache, n: int, length: int, name: str) -> Tensor:
 def tensor_column(values: Tensor) -> tuple[pa.Array, pa.Field]:
     """A fixed_shape_tensor column of `values` [rows, ...], zero-copy for contiguous CPU
     tensors; bf16 as its uint16 bits, marked in the field metadata."""
-    metadata = {}
+    metadata = field_metadata(values.dtype)
     if values.ndim == 1:  # a scalar per row: stored as [1], restored by the metadata
         values, metadata[SHAPE_KEY] = values[:, None], b"[]"
-    if values.dtype == torch.bfloat16:
-        array = values.view(torch.int16).numpy().view(np.uint16)
-        metadata[DTYPE_KEY] = b"bfloat16"
-    else:
-        array = values.numpy()
-    column = pa.FixedShapeTensorArray.from_numpy_ndarray(array)
+    column = pa.FixedShapeTensorArray.from_numpy_ndarray(to_numpy(values))
     return column, pa.field("value", column.type, metadata=metadata or None)
 
 
@@ -132,11 +129,8 @@ def column_tensor(column: pa.ChunkedArray, field: pa.Field) -> Tensor:
     """The tensor [rows, ...] of a value column (bf16 and scalar rows restored)."""
     array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
     values = np.ascontiguousarray(array.to_numpy_ndarray())
-    values = torch.from_numpy(values if values.flags.writeable else values.copy())
-    metadata = field.metadata or {}
-    if metadata.get(DTYPE_KEY) == b"bfloat16":
-        values = values.view(torch.int16).view(torch.bfloat16)
-    if metadata.get(SHAPE_KEY) == b"[]":
+    values = from_numpy(values if values.flags.writeable else values.copy(), field_dtype(field))
+    if (field.metadata or {}).get(SHAPE_KEY) == b"[]":
         values = values[:, 0]
     return values
 
@@ -161,35 +155,25 @@ def tables_to_cache(table: pa.Table, *, sparse: bool = False) -> ActivationCache
 
 
 def _entry_tensor(rows: pa.Table, name: str, examples: Tensor, sparse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    row_examples = _ints(rows.column("example"))
-    index = torch.searchsorted(examples, row_examples)
+    """One entry's tensor (a sparse entry: dense unless `sparse`) and, in layout "token", its mask."""
+    index = (torch.searchsorted(examples, _ints(rows.column("example"))),)  # each row's example (and position)
+    shape = (len(examples),)
+    mask = None
+    if "pos" in rows.column_names:
+        positions = _ints(rows.column("pos"))
+        index, shape = (*index, positions), (*shape, int(positions.max()) + 1)
+        mask = torch.zeros(shape, dtype=torch.long)
+        mask[index] = 1
     if "indices" in rows.column_names:
-        return _sparse_entry(rows, name, index, len(examples), sparse)
-    values = column_tensor(rows.column("value"), rows.schema.field("value"))
-    if "pos" not in rows.column_names:
-        out = values.new_zeros((len(examples), *values.shape[1:]))
-        out[index] = values
-        return out, None
-    positions = _ints(rows.column("pos"))
-    length = int(positions.max()) + 1
-    out = values.new_zeros((len(examples), length, *values.shape[1:]))
-    out[index, positions] = values
-    mask = torch.zeros(len(examples), length, dtype=torch.long)
-    mask[index, positions] = 1
-    return out.movedim(1, position_axis(name)), mask
-
-
-def _sparse_entry(rows: pa.Table, name: str, index: Tensor, n: int, sparse: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """A sparse entry's tensor (dense unless `sparse`) and, in layout "token", its mask."""
-    if "pos" not in rows.column_names:
-        tensor = rows_tensor(rows, index[None], (n,), name=name)
-        return (tensor if sparse else tensor.to_dense()), None
-    positions = _ints(rows.column("pos"))
-    length = int(positions.max()) + 1
-    tensor = movedim(rows_tensor(rows, torch.stack([index, positions]), (n, length), name=name), 1, position_axis(name))
-    mask = torch.zeros(n, length, dtype=torch.long)
-    mask[index, positions] = 1
-    return (tensor if sparse else tensor.to_dense()), mask
+        tensor = rows_tensor(rows, torch.stack(index), shape, name=name)
+        tensor = tensor if sparse else tensor.to_dense()
+    else:
+        values = column_tensor(rows.column("value"), rows.schema.field("value"))
+        tensor = values.new_zeros((*shape, *values.shape[1:]))
+        tensor[index] = values
+    if mask is not None:  # [batch, pos, ...] -> the entry's own axes
+        tensor = movedim(tensor, 1, position_axis(name)) if tensor.is_sparse else tensor.movedim(1, position_axis(name))
+    return tensor, mask
 
 
 def _ints(column: pa.ChunkedArray) -> Tensor:

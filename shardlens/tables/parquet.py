@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from shardlens.errors import ParquetWriteError
 from shardlens.tables.arrow import cache_to_tables, check_layout, schema_metadata, tables_to_cache
 from shardlens.tables.cache import ActivationCache
+from shardlens.tables.files import flush_to_disk
 
 PARTITION = "hook"
 TENSOR_COLUMNS = ("value", "indices", "values")  # a dense entry's value; a sparse entry's lists
@@ -253,16 +254,6 @@ def _in_place_check(data: Any, layout: str) -> Callable[[], None]:
             )
 
     return unchanged
-
-
-def flush_to_disk(path: Union[str, os.PathLike]) -> None:
-    """fsync a written part before its rename publishes it: otherwise a crash soon after
-    can leave the final name pointing at a file whose bytes never reached the disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def delete_parts(path: Union[str, os.PathLike], parts: Iterable[str]) -> None:

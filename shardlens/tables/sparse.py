@@ -2,7 +2,8 @@
 
 A sparse entry is a coalesced `torch.sparse_coo` tensor of the dense entry's shape, sparse
 in every axis: what `Cache(sparse=True)` (the non-zeros) and `Cache(top_k=k)` (the k largest
-along the last axis, at each position) store. It is a Tensor, so it keeps the dense shape and
+along the last axis, at each position) store, and CacheGrad with the same options of a
+gradient (see `kept`). It is a Tensor, so it keeps the dense shape and
 dtype, moves with `.to(device)`, concatenates along the batch axis with `torch.cat`, and
 turns dense with `.to_dense()`; its memory is its non-zeros (`nnz`) x (ndim int64 indices +
 one value), not the dense size.
@@ -10,14 +11,16 @@ one value), not the dense size.
 In a table a sparse entry has, instead of `value`, two list columns: `indices` (each
 row's flat indices into the row's dense shape: int32 in layout "token", int64 in layout
 "example", where that shape includes positions) and `values` (the values, in the entry's
-dtype; bf16 as uint16 bits, marked as `value` is). The `indices` field's metadata holds the
-row's dense shape as JSON under `shardlens.sparse_shape` (e.g. b"[65536]").
+dtype; bf16 as uint16 bits, marked as `value` is: see shardlens.tables.dtypes). The
+`indices` field's metadata holds the row's dense shape as JSON under
+`shardlens.sparse_shape` (e.g. b"[65536]").
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
@@ -25,8 +28,9 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
+from shardlens.tables.dtypes import field_dtype, field_metadata, from_numpy, to_numpy
+
 SPARSE_SHAPE_KEY = b"shardlens.sparse_shape"
-DTYPE_KEY = b"shardlens.dtype"
 
 
 def is_sparse(tensor: Tensor) -> bool:
@@ -59,6 +63,24 @@ def top_k(tensor: Tensor, k: int, *, name: str = "the tensor") -> Tensor:
     coords = [c for c in torch.unravel_index(rows, leading)] if leading else []
     all_indices = torch.stack([*coords, indices.reshape(-1)])  # [ndim, positions x k]
     return coo(all_indices, values.reshape(-1), tensor.shape, coalesced=True)
+
+
+def check_options(op: str, sparse: object, k: object) -> None:
+    """Refuse bad `sparse` / `top_k` options of a caching op (`op`: its name, for the message)."""
+    if not isinstance(sparse, bool):
+        raise ValueError(f"{op}(sparse=...) must be True or False; got {sparse!r}")
+    if k is not None and (not isinstance(k, int) or isinstance(k, bool) or k < 1):
+        raise ValueError(f"{op}(top_k=...) must be a positive int (values kept per position) or None; got {k!r}")
+
+
+def kept(tensor: Tensor, *, sparse: bool = False, k: Optional[int] = None, name: str = "the tensor") -> Tensor:
+    """What a caching op with options `sparse` and `top_k=k` keeps of a dense tensor: all of
+    it; its non-zeros (sparse); the k largest values along the last axis at each position
+    (k); the non-zero ones of those (both); the last three as sparse entries."""
+    if k is not None:
+        entry = top_k(tensor, k, name=name)
+        return drop_zeros(entry) if sparse else entry
+    return nonzeros(tensor) if sparse else tensor
 
 
 def movedim(tensor: Tensor, source: int, destination: int) -> Tensor:
@@ -107,11 +129,10 @@ def sparse_columns(tensor: Tensor, row_dims: int, rows: Tensor) -> tuple[dict[st
     if index_type == pa.int32() and row_size > np.iinfo(np.int32).max:
         raise ValueError(f"a sparse row of shape {list(row_shape)} has more than 2**31 entries; use layout 'example'")
     index_array = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat.numpy().astype(index_type.to_pandas_dtype())))
-    value_array, value_metadata = _value_array(values)
-    value_list = pa.ListArray.from_arrays(pa.array(offsets), value_array)
+    value_list = pa.ListArray.from_arrays(pa.array(offsets), pa.array(to_numpy(values)))
     fields = [
         pa.field("indices", index_array.type, metadata={SPARSE_SHAPE_KEY: json.dumps(list(row_shape)).encode()}),
-        pa.field("values", value_list.type, metadata=value_metadata or None),
+        pa.field("values", value_list.type, metadata=field_metadata(values.dtype) or None),
     ]
     return {"indices": index_array, "values": value_list}, fields
 
@@ -122,12 +143,6 @@ def _ravel(coords: Tensor, shape: Sequence[int]) -> Tensor:
     for axis, size in enumerate(shape):
         flat = flat * size + coords[axis]
     return flat
-
-
-def _value_array(values: Tensor) -> tuple[pa.Array, dict]:
-    if values.dtype == torch.bfloat16:
-        return pa.array(values.view(torch.int16).numpy().view(np.uint16)), {DTYPE_KEY: b"bfloat16"}
-    return pa.array(values.numpy()), {}
 
 
 def rows_tensor(rows: pa.Table, lead: Tensor, lead_shape: Sequence[int], *, name: str) -> Tensor:
@@ -145,7 +160,8 @@ def rows_tensor(rows: pa.Table, lead: Tensor, lead_shape: Sequence[int], *, name
     if len(flat) and (int(flat.min()) < 0 or int(flat.max()) >= row_size):
         raise ValueError(f"{name}: sparse indices must lie in [0, {row_size}) for rows of shape {list(row_shape)}; "
                          f"got {int(flat.min())}..{int(flat.max())}")
-    values = _values_tensor(value_list.flatten(), rows.schema.field("values"))
+    values = value_list.flatten().to_numpy(zero_copy_only=False).copy()  # a copy: arrow's buffers are read-only
+    values = from_numpy(values, field_dtype(rows.schema.field("values")))
     if len(values) != len(flat):
         raise ValueError(f"{name}: {len(flat)} sparse indices but {len(values)} values")
     coords = torch.stack(list(torch.unravel_index(flat, row_shape))) if row_shape else flat.new_zeros(0, len(flat))
@@ -155,11 +171,3 @@ def rows_tensor(rows: pa.Table, lead: Tensor, lead_shape: Sequence[int], *, name
 
 def _combined(column: pa.ChunkedArray) -> pa.Array:
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
-def _values_tensor(array: pa.Array, field: pa.Field) -> Tensor:
-    values = array.to_numpy(zero_copy_only=False).copy()  # a copy: arrow's buffers are read-only
-    tensor = torch.from_numpy(values)
-    if (field.metadata or {}).get(DTYPE_KEY) == b"bfloat16":
-        tensor = tensor.view(torch.int16).view(torch.bfloat16)
-    return tensor

@@ -82,6 +82,8 @@ def _inspect(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
+    from shardlens.tables.dtypes import field_dtype
+    from shardlens.tables.sparse import SPARSE_SHAPE_KEY
     from shardlens.tables.parquet import dataset
 
     data = dataset(args.dataset)
@@ -101,10 +103,16 @@ def _inspect(args: argparse.Namespace) -> int:
         print(f"  {key}: {value}")
     for hook, fragments in sorted(by_hook.items()):
         rows = sum(f.count_rows() for f in fragments)
-        value = fragments[0].physical_schema.field("value")
-        dtype = (value.metadata or {}).get(b"shardlens.dtype", str(value.type.value_type).encode()).decode()
-        layout = "token" if "pos" in fragments[0].physical_schema.names else "example"
-        print(f"  {hook:<40} {rows:>8} rows  shape {value.type.shape}  {dtype}  layout {layout}")
+        schema = fragments[0].physical_schema
+        layout = "token" if "pos" in schema.names else "example"
+        if "value" in schema.names:
+            value = schema.field("value")
+            shape, dtype = f"shape {value.type.shape}", field_dtype(value) or str(value.type.value_type)
+        else:  # a sparse entry: indices and values lists, its dense row shape in the metadata
+            values = schema.field("values")
+            shape = f"sparse, shape {json.loads(schema.field('indices').metadata[SPARSE_SHAPE_KEY])}"
+            dtype = field_dtype(values) or str(values.type.value_type)
+        print(f"  {hook:<40} {rows:>8} rows  {shape}  {dtype}  layout {layout}")
     return 0
 
 

@@ -1,5 +1,6 @@
-"""Sparse cache entries (Cache(sparse=True), Cache(top_k=k)): what they keep, and exact round
-trips through ActivationCache, Arrow, Parquet and a 2-stage Tracer, against dense references."""
+"""Sparse cache entries (Cache(sparse=True), Cache(top_k=k), and CacheGrad's same options):
+what they keep, and exact round trips through ActivationCache, Arrow, Parquet and a 2-stage
+Tracer, against dense references."""
 
 from types import SimpleNamespace
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 import shardlens as sl
-from shardlens.hooks.ops import Cache, RunContext
+from shardlens.hooks.ops import Cache, CacheGrad, RunContext
 from tests.tiny_models import save_tiny_model
 
 MLP = "blocks.1.mlp.hook_post"  # [batch, pos, d_mlp=64]
@@ -96,6 +97,7 @@ def test_dtype_and_positions_apply_before_the_sparse_form():
     assert torch.equal(entry.to_dense(), topk_dense(tensor[:, [4, 1]], 2).bfloat16())
 
 
+@pytest.mark.parametrize("op", [Cache, CacheGrad])
 @pytest.mark.parametrize("options, message", [
     (dict(top_k=0), r"top_k=.*positive int.*got 0"),
     (dict(top_k=2.5), r"top_k=.*got 2.5"),
@@ -103,9 +105,9 @@ def test_dtype_and_positions_apply_before_the_sparse_form():
     (dict(top_k="8"), r"top_k=.*got '8'"),
     (dict(sparse="yes"), r"sparse=.*True or False; got 'yes'"),
 ])
-def test_bad_options_are_refused_at_construction(options, message):
+def test_bad_options_are_refused_at_construction(op, options, message):
     with pytest.raises(ValueError, match=message):
-        Cache(**options)
+        op(**options)
 
 
 def test_top_k_larger_than_the_features_names_the_point_and_sizes(model, padded):
@@ -113,10 +115,29 @@ def test_top_k_larger_than_the_features_names_the_point_and_sizes(model, padded)
         dense_and_sparse(model, padded, [sl.HookSpec(MLP, Cache(top_k=65))])
 
 
-def test_specs_with_sparse_options_round_trip_through_json():
-    spec = sl.HookSpec(MLP, Cache(top_k=7, sparse=True))
+@pytest.mark.parametrize("op", [Cache, CacheGrad])
+def test_specs_with_sparse_options_round_trip_through_json(op):
+    spec = sl.HookSpec(MLP, op(top_k=7, sparse=True))
     assert sl.HookSpec.from_json(spec.to_json()) == spec
     assert sl.HookSpec.from_json(spec.to_json()).op.top_k == 7
+
+
+def gradients(model, padded, specs, names=(MLP,)):
+    """The dense gradients of the loss at `names` (a plain incl_bwd run) and a run with `specs`."""
+    tokens, mask = padded
+    _, dense = model.run_with_cache(tokens, attention_mask=mask, return_type="loss", names_filter=list(names), incl_bwd=True)
+    _, cache = model.run_with_cache(tokens, attention_mask=mask, return_type="loss", names_filter=[], incl_bwd=True, fwd_hooks=specs)
+    return dense, cache
+
+
+def test_cache_grad_keeps_what_cache_keeps_of_the_gradient(model, padded):
+    first = "blocks.0.mlp.hook_post"
+    specs = [sl.HookSpec(MLP, CacheGrad(sparse=True)), sl.HookSpec(first, CacheGrad(top_k=3))]
+    dense, cache = gradients(model, padded, specs, names=(MLP, first))
+    grad, entry = dense[MLP + "_grad"], cache[MLP + "_grad"]
+    assert entry.is_sparse and entry._nnz() == int((grad != 0).sum()) and torch.equal(entry.to_dense(), grad)
+    top = cache[first + "_grad"]
+    assert top.is_sparse and top._nnz() == 3 * 8 * 3 and torch.equal(top.to_dense(), topk_dense(dense[first + "_grad"], 3))
 
 
 # ---------------------------------------------------------------------- ActivationCache
@@ -211,8 +232,23 @@ def test_a_sink_appends_batches_and_read_cache_filters_them(model, padded, tmp_p
 
 def test_a_sparse_and_a_dense_entry_of_one_hook_point_are_refused_clearly():
     cache = sl.ActivationCache({MLP: torch.ones(1, 2, 3).to_sparse(), MLP + "_grad": torch.ones(1, 2, 3)})
-    with pytest.raises(ValueError, match=rf"{MLP} has a sparse and a dense entry"):
+    with pytest.raises(ValueError, match=rf"{MLP} has a sparse and a dense entry.*sl\.ops\.CacheGrad\(sparse=True\) keeps every non-zero"):
         cache.to_arrow()
+
+
+@pytest.mark.parametrize("layout", ["example", "token"])
+def test_a_sparse_activation_and_its_gradient_share_a_table_and_come_back(model, padded, tmp_path, layout):
+    dense, cache = gradients(model, padded, [sl.HookSpec(MLP, Cache(top_k=4)), sl.HookSpec(MLP, CacheGrad(sparse=True))])
+    (table,) = cache.to_arrow(layout).values()
+    assert sorted(set(table.column("direction").to_pylist())) == ["bwd", "fwd"] and "value" not in table.column_names
+    cache.to_parquet(tmp_path / "acts", layout=layout)
+    keep = padded[1].bool()[:, :, None] if layout == "token" else True  # padding has no rows in layout "token"
+    expected = {MLP: topk_dense(dense[MLP], 4) * keep, MLP + "_grad": dense[MLP + "_grad"] * keep}
+    back, sparse = sl.read_cache(tmp_path / "acts"), sl.read_cache(tmp_path / "acts", sparse=True)
+    assert sorted(back) == sorted(expected)
+    for name, value in expected.items():
+        assert not back[name].is_sparse and torch.equal(back[name], value), name
+        assert sparse[name].is_sparse and torch.equal(sparse[name].to_dense(), value), name
 
 
 def test_out_of_range_indices_on_disk_are_refused(model, padded):
@@ -253,3 +289,16 @@ def test_a_two_stage_tracer_gives_the_hooked_models_sparse_entries(model, checkp
     for name in one:
         assert torch.equal(written[name].indices(), one[name].indices()), name
         assert torch.allclose(written[name].values(), one[name].values(), atol=1e-5), name
+
+
+def test_a_two_stage_tracer_gives_the_hooked_models_sparse_gradients(model, checkpoint, padded):
+    tokens, mask = padded
+    specs = [sl.HookSpec("blocks.*.mlp.hook_post", Cache(top_k=4)), sl.HookSpec("blocks.*.mlp.hook_post", CacheGrad(sparse=True))]
+    run = dict(attention_mask=mask, return_type="loss", names_filter=[], incl_bwd=True, fwd_hooks=specs)
+    _, expected = model.run_with_cache(tokens, **run)
+    with sl.Tracer.from_pretrained(checkpoint, stages=2, backend="local", microbatch_size=2) as tracer:
+        _, got = tracer.run_with_cache(tokens, **run)
+    assert sorted(got) == sorted(expected) and len(got) == 6
+    for name in expected:
+        assert got[name].is_sparse and got[name].is_coalesced(), name
+        assert torch.allclose(got[name].to_dense(), expected[name].to_dense(), atol=1e-6), name

@@ -80,7 +80,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
     expected = visible_dataset(tmp_path / "whole" / "out")
 
     killed = write_campaign(tmp_path / "killed", GOOD)
-    real_unit, real_write = campaign_module._run_unit, campaign_module._write_atomic
+    real_unit, real_write = campaign_module._run_unit, campaign_module.write_atomic
     calls = {"units": 0, "writes": 0}
 
     def dying_write(path, write):
@@ -98,11 +98,11 @@ def test_a_killed_run_resumes_to_the_uninterrupted_dataset(tmp_path, monkeypatch
         real_unit(*args, **kwargs)
         calls["units"] += 1
 
-    monkeypatch.setattr(campaign_module, "_write_atomic", dying_write)
+    monkeypatch.setattr(campaign_module, "write_atomic", dying_write)
     monkeypatch.setattr(campaign_module, "_run_unit", counting_unit)
     with pytest.raises(KeyboardInterrupt):
         run_campaign(killed, progress=False)
-    monkeypatch.setattr(campaign_module, "_write_atomic", real_write)
+    monkeypatch.setattr(campaign_module, "write_atomic", real_write)
     monkeypatch.setattr(campaign_module, "_run_unit", real_unit)
     if die_after >= 9:  # the killed extract unit's parts are all there, but not its marker
         assert len(list((tmp_path / "killed" / "out" / "resid").glob(f"hook=*/part-b{die_after - 9:05d}-*.parquet"))) == 2

@@ -122,7 +122,7 @@ def test_a_killed_campaign_reruns_to_identical_output(tmp_path, monkeypatch, whe
     assert {"neurons/top_contexts.parquet", "some/top_contexts.parquet"} <= set(expected)
 
     killed = write_campaign(tmp_path / "killed", NEURONS + SOME)
-    real_write = campaign_module._write_atomic
+    real_write = campaign_module.write_atomic
     seen = {"units": 0, "merges": 0}
 
     def dying_write(path, write):
@@ -136,16 +136,44 @@ def test_a_killed_campaign_reruns_to_identical_output(tmp_path, monkeypatch, whe
             raise KeyboardInterrupt("killed")
         real_write(path, write)
 
-    monkeypatch.setattr(campaign_module, "_write_atomic", dying_write)
+    monkeypatch.setattr(campaign_module, "write_atomic", dying_write)
     with pytest.raises(KeyboardInterrupt):
         run_campaign(killed, progress=False)
-    monkeypatch.setattr(campaign_module, "_write_atomic", real_write)
+    monkeypatch.setattr(campaign_module, "write_atomic", real_write)
     summary = run_campaign(killed, progress=False)
     assert summary["units_run_now"] == (6 - which if where == "unit" else 0)
     got = visible_dataset(tmp_path / "killed" / "out")
     assert got.keys() == expected.keys()
     for name in expected:
         assert got[name].equals(expected[name]), name
+
+
+@pytest.mark.parametrize("old, new, differs", [
+    ("k: 5", "k: 7", r"k=5 \(now 7\)"),
+    ("window: 3}", "window: 3, features: [2, 1]}", r"features=None \(now \[1, 2\]\)"),
+    ('points: "blocks.*.mlp.hook_post"', "points: blocks.1.mlp.hook_post", r"points='blocks\.\*\.mlp\.hook_post' \(now 'blocks\.1\.mlp\.hook_post'\)"),
+    ("batch_size: 8", "batch_size: 4", r"data=\{.*'batch_size': 8.*\} \(now \{.*'batch_size': 4.*\}\)"),
+])
+def test_a_rerun_with_other_settings_is_refused_naming_the_setting(tmp_path, model, old, new, differs):
+    path = write_campaign(tmp_path, NEURONS)
+    run_campaign(path, progress=False, runner=model)
+    before = visible_dataset(tmp_path / "out")
+    path.write_text(path.read_text().replace(old, new))
+    with pytest.raises(CampaignError, match=rf"experiment 'neurons' \(top_contexts\): part-b00000\.parquet was computed with {differs}; "
+                                            r"remove .*neurons to compute its parts again"):
+        run_campaign(path, progress=False, runner=model)
+    after = visible_dataset(tmp_path / "out")
+    assert after.keys() == before.keys() and all(after[name].equals(before[name]) for name in before)
+
+
+def test_parts_record_their_settings_and_window_or_sparse_reuse_them(tmp_path, model):
+    path = write_campaign(tmp_path, NEURONS)
+    run_campaign(path, progress=False, runner=model)
+    settings = json.loads(pq.read_schema(tmp_path / "out" / "neurons" / "part-b00002.parquet").metadata[b"shardlens.top_contexts"])
+    assert (settings["points"], settings["k"], settings["features"], settings["data"]["batch_size"]) == (POINTS, 5, None, 8)
+    path.write_text(path.read_text().replace("window: 3}", "window: 6, sparse: true}"))
+    assert run_campaign(path, progress=False, runner=model)["units_run_now"] == 0  # the parts do not depend on window or sparse
+    assert result(tmp_path / "out", "neurons") == naive_top_contexts(model, k=5, window=6)
 
 
 # ---------------------------------------------------------------------- the file and its errors

@@ -56,6 +56,11 @@ def test_hooks_plan_inspect(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "1 hook points, 1 parts" in out and "model: x" in out
     assert "blocks.0.hook_resid_post" in out and "2 rows  shape [3, 4]  bfloat16  layout example" in out
+    latents = torch.zeros(2, 3, 40).bfloat16()
+    latents[0, 1, 7] = 2.0
+    sl.ActivationCache({"blocks.0.hook_resid_post.sae.hook_latents": latents.to_sparse()}).to_parquet(tmp_path / "sparse", layout="token")
+    assert main(["inspect", str(tmp_path / "sparse")]) == 0
+    assert "6 rows  sparse, shape [40]  bfloat16  layout token" in capsys.readouterr().out
 
 
 def test_plan_sizes_a_large_config_in_its_own_dtype(tmp_path, capsys):

@@ -83,14 +83,14 @@ def test_an_interrupted_run_counts_what_is_done_and_estimates_the_rest(tmp_path,
 
 def test_an_extract_unit_whose_marker_is_missing_is_not_done(tmp_path, monkeypatch):
     path = write_campaign(tmp_path, SMALL)
-    real = campaign_units._write_atomic
+    real = campaign_units.write_atomic
 
     def no_second_marker(target, write):
         if target.name == "b00001.json":
             raise KeyboardInterrupt("killed after the parts, before the marker")
         real(target, write)
 
-    monkeypatch.setattr(campaign_units, "_write_atomic", no_second_marker)
+    monkeypatch.setattr(campaign_units, "write_atomic", no_second_marker)
     with pytest.raises(KeyboardInterrupt):
         run_campaign(path, progress=False)
     assert len(list((tmp_path / "out" / "resid").glob("hook=*/part-b00001*.parquet"))) == 2

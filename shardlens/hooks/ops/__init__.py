@@ -17,8 +17,9 @@ Axes: per-head points (hook_q/k/v/z/result) are [batch, pos, head, ...]; hook_at
 and hook_pattern are [batch, head, q_pos, k_pos] (positions select query positions);
 everything else is [batch, pos, ...].
 
-Cache entries written by reading ops, by hook point name N: Cache -> N (with sparse=True or
-top_k=k a torch sparse COO tensor of N's dense shape: see shardlens.tables.sparse); CacheGrad -> N_grad;
+Cache entries written by reading ops, by hook point name N: Cache -> N; CacheGrad -> N_grad
+(each, with sparse=True or top_k=k, a torch sparse COO tensor of the dense shape: see
+shardlens.tables.sparse);
 NormStats -> N.mean, N.variance, N.second_moment; AttnPatternBlocks -> N.blocks;
 ProjectedHeads -> N.projected; RoutingStats -> N.expert_counts, N.expert_weight_sums.
 """

@@ -46,21 +46,14 @@ class Cache(_Reading):
         super().__post_init__()
         object.__setattr__(self, "dtype", normalize_dtype(self.dtype, "dtype"))
         object.__setattr__(self, "device", None if self.device is None else str(self.device))
-        if not isinstance(self.sparse, bool):
-            raise ValueError(f"Cache(sparse=...) must be True or False; got {self.sparse!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 1):
-            raise ValueError(f"Cache(top_k=...) must be a positive int (values kept per position) or None; got {self.top_k!r}")
+        sparse.check_options("Cache", self.sparse, self.top_k)
 
     def stores(self, name: str) -> tuple[str, ...]:
         return (name,)
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
         value = self.read(tensor.detach(), hook.name)
-        if self.top_k is not None:
-            value = sparse.top_k(value, self.top_k, name=hook.name)
-            value = sparse.drop_zeros(value) if self.sparse else value
-        elif self.sparse:
-            value = sparse.nonzeros(value)
+        value = sparse.kept(value, sparse=self.sparse, k=self.top_k, name=hook.name)
         if self.dtype is not None:
             value = value.to(getattr(torch, self.dtype))
         if self.device is not None:
@@ -70,15 +63,33 @@ class Cache(_Reading):
 
 @dataclass(frozen=True, eq=False, kw_only=True)
 class CacheGrad(_Reading):
-    """Store the (selected) gradient under ``<name>_grad``. A backward op."""
+    """Store the (selected) gradient under ``<name>_grad``. A backward op.
+
+    Args:
+        sparse: store only the non-zeros, as a torch sparse COO tensor of the dense shape:
+            all of a dense gradient, in the form a sparse activation of the same hook point
+            needs to share its table (Arrow, Parquet) with it.
+        top_k: store only the k largest values (not magnitudes) along the last axis at each
+            position, as Cache(top_k=k) does, as a sparse COO tensor.
+
+    Example:
+        >>> specs = [sl.HookSpec(point, sl.ops.Cache(sparse=True)), sl.HookSpec(point, sl.ops.CacheGrad(sparse=True))]
+    """
 
     direction: ClassVar[str] = "bwd"
+    sparse: bool = False
+    top_k: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        sparse.check_options("CacheGrad", self.sparse, self.top_k)
 
     def stores(self, name: str) -> tuple[str, ...]:
         return (name + "_grad",)
 
     def __call__(self, tensor: Tensor, hook: Any, ctx: RunContext) -> None:
-        ctx.store(hook.name + "_grad", self.read(tensor.detach(), hook.name))
+        value = sparse.kept(self.read(tensor.detach(), hook.name), sparse=self.sparse, k=self.top_k, name=hook.name)
+        ctx.store(hook.name + "_grad", value)
 
 
 @dataclass(frozen=True, eq=False, kw_only=True)

@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from shardlens.hooks.architectures import architecture_for
-from shardlens.hooks.names import names_predicate
 from shardlens.hooks.run import Resume
 from shardlens.hooks.shapes import canonical_shape
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.sharding.estimate import format_bytes, model_hook_names, stage_table
 from shardlens.sharding.plan import text_table
 from shardlens.tracer.campaign import activations, top_contexts
+from shardlens.tracer.campaign.experiments import hook_points
 from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.cells import resolve_points
 from shardlens.tracer.patching import MAX_BATCH, head_positions, sweep_cells
@@ -265,13 +265,8 @@ def _batch_shapes(campaign: Campaign) -> list[tuple[int, int]]:
 
 def _points(experiment: dict, model: _Model) -> list[str]:
     """The hook names an experiment reads, as units.py resolves them."""
-    if experiment["kind"] == "extract":
-        selected = names_predicate(experiment["points"], model.names)
-        return [n for n in model.names if selected(n)]
-    if experiment["kind"] == "top_contexts":
-        return top_contexts.hook_points(experiment, model.names)
-    if experiment["kind"] == "activations":
-        return activations.hook_points(experiment, model.names)
+    if experiment["kind"] in ("extract", "top_contexts", "activations"):
+        return hook_points(experiment, model.names)
     return resolve_points(model, experiment["points"], tuple(experiment.get("over", ["layer", "pos"])))
 
 

@@ -20,7 +20,7 @@ SCHEMA: dict[str, dict[str, Any]] = {
                 "stage_resources": (list, type(None))},
     "data": {"path": str, "clean": str, "corrupt": str, "answer": str, "wrong": str, "batch_size": int, "limit": (int, type(None))},
     "metric": {"kind": str},
-    "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list,
+    "experiment": {"name": str, "kind": str, "points": (str, list), "over": list, "steps": int, "layout": str, "positions": list, "checksum": bool,
                    "k": int, "window": int, "features": (list, type(None)), "sparse": bool,  # k ... sparse: top_contexts
                    "shard_rows": int, "shuffle_buffer": (int, type(None)), "seed": int, "dtype": (str, type(None))},  # activations
     "output": {"path": str, "plots": bool},

@@ -17,7 +17,12 @@ function of the data alone.
 
 Each work unit (one data batch) runs the clean prompts forward once and writes its own
 per-feature top k as one part, `<experiment>/part-b<batch>.parquet` (hook, feature,
-activation, example, pos): resumable like every kind. After the last unit the parts are
+activation, example, pos): resumable like every kind. A part records in its Parquet
+metadata the settings it depends on: the experiment's points, k and features, and the
+campaign's model, dictionaries and data (path, clean, limit, batch_size); a run refuses
+parts of other settings, naming the setting, since it would merge them with its own.
+window and sparse are not among them: window only shapes the merge, which every run
+redoes, and sparse only how the values travel (the parts are the same). After the last unit the parts are
 merged, streaming (a running top k per feature, so memory stays at features x k rows), into
 `<experiment>/top_contexts.parquet`, recomputed from the parts on every run: hook, feature,
 rank (0: the largest), activation, example, pos, start (the position of tokens[0]) and
@@ -27,7 +32,8 @@ tokens (the window's token ids; tokens[pos - start] is the activating token).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional
 
@@ -37,14 +43,17 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from shardlens.hooks.names import names_predicate
 from shardlens.hooks.ops import Cache
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import layer_index, position_axis
+from shardlens.tracer.campaign import experiments
+from shardlens.tracer.campaign.experiments import hook_points
 from shardlens.tracer.campaign.schema import Campaign, CampaignError
 
 RESULT = "top_contexts.parquet"
 DEFAULTS = {"k": 20, "window": 8, "features": None, "sparse": False}
+option = functools.partial(experiments.option, defaults=DEFAULTS)  # (experiment, key) -> its value or the default
+SETTINGS_KEY = b"shardlens.top_contexts"  # a part's schema metadata: the settings it was computed with (JSON)
 CANDIDATES = pa.schema([("hook", pa.string()), ("feature", pa.int32()), ("activation", pa.float32()), ("example", pa.int64()), ("pos", pa.int32())])
 RESULT_SCHEMA = pa.schema([
     ("hook", pa.string()), ("feature", pa.int32()), ("rank", pa.int32()), ("activation", pa.float32()), ("example", pa.int64()),
@@ -59,34 +68,43 @@ MERGE_PARTS = 16  # parts merged into the running top k at once
 
 def check_experiment(experiment: dict, file: str) -> None:
     """Refuse bad values of a top_contexts experiment's own keys, naming the line."""
-    lines, line = getattr(experiment, "lines", {}), getattr(experiment, "line", 0)
-    at = lambda key: f"{file}:{lines.get(key, line)}"  # noqa: E731
-    for key, least in (("k", 1), ("window", 0)):
-        value = experiment.get(key, DEFAULTS[key])
-        if value < least:
-            raise CampaignError(f"{at(key)}: experiment.{key} must be an int >= {least}; got {value!r}")
+    experiments.check_at_least(experiment, file, {"k": 1, "window": 0}, DEFAULTS)
     features = experiment.get("features")
     if features is not None:
         bad = [f for f in features if not isinstance(f, int) or isinstance(f, bool) or f < 0]
         if bad or not features or len(set(features)) != len(features):
-            raise CampaignError(f"{at('features')}: experiment.features must be distinct feature indices >= 0; got {features!r}")
+            raise CampaignError(f"{experiments.key_line(experiment, file, 'features')}: experiment.features must be distinct feature "
+                                f"indices >= 0; got {features!r}")
 
 
-def option(experiment: dict, key: str) -> Any:
-    return experiment.get(key, DEFAULTS[key])
+def part_settings(campaign: Campaign, experiment: dict) -> dict:
+    """The settings an experiment's parts depend on (see the module docstring), as JSON gives them back."""
+    features = option(experiment, "features")
+    settings = {"points": experiment["points"], "k": option(experiment, "k"), "features": None if features is None else sorted(features),
+                **experiments.made_by(campaign, data=("path", "clean", "limit", "batch_size"))}
+    return json.loads(json.dumps(settings))
 
 
-def hook_points(experiment: dict, names: Sequence[str]) -> list[str]:
-    """The hook points an experiment reads, in the runner's order."""
-    selected = names_predicate(experiment["points"], list(names))
-    return [n for n in names if selected(n)]
+def check_parts(campaign: Campaign, experiment: dict, directory: Path) -> None:
+    """Refuse the experiment's parts that other settings computed (a run would merge them
+    with its own), naming the experiment and the settings that differ."""
+    settings = part_settings(campaign, experiment)
+    for part in sorted(directory.glob("part-b*.parquet")):
+        written = json.loads((pq.read_schema(part).metadata or {}).get(SETTINGS_KEY, b"null"))
+        if written == settings:
+            continue
+        differ = "no settings (an older shardlens wrote it)" if written is None else ", ".join(
+            f"{key}={written.get(key)!r} (now {value!r})" for key, value in settings.items() if written.get(key) != value)
+        raise CampaignError(f"{campaign.path}: experiment {experiment['name']!r} (top_contexts): {part.name} was computed with {differ}; "
+                            f"remove {directory} to compute its parts again, or restore the settings")
 
 
 # ---------------------------------------------------------------------- one unit
 
 
-def run_unit(experiment: dict, tracer: Any, clean: Tensor, examples: Tensor, part: Path, write_atomic: Callable) -> None:
-    """Run one data batch and write its per-feature top k as the unit's part."""
+def run_unit(experiment: dict, tracer: Any, clean: Tensor, examples: Tensor, part: Path, *, settings: Mapping, write_atomic: Callable) -> None:
+    """Run one data batch and write its per-feature top k as the unit's part, with `settings`
+    (part_settings) in its metadata."""
     names = hook_points(experiment, tracer.hook_names())
     if option(experiment, "sparse"):
         _, cache = tracer.run_with_cache(clean, names_filter=[], fwd_hooks=[HookSpec(names, Cache(sparse=True))], return_type=None)
@@ -94,6 +112,7 @@ def run_unit(experiment: dict, tracer: Any, clean: Tensor, examples: Tensor, par
         _, cache = tracer.run_with_cache(clean, names_filter=names, return_type=None)
     tables = [_unit_candidates(experiment, name, cache[name], examples) for name in names]
     table = pa.concat_tables(tables) if tables else CANDIDATES.empty_table()
+    table = table.replace_schema_metadata({SETTINGS_KEY: json.dumps(settings, sort_keys=True).encode()})
     write_atomic(part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
 
 

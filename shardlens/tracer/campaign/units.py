@@ -3,12 +3,13 @@
 A work unit is one (experiment, data batch). Its result is written as Parquet parts with
 deterministic names under a hidden temporary name, synced to disk and renamed when
 complete. A sweep, atp, ig or top_contexts unit writes one part from the driver, and is
-finished once that part exists (top_contexts.parquet is then merged from the parts). An extract unit's activations do not pass through the driver where the
-workers share the output folder with it: they write them (Tracer.write_cache); otherwise
-the driver gathers and writes them. The unit is finished once its marker
+finished once that part exists (top_contexts.parquet is then merged from the parts; a run
+first refuses top_contexts parts of other settings). An extract unit's activations do not
+pass through the driver where the workers share the output folder with it: they write
+them (Tracer.write_cache); otherwise the driver gathers and writes them. The unit is finished once its marker
 `<experiment>/_done/b<batch>.json` (listing its parts) exists; a rerun first removes what
 an interrupted run of the unit left. An activations unit hands its token rows to its
-experiment's shard writer, and is finished once its marker exists, written when the shards
+experiment's dataset writer, and is finished once its marker exists, written when the files
 holding its rows are (see activations.py). So a campaign killed at any moment (or a machine that
 crashed) and run again yields the dataset an uninterrupted run would.
 """
@@ -19,7 +20,6 @@ import json
 import os
 import time
 from contextlib import ExitStack
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,9 +28,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from shardlens.hooks.names import names_predicate
 from shardlens.tables import ActivationCache, ParquetSink
-from shardlens.tables.parquet import flush_to_disk
+from shardlens.tables.files import write_atomic
 from shardlens.tracer import attribution, patching
 from shardlens.tracer.campaign.data import batch_tensors, check_fields, load_rows
 from shardlens.tracer.campaign.report import summarize
@@ -39,6 +38,7 @@ from shardlens.tracer.campaign.schema import Campaign, load_campaign
 from shardlens.tracer.campaign.status import record_start, unit_event
 from shardlens.tracer.campaign import top_contexts
 from shardlens.tracer.campaign.activations import ActivationDatasets
+from shardlens.tracer.campaign.experiments import hook_points
 from shardlens.tracer.campaign.verify import verify_before_run
 
 
@@ -59,16 +59,6 @@ class Unit:
     def marker(self, out: Path) -> Path:
         """The file whose existence says that this extract unit is finished."""
         return out / self.experiment["name"] / "_done" / f"b{self.batch:05d}.json"
-
-
-def _write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """`write` a file under a hidden temporary name, sync it, then rename it to `path`:
-    a file that exists counts as done when a campaign resumes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.parent / f".{path.name}.tmp"
-    write(temporary)
-    flush_to_disk(temporary)
-    os.replace(temporary, path)
 
 
 def _unit_done(unit: Unit, out: Path) -> bool:
@@ -99,7 +89,7 @@ def _extract(unit: Unit, tracer: Any, campaign: Campaign, out: Path, *, hooks: O
         with ParquetSink(directory, layout=layout, metadata=metadata) as sink:
             parts = sink.write(ActivationCache(dict(cache), examples=examples, batch=unit.batch), name=unit.name)
     listing = json.dumps(sorted(os.path.relpath(part, directory) for part in parts), indent=1)
-    _write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
+    write_atomic(unit.marker(out), lambda temporary: temporary.write_text(listing))
 
 
 def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Optional[list[str]], workers_write: bool) -> None:
@@ -111,7 +101,8 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
         return
     if kind == "top_contexts":
         examples = torch.arange(len(unit.rows)) + unit.batch * campaign.data.get("batch_size", 16)
-        top_contexts.run_unit(experiment, tracer, tensors["clean"], examples, directory / unit.part, _write_atomic)
+        top_contexts.run_unit(experiment, tracer, tensors["clean"], examples, directory / unit.part,
+                              settings=top_contexts.part_settings(campaign, experiment), write_atomic=write_atomic)
         return
     metric = batch_metric(campaign, tensors)
     over = tuple(experiment.get("over", ["layer", "pos"]))
@@ -128,7 +119,7 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     table = result.table
     table = table.append_column("batch", pa.array([unit.batch] * table.num_rows, pa.int32()))
     table = table.append_column("baseline", pa.array([result.baseline] * table.num_rows, pa.float64()))
-    _write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
+    write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
 
 
 def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None) -> dict:
@@ -153,13 +144,11 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
         if runner is None:
             cleanup.callback(tracer.shutdown)
         cleanup.enter_context(spliced(campaign, tracer))  # before the hook names are read: a splice makes points
-        extract_hooks = {}
-        for experiment in campaign.experiments:
-            if experiment["kind"] == "extract":
-                selected = names_predicate(experiment["points"], tracer.hook_names())
-                extract_hooks[experiment["name"]] = [n for n in tracer.hook_names() if selected(n)]
+        extract_hooks = {e["name"]: hook_points(e, tracer.hook_names()) for e in campaign.experiments if e["kind"] == "extract"}
+        for experiment in (e for e in campaign.experiments if e["kind"] == "top_contexts"):
+            top_contexts.check_parts(campaign, experiment, out / experiment["name"])  # before any unit adds to its parts
         activations = ActivationDatasets(campaign, out, batches, tracer)  # before todo: it marks the batches its datasets hold
-        cleanup.callback(activations.abort)  # after a failure: keeps the finished shards (nothing to do after close)
+        cleanup.callback(activations.abort)  # after a failure: keeps the finished files (nothing to do after close)
         units = [Unit(e, b, batch) for e in campaign.experiments for b, batch in enumerate(batches)]
         todo = [u for u in units if not _unit_done(u, out)]
         # Workers on other machines write extract parts only through a filesystem they share with this one.
@@ -177,6 +166,6 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
                 bar.update(1)
         activations.close()
         for experiment in (e for e in campaign.experiments if e["kind"] == "top_contexts"):  # from all the parts, every run
-            top_contexts.finish(experiment, out / experiment["name"], top_contexts.prompt_tokens(campaign, batches, tracer.tokenizer), _write_atomic)
+            top_contexts.finish(experiment, out / experiment["name"], top_contexts.prompt_tokens(campaign, batches, tracer.tokenizer), write_atomic)
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
     return summary

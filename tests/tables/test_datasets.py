@@ -1,4 +1,4 @@
-"""Shard datasets for dictionary training: what `datasets` and SAELens read back, the shuffle,
+"""Activation datasets for dictionary training: what `datasets` and SAELens read back, the shuffle,
 the manifest, crashes and resuming, and the errors of bad inputs."""
 
 import hashlib
@@ -11,8 +11,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from shardlens.tables import shards as shards_module
-from shardlens.tables.shards import ShardError, ShardSpec, ShardWriter, read_manifest, verify_shards
+from shardlens.errors import DatasetError
+from shardlens.tables import datasets as datasets_module
+from shardlens.tables.datasets import DatasetSpec, DatasetWriter, read_manifest, verify_dataset
 
 HOOKS = {"blocks.0.hook_resid_post": (8,), "blocks.1.attn.hook_z": (2, 3)}
 ROWS = 1000
@@ -27,12 +28,12 @@ def token_rows(rows: int = ROWS, dtype: torch.dtype = torch.float16, seed: int =
     return {"values": values, "token_ids": index, "examples": index // 10, "positions": index % 10}
 
 
-def write(path: Path, data: dict, *, chunk: int = 77, **spec_options) -> ShardWriter:
+def write(path: Path, data: dict, *, chunk: int = 77, **spec_options) -> DatasetWriter:
     options = {"shard_rows": 128, "shuffle_buffer": 256, "seed": 3, **spec_options}
     dtype = str(next(iter(data["values"].values())).dtype).removeprefix("torch.")
     rows = len(data["token_ids"])
-    spec = ShardSpec(HOOKS, rows, dtype=dtype, **options)
-    with ShardWriter(path, spec, metadata={"model": "test"}) as writer:
+    spec = DatasetSpec(HOOKS, rows, dtype=dtype, **options)
+    with DatasetWriter(path, spec, metadata={"model": "test"}) as writer:
         for start in range(0, rows, chunk):
             part = slice(start, start + chunk)
             writer.write({n: v[part] for n, v in data["values"].items()}, token_ids=data["token_ids"][part],
@@ -91,32 +92,32 @@ def test_the_bytes_depend_on_the_rows_not_on_how_writes_split_them(tmp_path):
     write(tmp_path / "b", data, chunk=1000)
     write(tmp_path / "c", data, chunk=5)
     assert files(tmp_path / "a") == files(tmp_path / "b") == files(tmp_path / "c")
-    assert [s.rows for s in read_manifest(tmp_path / "a").shards] == [128] * 7 + [ROWS - 7 * 128]
+    assert [s.rows for s in read_manifest(tmp_path / "a").files] == [128] * 7 + [ROWS - 7 * 128]
 
 
-def test_the_manifest_hashes_each_shard_and_verify_names_the_first_that_differs(tmp_path):
+def test_the_manifest_hashes_each_file_and_verify_names_the_first_that_differs(tmp_path):
     write(tmp_path, token_rows())
-    manifest = verify_shards(tmp_path)
-    assert manifest.complete and len(manifest.shards) == 8
-    for shard in manifest.shards:  # against hashlib over the file as it is on disk
-        content = (tmp_path / shard.file).read_bytes()
-        assert shard.sha256 == hashlib.sha256(content).hexdigest() and shard.bytes == len(content)
+    manifest = verify_dataset(tmp_path)
+    assert manifest.complete and len(manifest.files) == 8
+    for listed in manifest.files:  # against hashlib over the file as it is on disk
+        content = (tmp_path / listed.file).read_bytes()
+        assert listed.sha256 == hashlib.sha256(content).hexdigest() and listed.bytes == len(content)
     listed = json.loads((tmp_path / "manifest.json").read_text())
     assert listed["seed"] == 3 and listed["metadata"] == {"model": "test"}
     assert [h["shape"] for h in listed["hooks"]] == [[8], [2, 3]] and {h["dtype"] for h in listed["hooks"]} == {"float16"}
-    third, fifth = tmp_path / manifest.shards[2].file, tmp_path / manifest.shards[4].file
+    third, fifth = tmp_path / manifest.files[2].file, tmp_path / manifest.files[4].file
     for victim in (fifth, third):  # same size, one byte changed deep in the values
         content = bytearray(victim.read_bytes())
         content[len(content) // 2] ^= 0xFF
         victim.write_bytes(bytes(content))
-    with pytest.raises(ShardError, match=r"shard data-00002-of-00008\.arrow has sha256 [0-9a-f]{64}; the manifest says"):
-        verify_shards(tmp_path)
+    with pytest.raises(DatasetError, match=r"file data-00002-of-00008\.arrow has sha256 [0-9a-f]{64}; the manifest says"):
+        verify_dataset(tmp_path)
     third.write_bytes(third.read_bytes()[:-8])
-    with pytest.raises(ShardError, match=r"shard data-00002-of-00008\.arrow has \d+ bytes; the manifest says \d+"):
-        verify_shards(tmp_path)
+    with pytest.raises(DatasetError, match=r"file data-00002-of-00008\.arrow has \d+ bytes; the manifest says \d+"):
+        verify_dataset(tmp_path)
     third.unlink()
-    with pytest.raises(ShardError, match=r"shard data-00002-of-00008\.arrow is missing"):
-        verify_shards(tmp_path)
+    with pytest.raises(DatasetError, match=r"file data-00002-of-00008\.arrow is missing"):
+        verify_dataset(tmp_path)
 
 
 def test_saelens_reads_a_hook_point_as_cached_activations(tmp_path):
@@ -138,7 +139,7 @@ def test_saelens_reads_a_hook_point_as_cached_activations(tmp_path):
     assert torch.equal(token_ids, torch.from_numpy(order).float())  # SAELens casts every column to its dtype
 
 
-def test_a_shard_is_renamed_only_once_it_is_whole_and_synced(tmp_path, monkeypatch):
+def test_a_file_is_renamed_only_once_it_is_whole_and_synced(tmp_path, monkeypatch):
     seen, real_fsync = [], os.fsync
 
     def spy(descriptor):
@@ -159,26 +160,26 @@ def test_a_shard_is_renamed_only_once_it_is_whole_and_synced(tmp_path, monkeypat
 def test_a_crashed_writer_resumes_to_the_bytes_of_an_uninterrupted_one(tmp_path, monkeypatch):
     data = token_rows()
     write(tmp_path / "whole", data)
-    real_write = shards_module._write_stream
+    real_write = datasets_module._write_stream
 
-    def crash_at_shard_5(path, schema, batch):
+    def crash_at_file_5(path, schema, batch):
         if path.name.startswith(".data-00005"):
-            path.write_bytes(b"half a shard")
+            path.write_bytes(b"half a file")
             raise OSError("disk gone")
         return real_write(path, schema, batch)
 
-    monkeypatch.setattr(shards_module, "_write_stream", crash_at_shard_5)
+    monkeypatch.setattr(datasets_module, "_write_stream", crash_at_file_5)
     with pytest.raises(OSError, match="disk gone"):
         write(tmp_path / "crashed", data)
-    monkeypatch.setattr(shards_module, "_write_stream", real_write)
+    monkeypatch.setattr(datasets_module, "_write_stream", real_write)
     crashed = tmp_path / "crashed"
     manifest = read_manifest(crashed)
-    assert [s.index for s in manifest.shards] == [0, 1, 2, 3, 4] and not manifest.complete
+    assert [s.index for s in manifest.files] == [0, 1, 2, 3, 4] and not manifest.complete
     assert not (crashed / "state.json").exists() and not (crashed / "data-00005-of-00008.arrow").exists()
     (crashed / "data-00006-of-00008.arrow").write_bytes(b"renamed, never listed")  # a kill between rename and manifest
     spec = manifest.spec
-    with ShardWriter(crashed, spec, metadata={"model": "test"}) as writer:
-        assert writer.next_row == 512  # shard 4 ends group 1 (rows 256..511); group 2 holds shards 4 and 5: 4 is kept
+    with DatasetWriter(crashed, spec, metadata={"model": "test"}) as writer:
+        assert writer.next_row == 512  # file 4 ends group 1 (rows 256..511); group 2 holds files 4 and 5: 4 is kept
         writer.write(data["values"], token_ids=data["token_ids"], examples=data["examples"], positions=data["positions"], row=0)
     assert not list(crashed.glob(".*"))
     assert files(crashed) == files(tmp_path / "whole")
@@ -189,12 +190,12 @@ def test_a_resumed_writer_starts_at_the_first_unfinished_group(tmp_path, monkeyp
     write(tmp_path / "whole", data)
     half = token_rows(rows=600)
     half["values"] = {n: v[:600] for n, v in data["values"].items()}
-    spec = ShardSpec(HOOKS, ROWS, shard_rows=128, shuffle_buffer=256, seed=3)
-    with pytest.raises(ShardError, match=r"600 of rows=1000 rows were written, so shards from data-00004-of-00008\.arrow on are unfinished"):
-        with ShardWriter(tmp_path / "resumed", spec, metadata={"model": "test"}) as writer:
+    spec = DatasetSpec(HOOKS, ROWS, shard_rows=128, shuffle_buffer=256, seed=3)
+    with pytest.raises(DatasetError, match=r"600 of rows=1000 rows were written, so files from data-00004-of-00008\.arrow on are unfinished"):
+        with DatasetWriter(tmp_path / "resumed", spec, metadata={"model": "test"}) as writer:
             writer.write(half["values"], token_ids=half["token_ids"], examples=half["examples"], positions=half["positions"])
             writer.close()
-    with ShardWriter(tmp_path / "resumed", spec, metadata={"model": "test"}) as writer:
+    with DatasetWriter(tmp_path / "resumed", spec, metadata={"model": "test"}) as writer:
         assert writer.next_row == 512
         part = slice(512, None)
         writer.write({n: v[part] for n, v in data["values"].items()}, token_ids=data["token_ids"][part],
@@ -205,14 +206,32 @@ def test_a_resumed_writer_starts_at_the_first_unfinished_group(tmp_path, monkeyp
 def test_a_folder_of_other_settings_is_refused(tmp_path):
     write(tmp_path, token_rows())
     spec = read_manifest(tmp_path).spec
-    with pytest.raises(ShardError, match=r"written with seed=3 \(now 4\)"):
-        ShardWriter(tmp_path, ShardSpec(HOOKS, ROWS, shard_rows=128, shuffle_buffer=256, seed=4), metadata={"model": "test"})
-    with pytest.raises(ShardError, match=r"metadata \{'model': 'test'\}; now \{'model': 'other'\}"):
-        ShardWriter(tmp_path, spec, metadata={"model": "other"})
+    with pytest.raises(DatasetError, match=r"written with seed=3 \(now 4\)"):
+        DatasetWriter(tmp_path, DatasetSpec(HOOKS, ROWS, shard_rows=128, shuffle_buffer=256, seed=4), metadata={"model": "test"})
+    with pytest.raises(DatasetError, match=r"metadata \{'model': 'test'\}; now \{'model': 'other'\}"):
+        DatasetWriter(tmp_path, spec, metadata={"model": "other"})
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
-    with pytest.raises(ShardError, match=r"holds files but no manifest\.json"):
-        ShardWriter(tmp_path / "other", spec)
+    with pytest.raises(DatasetError, match=r"holds files but no manifest\.json"):
+        DatasetWriter(tmp_path / "other", spec)
+
+
+def test_the_spec_takes_its_options_by_keyword_only():
+    with pytest.raises(TypeError, match=r"takes 3 positional arguments but 4 were given"):
+        DatasetSpec(HOOKS, ROWS, "float32")
+    assert DatasetSpec(HOOKS, ROWS, dtype="float32").dtype == "float32"
+
+
+def test_the_names_the_functions_return_are_public(tmp_path):
+    import shardlens as sl
+    import shardlens.tables as tables
+
+    write(tmp_path, token_rows())
+    manifest = sl.verify_dataset(tmp_path)
+    assert type(manifest) is sl.DatasetManifest is tables.DatasetManifest and tables.read_manifest(tmp_path) == manifest
+    assert {type(f) for f in manifest.files} == {tables.DatasetFile} and type(manifest.spec) is sl.DatasetSpec is tables.DatasetSpec
+    assert sl.DatasetWriter is tables.DatasetWriter and sl.DatasetError is DatasetError
+    assert not {"ShardSpec", "ShardWriter", "ShardError", "verify_shards"} & set(dir(sl))  # "shard" is a stage's layers (ShardPlan)
 
 
 @pytest.mark.parametrize("options, message", [
@@ -228,8 +247,8 @@ def test_a_folder_of_other_settings_is_refused(tmp_path):
 ])
 def test_bad_specs_name_the_value_and_what_is_valid(options, message):
     fields = {"hooks": HOOKS, "rows": ROWS, "shard_rows": 128, **options}
-    with pytest.raises(ShardError, match=message):
-        ShardSpec(fields.pop("hooks"), fields.pop("rows"), **fields)
+    with pytest.raises(DatasetError, match=message):
+        DatasetSpec(fields.pop("hooks"), fields.pop("rows"), **fields)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -249,8 +268,8 @@ def test_bad_writes_name_the_value_and_what_is_valid(tmp_path, change, message):
     data = token_rows(rows=10)
     arguments = {"values": data["values"], "token_ids": data["token_ids"], "examples": data["examples"], "positions": data["positions"]}
     change(arguments)
-    writer = ShardWriter(tmp_path, ShardSpec(HOOKS, ROWS, shard_rows=128))
-    with pytest.raises(ShardError, match=message):
+    writer = DatasetWriter(tmp_path, DatasetSpec(HOOKS, ROWS, shard_rows=128))
+    with pytest.raises(DatasetError, match=message):
         writer.write(arguments.pop("values"), **arguments)
     writer.abort()
-    assert list(read_manifest(tmp_path).shards) == []
+    assert list(read_manifest(tmp_path).files) == []
