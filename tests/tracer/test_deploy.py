@@ -160,6 +160,11 @@ def test_submit_a_campaign_to_a_ray_head_end_to_end(tmp_path, monkeypatch):
     start = [str(bin_dir / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
              "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard), "--temp-dir", ray_temp,
              "--num-cpus", "2", "--disable-usage-stats"]
+    # Its agents get free ports too: the defaults (52365, ...) are taken while the test
+    # session's own Ray instance runs, and a job agent that cannot listen never comes up.
+    for option in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+                   "--metrics-export-port", "--ray-client-server-port"):
+        start += [option, str(free_port())]
     subprocess.run(start, env=env, check=True, capture_output=True, timeout=120)
     try:
         folder = tmp_path / "campaign"

@@ -39,7 +39,7 @@ class Splice(Op):
             through the decoder only, and gradients reach y by both paths (the identity,
             when nothing is edited). "freeze": the same values, with the error a constant
             for the backward pass (SAELens' use_error_term): gradients below the splice pass
-            through the dictionary only. "drop": the output is the reconstruction alone.
+            through the dictionary only (hook_error still sees its own gradient). "drop": the output is the reconstruction alone.
             To hold the error at another run's value, patch ``.sae.hook_error``.
     """
 
