@@ -109,6 +109,8 @@ def test_a_data_set_with_only_clean_prompts_suffices(tmp_path, model):
     assert run_campaign(path, progress=False, runner=model)["units_run_now"] == 3
     progress = status(tmp_path / "out")
     assert [(e.name, e.kind, e.done, e.left) for e in progress.experiments] == [("neurons", "top_contexts", 3, 0)]
+    header, row = progress.describe().splitlines()[1:3]
+    assert row.index("top_contexts") == header.index("kind") and row.index(" 3 ") + 1 == header.index("done") + 3  # columns line up (right-aligned counts)
 
 
 KILLS = [("unit", 0), ("unit", 2), ("unit", 4), ("unit", 5), ("merge", 0), ("merge", 1)]

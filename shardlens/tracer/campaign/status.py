@@ -150,10 +150,11 @@ class CampaignStatus:
         """A few lines: the state and counts, a table per experiment, failures, notes."""
         lines = [self._headline()]
         width = max([len("experiment"), *(len(e.name) for e in self.experiments)])
-        lines.append(f"  {'experiment':<{width}}  {'kind':<8} {'done':>6} {'left':>6}  {'s/unit':>7}")
+        kinds = max([8, *(len(e.kind or "?") for e in self.experiments)])
+        lines.append(f"  {'experiment':<{width}}  {'kind':<{kinds}} {'done':>6} {'left':>6}  {'s/unit':>7}")
         for e in self.experiments:
             per_unit = "-" if e.seconds_per_unit is None else f"{e.seconds_per_unit:.3g}"
-            lines.append(f"  {e.name:<{width}}  {e.kind or '?':<8} {e.done:>6} {'?' if e.left is None else e.left:>6}  {per_unit:>7}")
+            lines.append(f"  {e.name:<{width}}  {e.kind or '?':<{kinds}} {e.done:>6} {'?' if e.left is None else e.left:>6}  {per_unit:>7}")
         if self.verification:
             lines.append(f"verify: {self.verification}")
         for f in self.failures:
