@@ -29,7 +29,7 @@ Assumptions (the per-token counts are in `_transient_bytes` and `_graph_bytes`):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -200,10 +200,14 @@ def _context(plan: ShardPlan, config: Any) -> tuple[Architecture, _Dims]:
     return architecture, _Dims.of(config, architecture, plan.torch_dtype)
 
 
-def point_bytes(config: Any, architecture: Architecture, name: str, seq_len: int, dtype: torch.dtype) -> int:
-    """The bytes one example of `seq_len` tokens caches at hook point `name`."""
+def point_bytes(config: Any, architecture: Architecture, name: str, seq_len: int, dtype: torch.dtype,
+                shapes: Optional[Mapping[str, tuple]] = None) -> int:
+    """The bytes one example of `seq_len` tokens caches at hook point `name` (`shapes`: the
+    shapes after [batch, pos] of points the config does not give, a spliced dictionary's)."""
     point = name.rsplit(".", 1)[-1]
-    if point in SCORE_POINTS:
+    if shapes and name in shapes:
+        elements = seq_len * math.prod(shapes[name])
+    elif point in SCORE_POINTS:
         elements = canonical_shape(config, architecture, name.rsplit(".", 1)[0] + ".hook_q")[0] * seq_len * seq_len
     else:
         elements = seq_len * math.prod(canonical_shape(config, architecture, name) or ())
@@ -300,6 +304,7 @@ def estimate(
     names: Sequence[str] = (),
     incl_bwd: bool = False,
     microbatch_size: Optional[int] = None,
+    shapes: Optional[Mapping[str, tuple]] = None,
 ) -> Estimate:
     """The cost of one run of the planned model, per stage (see StageCost and the module's assumptions).
 
@@ -310,6 +315,8 @@ def estimate(
         names: the hook points it caches (exact names; see model_hook_names).
         incl_bwd: it backpropagates and caches their gradients too.
         microbatch_size: examples per microbatch (None: the whole batch at once).
+        shapes: the shapes after [batch, pos] of cached points the config does not give (a
+            spliced dictionary's: its latents are [d_sae]).
 
     Example:
         >>> config = AutoConfig.from_pretrained("path/to/checkpoint")
@@ -320,7 +327,8 @@ def estimate(
     architecture, dims = _context(plan, config)
     size = batch if microbatch_size is None else min(microbatch_size, batch)
     stages = tuple(
-        _stage_cost(config, architecture, dims, plan, stage, stage_names, batch=batch, seq_len=seq_len, size=size, incl_bwd=incl_bwd)
+        _stage_cost(config, architecture, dims, plan, stage, stage_names, batch=batch, seq_len=seq_len, size=size, incl_bwd=incl_bwd,
+                    shapes=shapes)
         for stage, stage_names in zip(plan.stages, split_names(plan, names))
     )
     return Estimate(plan.model_type, plan.dtype, batch, seq_len, size, incl_bwd, 1.0 + incl_bwd, stages)
@@ -334,9 +342,9 @@ def _check_sizes(**sizes: Optional[int]) -> None:
 
 def _stage_cost(
     config: Any, architecture: Architecture, dims: _Dims, plan: ShardPlan, stage: StagePlan, names: Sequence[str], *,
-    batch: int, seq_len: int, size: int, incl_bwd: bool,
+    batch: int, seq_len: int, size: int, incl_bwd: bool, shapes: Optional[Mapping[str, tuple]] = None,
 ) -> StageCost:
-    per_example = sum(point_bytes(config, architecture, n, seq_len, plan.torch_dtype) * _copies(n, incl_bwd) for n in names)
+    per_example = sum(point_bytes(config, architecture, n, seq_len, plan.torch_dtype, shapes) * _copies(n, incl_bwd) for n in names)
     tokens = size * seq_len
     working = _transient_bytes(dims, stage, names, tokens, seq_len)
     if incl_bwd:
@@ -360,6 +368,7 @@ def fit_microbatch(
     names: Sequence[str] = (),
     incl_bwd: bool = False,
     batch: Optional[int] = None,
+    shapes: Optional[Mapping[str, tuple]] = None,
 ) -> int:
     """The largest microbatch whose peak (weights + cache + working set, see `estimate`) fits
     every stage's budget, at most `batch`: what microbatch_size="auto" picks.
@@ -376,7 +385,7 @@ def fit_microbatch(
         >>> fit_microbatch(plan, config, seq_len=1024, incl_bwd=True)
         12
     """
-    one = estimate(plan, config, batch=1, seq_len=seq_len, names=names, incl_bwd=incl_bwd, microbatch_size=1)
+    one = estimate(plan, config, batch=1, seq_len=seq_len, names=names, incl_bwd=incl_bwd, microbatch_size=1, shapes=shapes)
     sizes = [] if batch is None else [batch]
     for stage in one.stages:
         sizes.append(_stage_fit(stage, seq_len))

@@ -77,12 +77,14 @@ def test_attribution_per_latent_in_a_campaign_equals_a_spliced_model(tmp_path):
 
 
 def test_verify_and_plan_see_the_spliced_points(tmp_path):
-    path = campaign_with_dictionaries(tmp_path, LATENT_CONTEXTS + LATENT_ATP)
+    extract = f"  - {{name: acts, kind: extract, points: {LATENTS}, layout: token}}\n"
+    path = campaign_with_dictionaries(tmp_path, LATENT_CONTEXTS + LATENT_ATP + extract)
     checked = verify(path, examples=4)
     assert checked.ok and any(d.point.startswith(LATENTS) and d.scale > 0 for d in checked.differences)
     cost = campaign_cost(path)
-    latents, atp = cost.experiments
-    assert latents.points == atp.points == (LATENTS,)
+    latents, atp, acts = cost.experiments
+    assert latents.points == atp.points == acts.points == (LATENTS,)
+    assert acts.written_bytes == 20 * 23 * D_SAE * 4  # every token's latents, float32, from the dictionary's size
     assert latents.written_bytes == 3 * 4 * D_SAE * (24 + len(LATENTS))  # 3 batches, k rows per latent
     assert atp.forwards == 3.0  # a batch's: clean, corrupt and its backward
 

@@ -220,7 +220,8 @@ def campaign_microbatch(campaign: Campaign, *, model: Optional[_Model] = None, b
     for experiment in campaign.experiments:
         names = _points(experiment, model)
         for incl_bwd in (False, True) if experiment["kind"] == "atp" else (False,):
-            fits.append(fit_microbatch(model.plan, model.config, seq_len=seq_len, names=names, incl_bwd=incl_bwd, batch=batch))
+            fits.append(fit_microbatch(model.plan, model.config, seq_len=seq_len, names=names, incl_bwd=incl_bwd, batch=batch,
+                                       shapes=model.spliced))
     return min(fits)
 
 
@@ -289,7 +290,7 @@ class _Batch:
     def run(self, rows: int, names: Sequence[str], *, incl_bwd: bool = False, whole: bool = False) -> Estimate:
         """The estimate of one run of `rows` examples caching `names` (whole: in one microbatch)."""
         return estimate(self.model.plan, self.model.config, batch=rows, seq_len=self.seq_len, names=names, incl_bwd=incl_bwd,
-                        microbatch_size=None if whole else self.size)
+                        microbatch_size=None if whole else self.size, shapes=self.model.spliced)
 
 
 def _unit(experiment: dict, names: list[str], campaign: Campaign, batch: _Batch) -> _Unit:
