@@ -8,7 +8,7 @@ carries `shardlens.dtype=bfloat16` in its metadata, so a reader restores the dty
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -17,6 +17,17 @@ from torch import Tensor
 
 DTYPE_KEY = b"shardlens.dtype"  # Arrow field metadata: the torch dtype of values stored as bits
 BFLOAT16 = "bfloat16"
+
+
+def normalize_dtype(value: Any, field_name: str) -> Optional[str]:
+    """A torch dtype or its name ("bfloat16", "torch.float32") as its name; None stays None.
+    Raises ValueError naming `field_name` for anything else."""
+    if value is None:
+        return None
+    name = str(value).removeprefix("torch.")
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"{field_name} must be a torch dtype or its name (e.g. 'bfloat16'); got {value!r}")
+    return name
 
 
 def to_numpy(tensor: Tensor) -> np.ndarray:

@@ -268,7 +268,7 @@ def test_a_changed_weights_file_is_refused_by_hash(tmp_path):
     (lambda p: Dictionary(_tensors(), normalize_activations="whiten"), "normalize_activations must be one of"),
     (lambda p: sl.ops.Splice(torch.eye(2)), "Splice takes an sl.dictionaries.Dictionary"),
     (lambda p: sl.ops.Splice(Dictionary(_tensors()), error="keep"), "error must be one of add, freeze, drop"),
-    (lambda p: Dictionary(_tensors(), dtype="float33"), "dtype must be a torch dtype's name"),
+    (lambda p: Dictionary(_tensors(), dtype="float33"), "dtype must be a torch dtype or its name"),
     (lambda p: Dictionary(_tensors(), transcoder=True, apply_b_dec_to_input=True), "a transcoder's b_dec is in its output space"),
 ])
 def test_bad_dictionaries_are_refused_by_name(make, message, tmp_path):

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from shardlens.hooks.codec import serializable, values_equal
 from shardlens.hooks.dictionaries._weights import WeightsRef, shapes
+from shardlens.tables.dtypes import normalize_dtype
 
 ARCHITECTURES = ("standard", "gated", "jumprelu", "topk", "batchtopk")
 NORMALIZATIONS = ("none", "expected_average_only_in", "constant_norm_rescale", "layer_norm")
@@ -80,20 +81,17 @@ class Dictionary:
             raise ValueError(f"k must be a positive int; got {self.k!r}")
         if self.transcoder and self.apply_b_dec_to_input:
             raise ValueError("apply_b_dec_to_input=True: a transcoder's b_dec is in its output space, not its input's")
-        if self.dtype is not None:
-            name = str(self.dtype).removeprefix("torch.")
-            if not isinstance(getattr(torch, name, None), torch.dtype):
-                raise ValueError(f"dtype must be a torch dtype's name such as 'float32' or 'bfloat16'; got {self.dtype!r}")
-            object.__setattr__(self, "dtype", name)
-        check_shapes(self.shapes(), self.architecture, where=self._where)
+        object.__setattr__(self, "dtype", normalize_dtype(self.dtype, "dtype"))
+        # Read once: for a reference, each read of the header is a file (or object store) request.
+        found = shapes(self.weights.uri) if isinstance(self.weights, WeightsRef) else {n: tuple(t.shape) for n, t in self.weights.items()}
+        check_shapes(found, self.architecture, where=self._where)
+        object.__setattr__(self, "_shapes", found)
 
     # ------------------------------------------------------------------ sizes
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Each tensor's shape (for a reference, from the file's header: no weights are read)."""
-        if isinstance(self.weights, WeightsRef):
-            return shapes(self.weights.uri)
-        return {name: tuple(tensor.shape) for name, tensor in self.weights.items()}
+        return dict(self._shapes)
 
     @property
     def d_in(self) -> int:

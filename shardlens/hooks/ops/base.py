@@ -121,15 +121,6 @@ class _Reading(_Selecting):
         return torch.cat(parts, dim=pos_axis)
 
 
-def normalize_dtype(value: Any, field_name: str) -> Optional[str]:
-    if value is None:
-        return None
-    name = str(value).removeprefix("torch.")
-    if not isinstance(getattr(torch, name, None), torch.dtype):
-        raise ValueError(f"{field_name} must be a torch dtype or its name (e.g. 'bfloat16'); got {value!r}")
-    return name
-
-
 def normalize_tensor(value: Any, field_name: str, *, optional: bool = False) -> Optional[Tensor]:
     if value is None and optional:
         return None

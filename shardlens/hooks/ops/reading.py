@@ -8,11 +8,12 @@ from typing import Any, ClassVar, Optional
 import torch
 from torch import Tensor
 
-from shardlens.hooks.ops.base import Op, _Reading, _Selecting, normalize_dtype
+from shardlens.hooks.ops.base import Op, _Reading, _Selecting
 from shardlens.hooks.ops.context import RunContext
 from shardlens.hooks.ops.selectors import as_list, flat, is_groups, normalize_index, outer_index
 from shardlens.hooks.ops.writing import EXPERT_WEIGHTS, check_point
 from shardlens.tables import sparse
+from shardlens.tables.dtypes import normalize_dtype
 from shardlens.tables.axes import PATTERN_SUFFIXES
 
 
