@@ -1,6 +1,8 @@
 import pytest
 import torch
 
+import shardlens as sl
+
 from shardlens.hooks.toy import ToyTransformer
 
 
@@ -13,3 +15,9 @@ def model() -> ToyTransformer:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 23, (2, 6), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def gpt2(tiny_checkpoints):
+    """The tiny GPT-2 checkpoint as a HookedModel (one per test module)."""
+    return sl.HookedModel.from_pretrained(tiny_checkpoints["gpt2"])

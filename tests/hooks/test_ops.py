@@ -17,11 +17,6 @@ def llama(tiny_checkpoints):
     return sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny_checkpoints):
-    return sl.HookedModel.from_pretrained(tiny_checkpoints["gpt2"])
-
-
 @pytest.fixture
 def tokens():
     return torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(0))

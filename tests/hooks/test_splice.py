@@ -17,11 +17,6 @@ READ, WRITE = "blocks.0.ln2.hook_normalized", "blocks.0.hook_mlp_out"
 D_SAE = 40
 
 
-@pytest.fixture(scope="module")
-def gpt2(tiny_checkpoints):
-    return sl.HookedModel.from_pretrained(tiny_checkpoints["gpt2"])
-
-
 @pytest.fixture
 def tokens():
     return torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(0))

@@ -24,16 +24,6 @@ def model(tiny_checkpoints):
     return sl.HookedModel.from_pretrained(tiny_checkpoints["llama_gqa"])
 
 
-@pytest.fixture(scope="module")
-def padded():
-    """A left-padded batch of 3 examples (5, 8 and 2 real tokens) and its mask."""
-    tokens = torch.randint(3, 97, (3, 8), generator=torch.Generator().manual_seed(0))
-    mask = torch.ones(3, 8, dtype=torch.long)
-    mask[0, :3] = 0
-    mask[2, :6] = 0
-    return tokens, mask
-
-
 def model_cache(model, padded, dtype=torch.float32, incl_bwd=False):
     tokens, mask = padded
     kwargs = dict(return_type="loss", incl_bwd=True) if incl_bwd else {}
