@@ -77,3 +77,16 @@ class ParquetWriteError(OSError):
 class DatasetError(ValueError):
     """An activation dataset (shardlens.tables.datasets) that cannot be written, resumed or
     verified: names the value or the file at fault and what would be valid."""
+
+
+class ServiceError(Exception):
+    """A request the tracing service refused or could not run: the HTTP status it answered
+    (4xx: the request is at fault and changed nothing on the server), the kind of error
+    (the server-side exception's name, or "unauthorized", "limit", ...) and what is wrong."""
+
+    def __init__(self, status: int, message: str, *, kind: str = "error"):
+        self.status, self.kind, self.message = status, kind, message
+        super().__init__(f"{message} (HTTP {status}, {kind})")
+
+    def __reduce__(self):
+        return (type(self), (self.status, self.message), {"kind": self.kind})

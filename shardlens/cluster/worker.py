@@ -260,7 +260,8 @@ class StageWorker:
         with_grad = sum(p.grad is not None for p in self.stage.parameters())
         return {"stage": self.index, "replica": self.replica, "pid": os.getpid(), **memory, **self._times, "parameters_with_grad": with_grad,
                 "pending_graphs": len(self._graphs), "pending_results": len(self._contexts),
-                "sessions": len(set(self._kv_caches) | set(self._bases))}
+                "sessions": len(set(self._kv_caches) | set(self._bases)),
+                "installed_specs": sum(len(specs) for specs in self.stage.list_hooks().values())}
 
     def _guard(self, batch_id: str, run: Any) -> Any:
         try:

@@ -59,7 +59,10 @@ def decode(data: Any, *, allow_code: bool = False) -> Any:
     if not isinstance(data, dict):
         return data
     if "__tensor__" in data:
-        return load_tensors(base64.b64decode(data["__tensor__"]))["tensor"]
+        try:
+            return load_tensors(base64.b64decode(data["__tensor__"]))["tensor"]
+        except Exception as error:  # safetensors' own error type is a bare Exception
+            raise ValueError(f"a tensor in a hook spec is not safetensors bytes holding one 'tensor': {error}") from None
     if "__slice__" in data:
         return slice(*data["__slice__"])
     if "__type__" in data:

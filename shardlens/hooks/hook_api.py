@@ -348,7 +348,7 @@ class HookAPI:
         """The sources of every scope installed now."""
         return {key: value for scoped in self._scoped for key, value in (scoped.scope.sources or {}).items()}
 
-    def _routed(self, result: RunResult) -> dict[str, Tensor]:
+    def routed(self, result: RunResult) -> dict[str, Tensor]:
         """What a run read, less what went to the stores of the scopes installed now (each
         spec's entries to its own scope's store)."""
         left = dict(result.cache)
@@ -367,7 +367,7 @@ class HookAPI:
     def _keep(self, result: RunResult, store: Optional[dict], what: str) -> None:
         """Put what a run's reading specs read into their scopes' stores, the rest into
         `store`; refuse to drop it silently."""
-        left = self._routed(result)
+        left = self.routed(result)
         if store is not None:
             store.update(left)
         elif left:
@@ -449,7 +449,7 @@ class HookAPI:
                 specs = ()
             request = self._request(model_args, model_kwargs, specs=specs, grads=incl_bwd, sources=dict(sources or {}), whole_batch=whole_batch)
             result = self.run(request)
-            values = self._routed(result)
+            values = self.routed(result)
         if remove_batch_dim:
             bad = [name for name, value in values.items() if value.shape[0] != 1]
             if bad:
@@ -556,7 +556,7 @@ class HookAPI:
             else:
                 request = RunRequest(new_tokens, attention_mask=new_mask, kv_cache=cache, sources=sources)
             result = self.run(request)
-            read.update(self._routed(result))
+            read.update(self.routed(result))
             return result.output
 
         def after_step(index: int) -> None:

@@ -20,10 +20,9 @@ from shardlens.hooks.hook_api import HookAPI, HookList, Scope, by_point
 from shardlens.hooks.hook_point import DirectionOrBoth, HookPoint, LensHandle
 from shardlens.hooks.names import NamesFilter
 from shardlens.hooks.ops import Code, RunContext
-from shardlens.hooks.run import RUN_LEVEL, Destination, RunRequest, RunResult
+from shardlens.hooks.run import RUN_LEVEL, RunRequest, RunResult
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec, SpecHook
-from shardlens.tables import ActivationCache
 from shardlens.tables.axes import PER_HEAD_SUFFIXES
 
 
@@ -193,7 +192,7 @@ class HookedRootModule(HookAPI, nn.Module):
             if request.specs:
                 self.remove(RUN_LEVEL)
         if request.write is not None:
-            return RunResult(output, parts=tuple(_write(request.write, ctx.cache, mask)), attention_mask=mask)
+            return RunResult(output, parts=tuple(request.write.write(ctx.cache, mask)), attention_mask=mask)
         return RunResult(output, ctx.cache, attention_mask=mask)
 
     @contextmanager
@@ -319,15 +318,3 @@ def _backpropagate(objective: Any) -> None:
             "torch.no_grad() or from parameters and inputs that require none"
         )
     objective.backward()
-
-
-def _write(destination: Destination, values: dict, mask: Optional[Tensor]) -> list[str]:
-    """Write what a run read into the destination's dataset, one part per hook point."""
-    if not values:
-        return []
-    n = next(iter(values.values())).shape[0]
-    cache = ActivationCache({k: v.cpu() for k, v in values.items()}, attention_mask=None if mask is None else mask.cpu(),
-                            examples=destination.rows(n), batch=destination.batch)
-    with destination.sink() as sink:
-        sink.write(cache, name=destination.part_name(0))
-    return sink.parts

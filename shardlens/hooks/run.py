@@ -23,6 +23,7 @@ from shardlens.hooks.metrics import Metric
 from shardlens.hooks.ops import Cache
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.arrow import check_layout
+from shardlens.tables.cache import ActivationCache
 from shardlens.tables.parquet import ParquetSink, check_part_name
 
 RETURN_TYPES = ("logits", "loss", "both", "metric", None)
@@ -63,6 +64,18 @@ class Destination:
     def sink(self) -> ParquetSink:
         """A sink that writes parts into this destination's dataset, one at a time."""
         return ParquetSink(self.path, metadata=dict(self.metadata or {}), layout=self.layout, threads=1)
+
+    def write(self, values: Mapping[str, Tensor], attention_mask: Optional[Tensor]) -> list[str]:
+        """Write what a whole batch's run read into this dataset, one part per hook point;
+        returns the parts."""
+        if not values:
+            return []
+        n = next(iter(values.values())).shape[0]
+        cache = ActivationCache({k: v.cpu() for k, v in values.items()}, attention_mask=None if attention_mask is None else attention_mask.cpu(),
+                                examples=self.rows(n), batch=self.batch)
+        with self.sink() as sink:
+            sink.write(cache, name=self.part_name(0))
+        return sink.parts
 
 
 class BaseRun:

@@ -187,6 +187,11 @@ class Tracer(HookAPI):
         for name in names:
             spec.op.check(name, self)
 
+    def check_specs(self, specs: Sequence[HookSpec]) -> None:
+        """Refuse, as install() would, specs that name unknown hook points or that an op
+        refuses at its points; nothing is installed or sent anywhere."""
+        self.coordinator.stack.split(specs, check=self._check)
+
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
         self.coordinator.remove(level, including_permanent=including_permanent, direction=direction, clear_contexts=clear_contexts)
 
