@@ -210,6 +210,55 @@ def _schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from shardlens.serve.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        if args.debug:
+            raise
+        print(f"shardlens serve: error: {error}", file=sys.stderr)
+        return 2
+    from shardlens.serve.app import serve_forever
+
+    return serve_forever(config, host=args.host or config.host, port=config.port if args.port is None else args.port)
+
+
+def _token(args: argparse.Namespace) -> int:
+    import json
+
+    from shardlens.serve.config import hash_token, new_token
+
+    token = new_token()
+    print(f"token: {token}   (give this to {args.name}; it is not stored anywhere)")
+    print(f"config: - {{name: {json.dumps(args.name)}, sha256: {hash_token(token)}}}")  # quoted: YAML reads a plain no, 1 or null as no string
+    return 0
+
+
+def _add_service_commands(commands: argparse._SubParsersAction) -> None:
+    """The commands of the tracing service: serve, token."""
+    serve = commands.add_parser(
+        "serve", help="start the tracing service: host the config's models over HTTP",
+        description="Start the tracing service: host the config's models (Tracers on Ray Serve) over HTTP for clients "
+        "with a bearer token the config lists. The config is checked first; a bad one exits with status 2, naming "
+        "the line and the key.",
+    )
+    serve.add_argument("config", help="the service config YAML file")
+    serve.add_argument("--host", default=None, help="address to listen on (default: the config's host)")
+    serve.add_argument("--port", type=int, default=None, help="port to listen on (default: the config's port)")
+    serve.set_defaults(run=_serve)
+
+    token = commands.add_parser(
+        "token", help="make a bearer token for the tracing service",
+        description="Make a new random bearer token for NAME and print two lines: `token: <token>`, to give to NAME "
+        "(it is not stored anywhere), and `config: - {name: \"NAME\", sha256: <hash>}`, whose part after `config: ` goes "
+        "in the service config's tokens list (the config keeps only the token's SHA-256).",
+    )
+    token.add_argument("name", help="who the token is for (shown in the service's logs and metrics)")
+    token.set_defaults(run=_token)
+
+
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     """The commands that look at a model or a dataset without running a campaign: hooks,
     families, plan, inspect."""
@@ -315,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule.add_argument("--gpus-per-worker", type=int, default=1, help="GPUs per worker pod (default: 1)")
     schedule.add_argument("--workdir", default="/opt/shardlens", help="systemd: where shardlens and its campaigns live (default: /opt/shardlens)")
     schedule.set_defaults(run=_schedule)
+    _add_service_commands(commands)
     return parser
 
 

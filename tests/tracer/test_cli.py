@@ -178,3 +178,51 @@ def test_help_of_the_campaign_checks(command, words, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0 and out.startswith(f"usage: shardlens {command}")
     assert all(word in out for word in words), out
+
+
+def test_token_prints_a_new_token_and_the_config_line_of_its_hash(capsys):
+    import yaml
+
+    from shardlens.serve.config import hash_token
+
+    assert main(["token", "no"]) == 0  # a name plain YAML would read as false
+    out = capsys.readouterr().out.splitlines()
+    token = re.fullmatch(r"token: ([A-Za-z0-9_-]{43})   \(give this to no; it is not stored anywhere\)", out[0])
+    assert token and len(out) == 2 and out[1].startswith("config: - ")
+    assert yaml.safe_load(out[1].removeprefix("config: ")) == [{"name": "no", "sha256": hash_token(token[1])}]
+
+
+def test_serve_refuses_a_bad_config_with_status_2(tmp_path, capsys):
+    path = tmp_path / "service.yaml"
+    path.write_text("models: []\ntokens: []\n")
+    assert main(["serve", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"shardlens serve: error: {path}:1: models must hold at least one model; got none\n"
+
+
+def test_serve_hands_the_checked_config_to_the_app(monkeypatch):
+    import types
+    from pathlib import Path
+
+    from shardlens.serve.config import load_config
+
+    calls = []
+    app = types.ModuleType("shardlens.serve.app")
+    app.serve_forever = lambda config, *, host, port: calls.append((config, host, port)) or 0
+    monkeypatch.setitem(sys.modules, "shardlens.serve.app", app)
+    example = Path(__file__).resolve().parents[2] / "examples" / "serve" / "service.yaml"
+    assert main(["serve", str(example), "--port", "9001"]) == 0
+    assert main(["serve", str(example), "--host", "10.0.0.1"]) == 0
+    assert calls == [(load_config(example), "127.0.0.1", 9001), (load_config(example), "10.0.0.1", 8000)]
+
+
+@pytest.mark.parametrize("command, words", [
+    ("serve", ("Start the tracing service", "--host", "--port", "status 2")),
+    ("token", ("token: <token>", "config: - {name: \"NAME\", sha256: <hash>}", "not stored anywhere")),
+])
+def test_help_of_the_service_commands(command, words, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and out.startswith(f"usage: shardlens {command}")
+    assert all(word in out for word in words), out
