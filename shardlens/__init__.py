@@ -3,7 +3,7 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import DatasetError, HookNameError, ParquetWriteError, RemoteHookError, ShardPlanError, WorkerError
+from shardlens.errors import DatasetError, HookNameError, ParquetWriteError, RemoteHookError, ServiceError, ShardPlanError, WorkerError
 from shardlens.hooks import dictionaries, metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
@@ -25,6 +25,7 @@ from shardlens.hooks import (
 from shardlens.sharding import ShardPlan, build_stage
 from shardlens.tables import ActivationCache, DatasetManifest, DatasetSpec, DatasetWriter, ParquetSink, read_cache, verify_dataset
 from shardlens.tracer import Tracer, attribution, patching
+from shardlens.serve import connect
 
 from shardlens.version import __version__
 
@@ -50,6 +51,7 @@ __all__ = [
     "RunRequest",
     "RunResult",
     "Runner",
+    "ServiceError",
     "ShardPlan",
     "ShardPlanError",
     "Slice",
@@ -58,6 +60,7 @@ __all__ = [
     "__version__",
     "attribution",
     "build_stage",
+    "connect",
     "dictionaries",
     "metrics",
     "patching",

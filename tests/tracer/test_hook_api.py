@@ -1,5 +1,7 @@
 """The whole hook API, run the same way against every runner: a HookedModel in this process,
-a 2-stage Tracer in this process, and a 2-stage Tracer on Ray (two replicas).
+a 2-stage Tracer in this process, a 2-stage Tracer on Ray (two replicas), and a client
+connected to the tracing service (Ray Serve) hosting that Tracer. The service runs no Python
+code, so where a test hooks a Python function the client must refuse it instead.
 
 Each test compares with references that share no code with the runners: the plain
 transformers model (its logits, hidden states and autograd gradients) and plain torch hooks.
@@ -12,12 +14,15 @@ import torch
 import shardlens as sl
 from shardlens.errors import HookNameError
 from shardlens.cluster.worker import StageWorker
+from shardlens.serve import Client
 from shardlens.sharding.plan import hf_path
+from tests.serve.service import config_of, running
 from tests.tiny_models import load_reference
 
 FAMILY = "llama_gqa"
 ATOL = 1e-5
-RUNNERS = ["hooked_model", "tracer_local", "tracer_ray"]
+RUNNERS = ["hooked_model", "tracer_local", "tracer_ray", "client"]
+TOKEN = "test-token"
 
 
 @pytest.fixture(scope="module", params=RUNNERS)
@@ -26,6 +31,10 @@ def runner(request, tiny_checkpoints):
     if request.param == "hooked_model":
         yield sl.HookedModel.from_pretrained(source)
         return
+    if request.param == "client":
+        request.getfixturevalue("ray_session")
+        yield from connected(source)
+        return
     if request.param == "tracer_local":
         options = dict(stages=2, backend="local")
     else:
@@ -33,6 +42,17 @@ def runner(request, tiny_checkpoints):
         options = dict(stages=2, replicas=2, backend="ray", microbatch_size=1)
     with sl.Tracer.from_pretrained(source, allow_code=True, **options) as tracer:
         yield tracer
+
+
+def connected(source):
+    """A client of a service hosting the model at `source` as the Ray Tracer above."""
+    config = config_of(source, tokens={"tester": (TOKEN, None)}, stages=2, replicas=2, backend="ray", microbatch_size=1)
+    with running(config) as url:
+        yield sl.connect(url, model="tiny", token=TOKEN)
+
+
+def runs_no_code(runner) -> bool:
+    return isinstance(runner, Client)
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +106,10 @@ def test_gradient_runs_compute_no_weight_gradients_unless_asked(runner, hf, toke
     hf.zero_grad(set_to_none=True)
     _, cache = runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True)
     assert cache["blocks.1.hook_resid_pre_grad"].abs().sum() > 0
+    if runs_no_code(runner):  # a shared service keeps no weight gradients on its workers
+        with pytest.raises(ValueError, match="no weight gradients"):
+            runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True, weight_grads=True)
+        return
     assert parameters_with_grad(runner) == 0
     runner.run_with_cache(tokens, return_type="loss", names_filter="blocks.1.hook_resid_pre", incl_bwd=True, weight_grads=True)
     if isinstance(runner, sl.HookedModel):
@@ -115,6 +139,11 @@ def scaled_reference(hf, tokens, layer, factor):
 def test_run_with_hooks_takes_specs_ops_and_functions(runner, hf, tokens, hook):
     name, op = "blocks.0.hook_resid_post", sl.ops.Scale(0.5)
     item = {"spec": sl.HookSpec(name, op), "op": (name, op), "function": (name, lambda x, hook: x * 0.5)}[hook]
+    if hook == "function" and runs_no_code(runner):
+        with pytest.raises(ValueError, match="runs no client code"):
+            runner.run_with_hooks(tokens, fwd_hooks=[item])
+        assert not runner.has_hooks()
+        return
     logits = runner.run_with_hooks(tokens, fwd_hooks=[item])
     assert torch.allclose(logits, scaled_reference(hf, tokens, 0, 0.5), atol=ATOL)
     assert not runner.has_hooks()
@@ -173,6 +202,11 @@ def test_a_backward_hook_may_return_a_one_tuple(runner, tokens):
     seen = {}
     cache_grad = sl.HookSpec("blocks.0.hook_resid_post", sl.ops.CacheGrad())
     _, reference = runner.run_with_cache(tokens, return_type="loss", names_filter=[], incl_bwd=True, bwd_hooks=[cache_grad])
+    if runs_no_code(runner):
+        with pytest.raises(ValueError, match="runs no client code"):
+            runner.run_with_cache(tokens, return_type="loss", names_filter=[], incl_bwd=True, bwd_hooks=[("blocks.0.hook_resid_post", lambda grad, hook: (grad * 2,))])
+        assert reference["blocks.0.hook_resid_post_grad"].abs().sum() > 0
+        return
     _, cache = runner.run_with_cache(
         tokens, return_type="loss", names_filter=[], incl_bwd=True,
         bwd_hooks=[("blocks.0.hook_resid_post", lambda grad, hook: (grad * 2,)), cache_grad],

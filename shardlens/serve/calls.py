@@ -1,0 +1,227 @@
+"""A client's request as JSON, and a job's result as tensors: both directions of the wire.
+
+The request a client posts to ``/v1/models/<model>/jobs``::
+
+    {"kind": "run" | "variants" | "generate" | "base_run",
+     "installed": [spec, ...],          # the client's installed specs, in the order it installed them
+     "runs": [{"input": ..., "attention_mask": ..., "return_type": "logits", "metric": ...,
+               "specs": [spec, ...], "grads": false, "sources": {...}, "whole_batch": false,
+               "kv_cache": {"session": id, "frozen": false, "times": 1, "mask": ...} | null,
+               "resume": {"base": id, "layer": 3, "position": 0, "repeat": 1} | null}],
+     "options": {"max_new_tokens": 8, ...}}   # generate only
+
+Values are `shardlens.hooks.codec` JSON (tensors as safetensors bytes). The server decodes
+them without allow_code, so an sl.ops.Code is refused, and checks everything (fields, hook
+names, each op's own check, token limits) before the job is queued.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from shardlens.errors import ServiceError
+from shardlens.hooks.codec import decode, encode
+from shardlens.hooks.run import Resume, RunRequest, RunResult
+from shardlens.hooks.specs import HookSpec
+from shardlens.serve import batching
+from shardlens.serve.host import Call, ModelHost
+
+KINDS = ("run", "variants", "generate", "base_run")
+CALL_FIELDS = {"kind", "installed", "runs", "options"}
+RUN_FIELDS = {"input", "attention_mask", "return_type", "metric", "specs", "grads", "weight_grads", "sources", "whole_batch", "kv_cache", "resume"}
+GENERATE_OPTIONS = {"max_new_tokens", "use_kv_cache", "temperature", "top_k", "top_p", "stop_at_eos", "seed"}
+
+
+# ---------------------------------------------------------------------- client side
+
+
+def run_json(request: RunRequest) -> dict:
+    """A run as the service takes it (its key/value cache and base run by their ids)."""
+    if request.write is not None or request.forward_kwargs:
+        raise ValueError("a connected client writes datasets itself and takes no forward keyword arguments")
+    data = {
+        "input": encode(request.input), "attention_mask": encode(request.attention_mask), "return_type": request.return_type,
+        "metric": encode(request.metric), "specs": [encode(s) for s in request.specs], "grads": request.grads,
+        "weight_grads": request.weight_grads, "sources": encode(dict(request.sources)), "whole_batch": request.whole_batch,
+    }
+    if request.kv_cache is not None:
+        cache = request.kv_cache
+        data["kv_cache"] = {"session": cache.session, "frozen": cache.frozen, "times": cache.times, "mask": encode(cache.previous_attention_mask)}
+    if request.resume is not None:
+        resume = request.resume
+        data["resume"] = {"base": resume.base.session, "layer": resume.layer, "position": resume.position, "repeat": resume.repeat}
+    return data
+
+
+def installed_json(specs: Sequence[HookSpec]) -> list:
+    """Installed specs as one run carries them: in order, with no level of their own."""
+    return [encode(dataclasses.replace(s, level=None, permanent=False)) for s in specs]
+
+
+# ---------------------------------------------------------------------- server side
+
+
+def decode_call(data: Any, host: ModelHost, owner: str) -> Call:
+    """The Call a client's JSON asks for, checked against the host's model. A fault raises
+    ServiceError(400) (404 for an unknown key/value cache or base run), or the ValueError,
+    TypeError or HookNameError a Tracer would raise, which the service answers with 400 too
+    (see host.as_service_error)."""
+    if not isinstance(data, dict):
+        raise ServiceError(400, f"a request is a JSON object with {sorted(CALL_FIELDS)}; got {type(data).__name__}", kind="bad_request")
+    _known(data, CALL_FIELDS, "request")
+    kind = data.get("kind")
+    if kind not in KINDS:
+        raise ServiceError(400, f"kind must be one of {KINDS}; got {kind!r}", kind="bad_request")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs or (kind != "variants" and len(runs) != 1):
+        raise ServiceError(400, f"runs must be a list of {'one or more runs' if kind == 'variants' else 'one run'}; got {runs!r:.80}", kind="bad_request")
+    installed = tuple(_spec(s) for s in _list(data.get("installed", []), "installed"))
+    requests = tuple(_run(run, installed, host, owner, kind) for run in runs)
+    tokens = [host.tracer.tokens_of(r.input, r.attention_mask)[0] for r in requests]
+    for request in requests:
+        host.tracer.check_specs(request.specs)  # unknown names, bad ops: refused now
+    options = _options(data.get("options", {}), kind)
+    share = batching.share_key(requests[0], tokens[0], host.tracer.hook_names()) if kind == "run" else None
+    return Call(kind, requests, installed, options, sum(t.numel() for t in tokens), share)
+
+
+def _run(data: Any, installed: tuple, host: ModelHost, owner: str, kind: str) -> RunRequest:
+    if not isinstance(data, dict):
+        raise ServiceError(400, f"a run is a JSON object with {sorted(RUN_FIELDS)}; got {type(data).__name__}", kind="bad_request")
+    _known(data, RUN_FIELDS, "run")
+    if data.get("weight_grads"):
+        raise ServiceError(400, "weight_grads=True: a shared service computes no weight gradients (they would stay on its workers)", kind="bad_request")
+    specs = tuple(_spec(s) for s in _list(data.get("specs", []), "specs"))
+    fields = {
+        "attention_mask": decode(data.get("attention_mask")), "return_type": data.get("return_type", "logits"),
+        "metric": decode(data.get("metric")), "specs": (installed if kind in ("run", "variants") else ()) + specs,
+        "grads": bool(data.get("grads", False)), "sources": decode(data.get("sources") or {}), "whole_batch": bool(data.get("whole_batch", False)),
+    }
+    if data.get("kv_cache") is not None:
+        fields["kv_cache"] = _kv_cache(data["kv_cache"], host, owner)
+    if data.get("resume") is not None:
+        resume = data["resume"]
+        fields["resume"] = Resume(host.session(owner, str(resume.get("base"))), int(resume["layer"]), int(resume.get("position", 0)), int(resume.get("repeat", 1)))
+    return RunRequest(_input(decode(data.get("input"))), **fields)
+
+
+def _kv_cache(data: Any, host: ModelHost, owner: str) -> Any:
+    """The stages' key/value cache a run reads, as the client's handle describes it."""
+    from shardlens.cluster.sessions import StageKeyValueCache
+
+    if not isinstance(data, dict) or "session" not in data:
+        raise ServiceError(400, f"kv_cache must be {{'session': id, 'frozen': bool, 'times': int, 'mask': tensor}}; got {data!r:.80}", kind="bad_request")
+    handle = host.session(owner, str(data["session"]))
+    if not isinstance(handle, StageKeyValueCache):
+        raise ServiceError(400, f"{data['session']!r} is a base run, not a key/value cache", kind="bad_request")
+    mask = decode(data.get("mask"))
+    if not isinstance(mask, Tensor) or mask.ndim != 2:
+        raise ServiceError(400, "kv_cache.mask must be the cache's attention mask so far, [batch, cached tokens]", kind="bad_request")
+    return StageKeyValueCache(handle.coordinator, handle.session, mask.long(), bool(data.get("frozen", False)), int(data.get("times", 1)))
+
+
+def _input(value: Any) -> Any:
+    if isinstance(value, tuple):  # codec lists come back as tuples: a batch of texts
+        return list(value)
+    return value
+
+
+def _spec(data: Any) -> HookSpec:
+    spec = decode(data)  # no allow_code: an sl.ops.Code is refused here
+    if not isinstance(spec, HookSpec):
+        raise ServiceError(400, f"a spec must be an encoded sl.HookSpec; got {type(spec).__name__}", kind="bad_request")
+    return spec
+
+
+def _options(data: Any, kind: str) -> dict:
+    if not isinstance(data, dict):
+        raise ServiceError(400, f"options must be a JSON object; got {data!r:.80}", kind="bad_request")
+    if kind != "generate" and data:
+        raise ServiceError(400, f"options are generate's; a {kind} request takes none, got {sorted(data)}", kind="bad_request")
+    _known(data, GENERATE_OPTIONS, "generate options")
+    if kind == "generate" and "max_new_tokens" not in data:
+        raise ServiceError(400, "a generate request needs options.max_new_tokens", kind="bad_request")
+    return dict(data)
+
+
+def _known(data: Mapping, allowed: set, what: str) -> None:
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ServiceError(400, f"unknown {what} field {unknown[0]!r}; known: {sorted(allowed)}", kind="bad_request")
+
+
+def _list(value: Any, what: str) -> list:
+    if not isinstance(value, list):
+        raise ServiceError(400, f"{what} must be a list of specs; got {type(value).__name__}", kind="bad_request")
+    return value
+
+
+# ---------------------------------------------------------------------- results
+
+
+def result_entries(kind: str, result: Any) -> tuple[list[tuple[str, Tensor]], dict]:
+    """A job's result as named tensors and the meta that says how to put it back together."""
+    entries: list[tuple[str, Tensor]] = []
+    if kind in ("generate", "base_run"):
+        meta = {"session": result.get("session")}
+        for name, value in result.items():
+            if isinstance(value, Tensor):
+                entries.append((name, value))
+            elif isinstance(value, dict):
+                entries += [(f"{name}/{key}", tensor) for key, tensor in value.items()]
+        return _sparse(entries, meta)
+    meta = {"outputs": []}
+    for i, run in enumerate(result):
+        output = run.output
+        shape = "none" if output is None else "pair" if isinstance(output, tuple) else "tensor"
+        meta["outputs"].append(shape)
+        outputs = output if isinstance(output, tuple) else () if output is None else (output,)
+        entries += [(f"{i}/output/{j}", torch.as_tensor(value)) for j, value in enumerate(outputs)]
+        entries += [(f"{i}/cache/{name}", value) for name, value in run.cache.items()]
+        if run.attention_mask is not None:
+            entries.append((f"{i}/mask", run.attention_mask))
+    return _sparse(entries, meta)
+
+
+def _sparse(entries: list[tuple[str, Tensor]], meta: dict) -> tuple[list[tuple[str, Tensor]], dict]:
+    """Sparse tensors as their indices and values, their dense shapes in meta["sparse"]."""
+    dense, sparse = [], {}
+    for name, value in entries:
+        if value.is_sparse:
+            value = value.coalesce()
+            sparse[name] = list(value.shape)
+            dense += [(f"{name}#indices", value.indices()), (f"{name}#values", value.values())]
+        else:
+            dense.append((name, value))
+    return dense, {**meta, "sparse": sparse}
+
+
+def nbytes(entries: Sequence[tuple[str, Tensor]]) -> int:
+    return sum(t.numel() * t.element_size() for _, t in entries)
+
+
+def runs_from(entries: Mapping[str, Tensor], meta: Mapping[str, Any]) -> list[RunResult]:
+    """A run or variants job's results, from what `result_entries` sent."""
+    entries = dense_entries(entries, meta)
+    results = []
+    for i, shape in enumerate(meta["outputs"]):
+        outputs = [entries[f"{i}/output/{j}"] for j in range({"none": 0, "tensor": 1, "pair": 2}[shape])]
+        output = None if shape == "none" else outputs[0] if shape == "tensor" else tuple(outputs)
+        prefix = f"{i}/cache/"
+        cache = {name[len(prefix):]: value for name, value in entries.items() if name.startswith(prefix)}
+        results.append(RunResult(output, cache, attention_mask=entries.get(f"{i}/mask")))
+    return results
+
+
+def dense_entries(entries: Mapping[str, Tensor], meta: Mapping[str, Any]) -> dict[str, Tensor]:
+    """The entries with every sparse tensor put back together."""
+    out = {name: value for name, value in entries.items() if "#" not in name}
+    for name, shape in meta.get("sparse", {}).items():
+        out[name] = torch.sparse_coo_tensor(entries[f"{name}#indices"], entries[f"{name}#values"], shape, check_invariants=True, is_coalesced=True)  # sent coalesced; checked: it came over the network
+    return out
+
