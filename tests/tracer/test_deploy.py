@@ -1,6 +1,9 @@
 """deploy/: every file parses, has what its CRD requires, and names commands the CLI accepts."""
 
 import contextlib
+import hashlib
+import importlib
+import re
 import shlex
 from pathlib import Path
 
@@ -14,16 +17,21 @@ from shardlens.tracer.schedule import cron_to_calendar, render
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CAMPAIGN = ROOT / "examples" / "induction" / "campaign.yaml"
+SERVICE = ROOT / "examples" / "serve" / "service.yaml"  # the local example, whose token is public
 YAMLS = sorted(DEPLOY.rglob("*.yaml"))
 
 # KubeRay and Kubernetes field paths each kind must have (KubeRay v1 CRD names).
 REQUIRED = {
     "RayCluster": ["spec.headGroupSpec.rayStartParams", "spec.headGroupSpec.template.spec.containers", "spec.workerGroupSpecs"],
     "RayJob": ["spec.entrypoint", "spec.rayClusterSpec.headGroupSpec.template.spec.containers"],
+    "RayService": ["spec.serveConfigV2", "spec.rayClusterConfig.headGroupSpec.template.spec.containers",
+                   "spec.rayClusterConfig.workerGroupSpecs"],
     "RayCronJob": ["spec.schedule", "spec.jobTemplate.entrypoint", "spec.jobTemplate.rayClusterSpec.headGroupSpec"],
     "CronJob": ["spec.schedule", "spec.jobTemplate.spec.template.spec.containers"],
     "ConfigMap": ["data"],
 }
+# Where a kind keeps its RayCluster spec: the head group, the GPU worker groups, the volumes.
+CLUSTER_SPEC = {"RayCluster": "spec", "RayService": "spec.rayClusterConfig"}
 
 
 def field(obj, path):
@@ -51,12 +59,13 @@ def test_kubernetes_objects_have_what_their_crd_requires(name, obj):
     assert obj["apiVersion"] in ("ray.io/v1", "batch/v1", "v1") and obj["metadata"]["name"]
     for path in REQUIRED[obj["kind"]]:
         field(obj, path)
-    if obj["kind"] == "RayCluster":
-        for group in obj["spec"]["workerGroupSpecs"]:
+    if obj["kind"] in CLUSTER_SPEC:
+        cluster = field(obj, CLUSTER_SPEC[obj["kind"]])
+        for group in cluster["workerGroupSpecs"]:
             assert group["groupName"] and group["replicas"] >= 1 and field(group, "template.spec.containers")
             gpus = group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
             assert int(gpus) >= 1
-        volumes = {v["name"]: v for v in obj["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]}
+        volumes = {v["name"]: v for v in cluster["headGroupSpec"]["template"]["spec"]["volumes"]}
         assert volumes["shm"]["emptyDir"]["medium"] == "Memory" and "persistentVolumeClaim" in volumes["hf-cache"]
 
 
@@ -65,6 +74,91 @@ def test_the_configmap_holds_a_valid_campaign(tmp_path):
     (name, text), = configmap["data"].items()
     (tmp_path / name).write_text(text)
     assert load_campaign(tmp_path / name).name == "induction-heads"
+
+
+def kuberay_file(name):
+    return yaml.safe_load((DEPLOY / "kuberay" / name).read_text())
+
+
+def pod_specs(cluster):
+    """The head's pod spec, then each worker group's."""
+    yield cluster["headGroupSpec"]["template"]["spec"]
+    for group in cluster["workerGroupSpecs"]:
+        yield group["template"]["spec"]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Serve's schema on pydantic 2
+def test_the_rayservice_runs_the_service_app_on_the_mounted_config():
+    from ray.serve.schema import ServeApplicationSchema, ServeDeploySchema
+
+    service, configmap = kuberay_file("rayservice.yaml"), kuberay_file("serve-configmap.yaml")
+    raw = yaml.safe_load(service["spec"]["serveConfigV2"])
+    # Serve ignores keys it does not know (a misspelt http_options would fall back to its defaults).
+    assert set(raw) <= set(ServeDeploySchema.model_fields) and raw["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    assert all(set(app) <= set(ServeApplicationSchema.model_fields) for app in raw["applications"])
+    (app,) = ServeDeploySchema.model_validate(raw).applications
+    assert (app.name, app.route_prefix) == ("shardlens", "/")
+    # Every node mounts the ConfigMap where the application's args say the config is: Serve
+    # may build the application on any node, and the GPU workers hold the models.
+    (key,) = configmap["data"]
+    for pod in pod_specs(service["spec"]["rayClusterConfig"]):
+        (volume,) = [v["name"] for v in pod["volumes"] if v.get("configMap", {}).get("name") == configmap["metadata"]["name"]]
+        (mount,) = [m["mountPath"] for c in pod["containers"] for m in c["volumeMounts"] if m["name"] == volume]
+        assert app.args["config"] == f"{mount.rstrip('/')}/{key}"
+        # KubeRay's Service and probes find Serve's port by the container port named "serve".
+        assert {p["containerPort"] for c in pod["containers"] for p in c.get("ports", []) if p["name"] == "serve"} == {8000}
+    module, _, name = app.import_path.partition(":")
+    assert callable(getattr(importlib.import_module(module), name, None)), f"{app.import_path} names no callable"
+
+
+def test_the_serve_configmap_holds_a_valid_service_config(tmp_path):
+    import shardlens as sl
+    from shardlens.serve.config import load_config
+
+    configmap = kuberay_file("serve-configmap.yaml")
+    (name, text), = configmap["data"].items()
+    config = yaml.safe_load(text)
+    head = kuberay_file("rayservice.yaml")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    (hf_cache,) = [m["mountPath"] for m in head["containers"][0]["volumeMounts"] if m["name"] == "hf-cache"]
+    for model in config["models"]:  # models live on the hf-cache volume; here, the shipped demo model stands in
+        assert model["source"].startswith(hf_cache + "/"), model["source"]
+        model["source"] = str(Path(sl.__file__).parent / "data" / "induction")
+    (tmp_path / name).write_text(yaml.safe_dump(config))
+    loaded = load_config(tmp_path / name)
+    assert [m.name for m in loaded.models] == [m["name"] for m in config["models"]]
+    # A manifest for a shared cluster lets in none of the example's tokens (the README prints them).
+    public = {token["sha256"] for token in yaml.safe_load(SERVICE.read_text())["tokens"]}
+    assert public and not public & {token.sha256 for token in loaded.tokens}
+
+
+def readme_section(title):
+    text = (DEPLOY / "README.md").read_text()
+    assert f"## {title}" in text, f"deploy/README.md has no section {title!r}"
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readme_starts_the_service_and_connects_in_two_commands():
+    section = readme_section("A shared tracing service")
+    first = re.search(r"```sh\n(.*?)```", section, re.DOTALL).group(1).strip().splitlines()
+    assert len(first) == 2, first
+    serve, connect = (shlex.split(line) for line in first)
+    assert serve[:3] == ["shardlens", "serve", str(SERVICE.relative_to(ROOT))]
+    build_parser().parse_args(serve[1:])
+    assert connect[:2] == ["python", "-c"]
+    compile(connect[2], "<readme>", "exec")
+    # The client asks for a model the example config serves, with a token whose hash it holds.
+    service = yaml.safe_load(SERVICE.read_text())
+    model, token = (re.search(rf"{key}='([^']+)'", connect[2]).group(1) for key in ("model", "token"))
+    assert model in [m["name"] for m in service["models"]]
+    assert hashlib.sha256(token.encode()).hexdigest() in [t["sha256"] for t in service["tokens"]]
+
+
+def test_every_shardlens_command_in_the_readme_parses():
+    commands = [shlex.split(line) for block in re.findall(r"```sh\n(.*?)```", (DEPLOY / "README.md").read_text(), re.DOTALL)
+                for line in block.splitlines() if line.startswith("shardlens ")]
+    assert {c[1] for c in commands} >= {"serve", "token"}
+    for command in commands:
+        build_parser().parse_args(command[1:])
 
 
 def shardlens_commands():
