@@ -36,6 +36,7 @@ class SpecStack:
 
     def __init__(self, stage_names: Sequence[Sequence[str]], *, allow_code: bool = False):
         self.stage_names = [list(names) for names in stage_names]
+        self.model_names = [list(names) for names in stage_names]  # before any spec made points
         self.allow_code = allow_code
         self.entries: list[StackEntry] = []
 
@@ -68,14 +69,19 @@ class SpecStack:
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both") -> None:
         """Forget the non-permanent specs of `level` (of every level when None) in `direction`,
         or with including_permanent every spec, as the workers' remove does."""
-        kept = []
+        kept, made_points = [], False
         for entry in self.entries:
             specs = [s for s in entry.specs if not _removed(s, entry.level, level, including_permanent, direction)]
+            made_points |= any(s.op.creates_points for s in entry.specs if not any(s is k for k in specs))
             if len(specs) == len(entry.specs):
                 kept.append(entry)
             elif specs:
                 kept.append(StackEntry(entry.level, tuple(specs), self.split(specs)[0]))
         self.entries = kept
+        if made_points:  # the points a removed spec made (a Splice's) are gone with it
+            self.stage_names = [list(names) for names in self.model_names]
+            for entry in self.entries:
+                self.stage_names = self.split(entry.specs)[1]
 
     def for_stage(self, stage: int) -> list[tuple[Optional[int], tuple[str, ...]]]:
         """What a restarted worker of `stage` must be sent again: (level, specs JSON), in order."""

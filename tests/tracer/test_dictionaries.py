@@ -137,3 +137,13 @@ def test_a_sweep_inside_a_splice_at_resid_pre_passes_its_hooks_once(tracer, refe
             resumed = sl.patching.sweep(runner, clean, corrupt, points=point, metric=metric)
         assert got.grid[0, chosen[latents]].tolist() == pytest.approx(naive, abs=ATOL)
         torch.testing.assert_close(resumed.grid, whole.grid, rtol=0, atol=ATOL)
+
+
+def test_the_points_a_splice_makes_go_when_its_block_ends(tracer, specs):
+    before = tracer.hook_names()
+    with tracer.hooks(fwd_hooks=specs[:1]):
+        assert set(tracer.hook_names()) - set(before) == {f"{SAE_POINT}.sae.hook_latents", f"{SAE_POINT}.sae.hook_reconstruction", f"{SAE_POINT}.sae.hook_error"}
+        with tracer.hooks(fwd_hooks=specs[1:]):
+            assert f"{WRITE}.sae.hook_latents" in tracer.hook_names()
+        assert f"{WRITE}.sae.hook_latents" not in tracer.hook_names() and f"{SAE_POINT}.sae.hook_latents" in tracer.hook_names()
+    assert tracer.hook_names() == before
