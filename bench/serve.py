@@ -5,10 +5,11 @@
   (c) the same, with runs of different clients sharing pipeline runs (max_batch=8).
 
 A random Llama (4 layers, d_model 256, 8 heads / 2 key-value heads, vocab 4096) saved to a
-temporary folder; every Tracer has 2 stages on a local Ray instance. Each request: one
-sequence of --tokens tokens, its client's own Scale at blocks.1.hook_resid_post, caching
-blocks.*.hook_resid_post. Every result is checked against the baseline's. Prints requests/s
-and the ratios c/b and c/a.
+temporary folder; every Tracer has 2 stages on a local Ray instance. Each client has its
+own token; each request: one sequence of --tokens tokens, its client's own Scale at
+blocks.1.hook_resid_post, caching blocks.*.hook_resid_post. Every result (logits and cache)
+is checked against the baseline's. Prints requests/s, p50 / p99 latency, and the ratios c/b
+and c/a.
 
     .venv/bin/python bench/serve.py [--clients 4] [--requests 40] [--tokens 32]
 """
@@ -71,11 +72,11 @@ def in_process(folder: str, work: list) -> tuple[list[float], float, dict]:
 
 def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[list[float], float]:
     """(b) and (c): each client in its own thread, all at once, against a fresh service."""
-    config = ServiceConfig(models=(ModelEntry("bench", folder, stages=2, backend="ray", max_batch=max_batch),),
-                           tokens=(TokenEntry("bench", hash_token("bench-token")),))
+    tokens = tuple(TokenEntry(f"client{c}", hash_token(f"token-{c}")) for c in range(len(work)))
+    config = ServiceConfig(models=(ModelEntry("bench", folder, stages=2, backend="ray", max_batch=max_batch),), tokens=tokens)
     url = app.start(config, port=free_port())
     try:
-        clients = [sl.connect(url, model="bench", token="bench-token") for _ in work]
+        clients = [sl.connect(url, model="bench", token=f"token-{c}") for c in range(len(work))]
         one(clients[0], *work[0][0])  # warm-up
         latencies: list[float] = []
         wrong: list = []
@@ -85,7 +86,9 @@ def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[li
                 began = time.perf_counter()
                 logits, cache = one(clients[c], tokens, factor)
                 latencies.append(time.perf_counter() - began)
-                if not torch.allclose(logits, reference[c, i][0], atol=1e-4):
+                expected_logits, expected_cache = reference[c, i]
+                same = torch.allclose(logits, expected_logits, atol=1e-4) and sorted(cache) == sorted(expected_cache)
+                if not (same and all(torch.allclose(cache[n], expected_cache[n], atol=1e-4) for n in cache)):
                     wrong.append((c, i))
 
         threads = [threading.Thread(target=run, args=(c,)) for c in range(len(work))]
@@ -96,7 +99,7 @@ def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[li
             thread.join()
         elapsed = time.perf_counter() - start
         if wrong:
-            raise AssertionError(f"the service returned other logits than the in-process Tracer for {wrong[:5]}")
+            raise AssertionError(f"the service returned other logits or caches than the in-process Tracer for (client, request) {wrong[:5]}")
         with urllib.request.urlopen(url + "/healthz") as response:
             stats = json.loads(response.read())["models"]["bench"]
         print(f"    {stats.get('runs', 0)} runs, {stats.get('shared_runs', 0)} pipeline runs shared by several of them")

@@ -85,33 +85,37 @@ class Access:
         Returns the Admission that holds the request's concurrency slot until released.
         """
         limits, name = entry.limits, entry.name
-        if entry.models is not None and model not in entry.models:
-            allowed = ", ".join(entry.models) or "none"
-            raise ServiceError(403, f"token {name!r} may not use model {model!r}; it may use: {allowed}", kind="forbidden")
+        self.check_model(entry, model)
         if n_tokens > limits.tokens_per_request:
             raise ServiceError(
-                413, f"the request holds {n_tokens} token ids; the limit of token {name!r} is {limits.tokens_per_request} per request", kind="limit",
+                413, f"the request holds {n_tokens} token ids; the limit of token {name!r} is {limits.tokens_per_request} per request (tokens_per_request)", kind="limit",
             )
         with self._lock:
             now = self._clock()
             started = self._window(name, now)
             if self._in_flight[name] >= limits.concurrent:
                 raise ServiceError(
-                    429, f"token {name!r} has {self._in_flight[name]} requests queued or running, its limit; send more when one has finished", kind="limit",
+                    429, f"token {name!r} has {self._in_flight[name]} requests queued or running, its limit (concurrent); send more when one has finished", kind="limit",
                 )
             if len(started) >= limits.per_minute:
                 wait = started[0] + WINDOW_S - now
-                raise ServiceError(429, f"token {name!r} started {len(started)} requests in the last 60 s, its limit; retry in {wait:.1f} s", kind="limit")
+                raise ServiceError(429, f"token {name!r} started {len(started)} requests in the last 60 s, its limit (per_minute); retry in {wait:.1f} s", kind="limit")
             self._in_flight[name] += 1
             started.append(now)
         return Admission(entry, lambda: self._release(name))
+
+    def check_model(self, entry: TokenEntry, model: str) -> None:
+        """Refuse a model the token may not use (ServiceError 403)."""
+        if entry.models is not None and model not in entry.models:
+            allowed = ", ".join(entry.models) or "none"
+            raise ServiceError(403, f"token {entry.name!r} may not use model {model!r}; it may use: {allowed}", kind="forbidden")
 
     def check_cached_bytes(self, entry: TokenEntry, nbytes: int) -> None:
         """Refuse results of more bytes than the token may get in one request (ServiceError 413)."""
         limit = entry.limits.cached_bytes
         if nbytes > limit:
             raise ServiceError(
-                413, f"the results hold {nbytes} bytes; the limit of token {entry.name!r} is {limit} bytes per request "
+                413, f"the results hold {nbytes} bytes; the limit of token {entry.name!r} is {limit} bytes per request (cached_bytes) "
                 "(ask for fewer hook points, positions or examples)", kind="limit",
             )
 

@@ -15,7 +15,8 @@ Routes (every /v1 route needs ``Authorization: Bearer <token>``):
     DELETE /v1/models/{model}/sessions/{id}       free a key/value cache or base run
 
 A refused request answers 4xx with {"error": {"status", "kind", "message"}} and changes
-nothing on the server.
+nothing on the server (a result over the token's cached_bytes is dropped as soon as it is
+computed, and answered 413).
 
 Start it with `shardlens serve CONFIG` (serve_forever), from Python with start(config), or
 on KubeRay with a RayService whose application's import_path is ``shardlens.serve.app:build``.
@@ -43,11 +44,11 @@ from shardlens.serve import calls
 from shardlens.serve.access import Access
 from shardlens.serve.config import ServiceConfig, load_config
 from shardlens.serve.host import ModelHost, as_service_error
-from shardlens.serve.wire import encode_tensors
+from shardlens.serve.wire import JOB_HEADER, encode_tensors
 
 APP_NAME = "shardlens"
 MAX_WAIT_S = 30.0  # the longest one status or result request waits for a job
-JOB_HEADER = "X-Shardlens-Job"  # a result's job id
+MAX_BODY_BYTES = 256 << 20  # the largest request body (specs carrying tensors, inputs) the service reads
 
 api = FastAPI(title="shardlens tracing service")
 
@@ -58,6 +59,36 @@ def _error(error: BaseException) -> JSONResponse:
 
 
 # Serve pickles the deployment class where it is defined: what it calls is defined above it.
+
+async def _ended(job: Any, timeout: float) -> bool:
+    """Whether the job ends within `timeout` seconds (waiting on the event loop, no thread)."""
+    loop = asyncio.get_running_loop()
+    ended = asyncio.Event()
+
+    def wake() -> None:
+        loop.call_soon_threadsafe(ended.set)
+
+    job.when_ended(wake)
+    try:
+        await asyncio.wait_for(ended.wait(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        job.forget(wake)
+        return job.ended.is_set()
+
+
+async def _body(request: Request) -> bytes:
+    """The request's body, refused (413) past MAX_BODY_BYTES before it is all read."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise ServiceError(413, f"the request body is {declared} bytes; the service takes at most {MAX_BODY_BYTES}", kind="limit")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise ServiceError(413, f"the request body is over {MAX_BODY_BYTES} bytes, the most the service takes", kind="limit")
+    return bytes(body)
+
 
 def _json(body: bytes) -> Any:
     import json
@@ -160,9 +191,9 @@ class TracingService:
         entry = self.access.authenticate(request.headers.get("authorization"))
         host = self.hosts.get(model)
         if host is None:
-            raise ServiceError(404, f"no model {model!r}; this service hosts {sorted(self.hosts)}", kind="not_found")
-        if entry.models is not None and model not in entry.models:
-            raise ServiceError(403, f"token {entry.name!r} may not use model {model!r}; it may use {list(entry.models)}", kind="forbidden")
+            usable = [name for name in self.hosts if entry.models is None or name in entry.models]
+            raise ServiceError(404, f"no model {model!r}; this token may use {usable}", kind="not_found")
+        self.access.check_model(entry, model)
         return entry, host
 
     def _count(self, status: int) -> None:
@@ -226,37 +257,43 @@ class TracingService:
     async def submit(self, request: Request, model: str, wait: float = 0.0) -> Any:
         """Queue a job: 202 with its status; with ?wait=s, its result as result() gives it
         when it ends within s seconds (one round trip for a short run)."""
-        body = await request.body()
+        try:
+            entry, host = await asyncio.to_thread(self._host, request, model)  # the token first, then the body
+            body = await _body(request)
+        except Exception as error:
+            return self._refused(error)
 
-        def work() -> tuple:
-            entry, host = self._host(request, model)
+        def work() -> Any:
             call = calls.decode_call(_json(body), host, entry.name)
+            host.check_room()  # a full queue refuses before the token's counts change
             admission = self.access.admit(entry, model=model, n_tokens=call.n_tokens)
             try:
-                return entry, host, host.submit(entry.name, call, admission.release)
+                return host.submit(entry.name, call, admission.release, lambda n: self.access.check_cached_bytes(entry, n))
             except BaseException:
                 admission.release()
                 raise
 
         try:
-            entry, host, job = await asyncio.to_thread(work)
+            job = await asyncio.to_thread(work)
         except Exception as error:
             return self._refused(error)
         if wait <= 0:
             self._count(202)
             return JSONResponse(host.status(job), status_code=202)
-        return await self._finished(request, entry, host, job, wait)
+        return await self._finished(request, host, job, wait)
 
     @api.get("/v1/models/{model}/jobs/{job_id}")
     async def status(self, request: Request, model: str, job_id: str, wait: float = 0.0) -> Any:
-        def work() -> JSONResponse:
-            entry, host = self._host(request, model)
+        """The job's status, once it ends or after `wait` seconds (at most MAX_WAIT_S)."""
+        try:
+            entry, host = await asyncio.to_thread(self._host, request, model)
             job = host.job(entry.name, job_id)
             if wait > 0:
-                job.wait(min(wait, MAX_WAIT_S))
-            return JSONResponse(host.status(job))
-
-        return await self._answer(work)
+                await _ended(job, min(wait, MAX_WAIT_S))
+        except Exception as error:
+            return self._refused(error)
+        self._count(200)
+        return JSONResponse(host.status(job))
 
     @api.delete("/v1/models/{model}/jobs/{job_id}")
     async def cancel(self, request: Request, model: str, job_id: str) -> Any:
@@ -276,19 +313,19 @@ class TracingService:
             job = host.job(entry.name, job_id)
         except Exception as error:
             return self._refused(error)
-        return await self._finished(request, entry, host, job, wait)
+        return await self._finished(request, host, job, wait)
 
-    async def _finished(self, request: Request, entry: Any, host: ModelHost, job: Any, wait: float) -> Any:
+    async def _finished(self, request: Request, host: ModelHost, job: Any, wait: float) -> Any:
         """The job's result as an Arrow IPC stream once it ends, waiting up to `wait` seconds
         (at most MAX_WAIT_S): 202 with its status when it has not ended by then, its error
         when it failed. A client that goes away while it waits cancels its job."""
+        deadline = time.monotonic() + min(wait, MAX_WAIT_S)
         try:
-            deadline = time.monotonic() + min(wait, MAX_WAIT_S)
-            while not await asyncio.to_thread(job.wait, 0.5):
+            while not await _ended(job, min(0.5, max(deadline - time.monotonic(), 0.0))):
                 if await request.is_disconnected():
                     host.cancel(job)
                     return self._refused(ServiceError(499, "the client went away", kind="cancelled"))
-                if time.monotonic() > deadline:
+                if time.monotonic() >= deadline:
                     self._count(202)
                     return JSONResponse(host.status(job), status_code=202)
         except asyncio.CancelledError:  # Serve cancels the handler of a client that went away
@@ -296,7 +333,6 @@ class TracingService:
             raise
         try:
             entries, meta = calls.result_entries(job.call.kind, host.collect(job))
-            self.access.check_cached_bytes(entry, calls.nbytes(entries))
         except Exception as error:
             return self._refused(error)
         self._count(200)
@@ -310,7 +346,8 @@ class TracingService:
 
         def work() -> JSONResponse:
             entry, host = self._host(request, model)
-            batch_size = _json(body).get("batch_size")
+            data = _json(body)
+            batch_size = data.get("batch_size") if isinstance(data, dict) else None
             if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
                 raise ServiceError(400, f"batch_size must be a positive int; got {batch_size!r}", kind="bad_request")
             return JSONResponse({"session": host.open_kv_cache(entry.name, batch_size)}, status_code=201)

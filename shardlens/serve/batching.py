@@ -5,7 +5,7 @@ what they write can run as one batch: their inputs are stacked, each run's writi
 act on its own rows only (their `batch` selector), the reading specs act once on the whole
 batch, and each run gets its own rows of the output and of what was read. Writing ops act
 row by row (Ablate("mean") takes the mean over the selected rows: the run's own), so every
-run computes exactly what it would alone.
+run computes what it would alone (up to the float rounding of a larger batch).
 
 A run may share a batch when it is a plain forward pass (no gradients, key/value cache,
 resume, sources or dataset destination), returns logits or nothing, and each of its specs
@@ -29,9 +29,12 @@ from shardlens.hooks.specs import HookSpec
 WRITING = (Ablate, Add, Patch, Scale)
 
 
-def share_key(request: RunRequest, tokens: Tensor, names: Sequence[str]) -> Optional[tuple]:
+def share_key(request: RunRequest, tokens: Tensor, names: Sequence[str], *, splits: bool = False) -> Optional[tuple]:
     """What a run must have in common with others to share their batch (None: it runs alone).
-    `tokens` are its token ids [batch, pos]; `names` the model's hook names.
+    `tokens` are its token ids [batch, pos]; `names` the model's hook names; `splits`: the
+    runner splits a batch into microbatches (replicas or a microbatch size), where a writing
+    op whose effect depends on the batch (Ablate("mean"), values shaped [batch, ...]) acts
+    on each microbatch alone: such a run shares only when it asked for its whole batch.
 
     Runs that read where they do not write share with any runs that read the same way. A
     run that reads at a hook point where it also writes shares only with runs whose specs
@@ -41,6 +44,8 @@ def share_key(request: RunRequest, tokens: Tensor, names: Sequence[str]) -> Opti
     if request.kv_cache is not None or request.resume is not None or request.write is not None or request.sources:
         return None
     if request.needs_grad or request.weight_grads or request.metric is not None or request.return_type not in ("logits", None):
+        return None
+    if splits and not request.whole_batch and any(not isinstance(spec.op, Cache) for spec in request.specs):
         return None
     signature, written, read = [], set(), set()
     for spec in request.specs:

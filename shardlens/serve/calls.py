@@ -11,8 +11,9 @@ The request a client posts to ``/v1/models/<model>/jobs``::
      "options": {"max_new_tokens": 8, ...}}   # generate only
 
 Values are `shardlens.hooks.codec` JSON (tensors as safetensors bytes). The server decodes
-them without allow_code, so an sl.ops.Code is refused, and checks everything (fields, hook
-names, each op's own check, token limits) before the job is queued.
+them without allow_code, so an sl.ops.Code is refused, and checks the fields, hook names,
+each op's own check and the token limits before the job is queued (the size of its results
+when they are ready).
 """
 
 from __future__ import annotations
@@ -34,7 +35,22 @@ from shardlens.serve.host import Call, ModelHost
 KINDS = ("run", "variants", "generate", "base_run")
 CALL_FIELDS = {"kind", "installed", "runs", "options"}
 RUN_FIELDS = {"input", "attention_mask", "return_type", "metric", "specs", "grads", "weight_grads", "sources", "whole_batch", "kv_cache", "resume"}
-GENERATE_OPTIONS = {"max_new_tokens", "use_kv_cache", "temperature", "top_k", "top_p", "stop_at_eos", "seed"}
+REFUSED_TYPES = ("WeightsRef",)  # decoding one reads a file or URI on the server
+
+
+def _int(low: int) -> Any:
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+
+
+GENERATE_OPTIONS = {  # what each of generate's options must be
+    "max_new_tokens": _int(1), "use_kv_cache": lambda v: isinstance(v, bool), "temperature": _number,
+    "top_k": lambda v: v is None or _int(1)(v), "top_p": lambda v: v is None or (_number(v) and v <= 1),
+    "stop_at_eos": lambda v: isinstance(v, bool), "seed": lambda v: v is None or _int(0)(v),
+}
 
 
 # ---------------------------------------------------------------------- client side
@@ -81,13 +97,15 @@ def decode_call(data: Any, host: ModelHost, owner: str) -> Call:
     if not isinstance(runs, list) or not runs or (kind != "variants" and len(runs) != 1):
         raise ServiceError(400, f"runs must be a list of {'one or more runs' if kind == 'variants' else 'one run'}; got {runs!r:.80}", kind="bad_request")
     installed = tuple(_spec(s) for s in _list(data.get("installed", []), "installed"))
+    host.tracer.check_specs(installed)  # unknown names, bad ops: refused now, before anything is queued
     requests = tuple(_run(run, installed, host, owner, kind) for run in runs)
     tokens = [host.tracer.tokens_of(r.input, r.attention_mask)[0] for r in requests]
     for request in requests:
-        host.tracer.check_specs(request.specs)  # unknown names, bad ops: refused now
+        host.tracer.check_specs(request.specs)
     options = _options(data.get("options", {}), kind)
-    share = batching.share_key(requests[0], tokens[0], host.tracer.hook_names()) if kind == "run" else None
-    return Call(kind, requests, installed, options, sum(t.numel() for t in tokens), share)
+    n_tokens = sum(t.numel() + t.shape[0] * options.get("max_new_tokens", 0) for t in tokens)  # generate's new tokens count too
+    share = batching.share_key(requests[0], tokens[0], host.tracer.hook_names(), splits=host.splits_batches) if kind == "run" else None
+    return Call(kind, requests, installed, options, n_tokens, share)
 
 
 def _run(data: Any, installed: tuple, host: ModelHost, owner: str, kind: str) -> RunRequest:
@@ -97,32 +115,54 @@ def _run(data: Any, installed: tuple, host: ModelHost, owner: str, kind: str) ->
     if data.get("weight_grads"):
         raise ServiceError(400, "weight_grads=True: a shared service computes no weight gradients (they would stay on its workers)", kind="bad_request")
     specs = tuple(_spec(s) for s in _list(data.get("specs", []), "specs"))
+    sources = decode(data.get("sources") or {})
+    if not isinstance(sources, dict) or not all(isinstance(v, dict) for v in sources.values()):
+        raise ServiceError(400, "sources must map names to caches ({name: {hook name: tensor}})", kind="bad_request")
     fields = {
         "attention_mask": decode(data.get("attention_mask")), "return_type": data.get("return_type", "logits"),
         "metric": decode(data.get("metric")), "specs": (installed if kind in ("run", "variants") else ()) + specs,
-        "grads": bool(data.get("grads", False)), "sources": decode(data.get("sources") or {}), "whole_batch": bool(data.get("whole_batch", False)),
+        "grads": _flag(data, "grads"), "sources": sources, "whole_batch": _flag(data, "whole_batch"),
     }
     if data.get("kv_cache") is not None:
         fields["kv_cache"] = _kv_cache(data["kv_cache"], host, owner)
     if data.get("resume") is not None:
-        resume = data["resume"]
-        fields["resume"] = Resume(host.session(owner, str(resume.get("base"))), int(resume["layer"]), int(resume.get("position", 0)), int(resume.get("repeat", 1)))
+        fields["resume"] = _resume(data["resume"], host, owner)
     return RunRequest(_input(decode(data.get("input"))), **fields)
+
+
+def _flag(data: Mapping, name: str) -> bool:
+    value = data.get(name, False)
+    if not isinstance(value, bool):
+        raise ServiceError(400, f"{name} must be true or false; got {value!r:.40}", kind="bad_request")
+    return value
+
+
+def _resume(data: Any, host: ModelHost, owner: str) -> Resume:
+    """The Resume a run asks for, inside one of the owner's base runs."""
+    shape = "{'base': id, 'layer': int, 'position': int, 'repeat': int}"
+    if not isinstance(data, dict) or not isinstance(data.get("base"), str) or not all(
+        isinstance(data.get(k, 0), int) and not isinstance(data.get(k, 0), bool) for k in ("layer", "position", "repeat")
+    ) or "layer" not in data:
+        raise ServiceError(400, f"resume must be {shape}; got {data!r:.80}", kind="bad_request")
+    return Resume(host.session(owner, data["base"]), data["layer"], data.get("position", 0), data.get("repeat", 1))
 
 
 def _kv_cache(data: Any, host: ModelHost, owner: str) -> Any:
     """The stages' key/value cache a run reads, as the client's handle describes it."""
     from shardlens.cluster.sessions import StageKeyValueCache
 
-    if not isinstance(data, dict) or "session" not in data:
-        raise ServiceError(400, f"kv_cache must be {{'session': id, 'frozen': bool, 'times': int, 'mask': tensor}}; got {data!r:.80}", kind="bad_request")
-    handle = host.session(owner, str(data["session"]))
+    shape = "{'session': id, 'frozen': bool, 'times': int, 'mask': tensor}"
+    if not isinstance(data, dict) or not isinstance(data.get("session"), str) or not isinstance(data.get("frozen", False), bool) \
+            or not isinstance(data.get("times", 1), int) or isinstance(data.get("times", 1), bool):
+        raise ServiceError(400, f"kv_cache must be {shape}; got {data!r:.80}", kind="bad_request")
+    handle = host.session(owner, data["session"])
     if not isinstance(handle, StageKeyValueCache):
         raise ServiceError(400, f"{data['session']!r} is a base run, not a key/value cache", kind="bad_request")
     mask = decode(data.get("mask"))
     if not isinstance(mask, Tensor) or mask.ndim != 2:
-        raise ServiceError(400, "kv_cache.mask must be the cache's attention mask so far, [batch, cached tokens]", kind="bad_request")
-    return StageKeyValueCache(handle.coordinator, handle.session, mask.long(), bool(data.get("frozen", False)), int(data.get("times", 1)))
+        got = f"shape {list(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+        raise ServiceError(400, f"kv_cache.mask must be the cache's attention mask so far, [batch, cached tokens]; got {got}", kind="bad_request")
+    return StageKeyValueCache(handle.coordinator, handle.session, mask.long(), data.get("frozen", False), data.get("times", 1))
 
 
 def _input(value: Any) -> Any:
@@ -132,10 +172,27 @@ def _input(value: Any) -> Any:
 
 
 def _spec(data: Any) -> HookSpec:
-    spec = decode(data)  # no allow_code: an sl.ops.Code is refused here
+    """A client's spec, for this run only: decoded without allow_code (an sl.ops.Code is
+    refused), never reading the server's files (a dictionary's weights come inline, not as
+    a WeightsRef to a path or URI), and never permanent."""
+    _refuse_types(data)
+    spec = decode(data)
     if not isinstance(spec, HookSpec):
         raise ServiceError(400, f"a spec must be an encoded sl.HookSpec; got {type(spec).__name__}", kind="bad_request")
-    return spec
+    return dataclasses.replace(spec, level=None, permanent=False)
+
+
+def _refuse_types(data: Any) -> None:
+    """Refuse, before decoding, values whose decoding would read the server's files."""
+    if isinstance(data, list):
+        for item in data:
+            _refuse_types(item)
+    elif isinstance(data, dict):
+        if data.get("__type__") in REFUSED_TYPES:
+            raise ServiceError(400, f"a spec holds a {data['__type__']}, which would make the service read a file or URI of its own: "
+                                    "send a dictionary with its weights inline (sl.dictionaries.read(path) on your machine)", kind="bad_request")
+        for value in data.values():
+            _refuse_types(value)
 
 
 def _options(data: Any, kind: str) -> dict:
@@ -143,9 +200,12 @@ def _options(data: Any, kind: str) -> dict:
         raise ServiceError(400, f"options must be a JSON object; got {data!r:.80}", kind="bad_request")
     if kind != "generate" and data:
         raise ServiceError(400, f"options are generate's; a {kind} request takes none, got {sorted(data)}", kind="bad_request")
-    _known(data, GENERATE_OPTIONS, "generate options")
+    _known(data, set(GENERATE_OPTIONS), "generate options")
     if kind == "generate" and "max_new_tokens" not in data:
         raise ServiceError(400, "a generate request needs options.max_new_tokens", kind="bad_request")
+    for name, value in data.items():
+        if not GENERATE_OPTIONS[name](value):
+            raise ServiceError(400, f"options.{name} got {value!r:.40}; see HookedModel.generate for what it takes", kind="bad_request")
     return dict(data)
 
 

@@ -38,10 +38,9 @@ from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import PointOptions
 from shardlens.serve import calls
-from shardlens.serve.wire import decode_tensors
+from shardlens.serve.wire import JOB_HEADER, decode_tensors
 
 WAIT_S = 30.0  # a run's request waits this long for its result before the client polls for it
-JOB_HEADER = "X-Shardlens-Job"  # the header naming a result's job (as serve.app sends it)
 
 
 def connect(url: str, *, model: str, token: str, timeout: float = 600.0) -> "Client":
@@ -339,8 +338,9 @@ def _model_files(files: dict) -> tuple[Any, Any]:
 
 def _service_error(error: urllib.error.HTTPError) -> ServiceError:
     """The ServiceError of an HTTP error answer. A request the service refused as a
-    ValueError, TypeError or KeyError (a bad spec, a resume it cannot take, a hook that raised
-    on its inputs) is also an instance of that type, as the same mistake is on a Tracer."""
+    ValueError, TypeError, KeyError or IndexError (a bad spec, a resume it cannot take, a
+    hook that raised on its inputs) is also an instance of that type, as the same mistake is
+    on a Tracer."""
     try:
         detail = json.loads(error.read())["error"]
         status, message, kind = int(detail["status"]), str(detail["message"]), str(detail["kind"])
@@ -357,10 +357,14 @@ class _ServiceTypeError(ServiceError, TypeError):
     pass
 
 
+class _ServiceIndexError(ServiceError, IndexError):
+    pass
+
+
 class _ServiceKeyError(ServiceError, KeyError):
     def __str__(self) -> str:
         return ServiceError.__str__(self)
 
 
 _TYPED = {"ValueError": _ServiceValueError, "TypeError": _ServiceTypeError, "KeyError": _ServiceKeyError,
-          "HookNameError": _ServiceKeyError, "IndexError": _ServiceValueError, "RemoteHookError": ServiceError}
+          "HookNameError": _ServiceKeyError, "IndexError": _ServiceIndexError, "RemoteHookError": ServiceError}

@@ -17,7 +17,7 @@ The file is YAML::
   (float32, bfloat16, float16), `stages`, `replicas`, `backend` (ray, local),
   `microbatch_size`, `device`, `max_batch` (requests merged into one pipeline run) and
   `max_queue` (requests waiting, past which the service answers 429).
-- `tokens`: `name` (for logs and metrics) and `sha256` (the hex SHA-256 of the token; never
+- `tokens`: `name` (who it is, named in error messages) and `sha256` (the hex SHA-256 of the token; never
   the token itself: `shardlens token NAME` makes a token and prints its line) are required;
   `models` (default: all) and `limits` are optional.
 - `limits` (each optional): `tokens_per_request` (token ids in one request), `cached_bytes`
@@ -94,7 +94,7 @@ class Limits:
 class TokenEntry:
     """A token that may use the service: who it is, its hash, its limits and its models."""
 
-    name: str  # who it is (for logs and metrics; never the token)
+    name: str  # who it is (named in error messages; never the token)
     sha256: str  # hex sha256 of the token (64 lowercase hex chars)
     limits: Limits = Limits()
     models: Optional[tuple[str, ...]] = None  # the models it may use (None: all)

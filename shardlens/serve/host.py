@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from torch import Tensor
 
 from shardlens.errors import HookNameError, RemoteHookError, ServiceError, WorkerError
 from shardlens.hooks.run import RunRequest, RunResult
@@ -59,11 +60,19 @@ class Call:
 
 
 class Job:
-    """A call waiting, running or done; its client polls it, fetches its result, or cancels it."""
+    """A call waiting, running or done; its client polls it, fetches its result, or cancels it.
 
-    def __init__(self, owner: str, call: Call, release: Callable[[], None]):
-        self.id, self.owner, self.call, self._release = uuid.uuid4().hex, owner, call, release
+    Args:
+        owner: the name of the token that sent it.
+        call: what it asks.
+        release: frees its admission; called once, when it ends.
+        check_bytes: refuses (raises ServiceError) a result of that many bytes.
+    """
+
+    def __init__(self, owner: str, call: Call, release: Callable[[], None], check_bytes: Callable[[int], None] = lambda n: None):
+        self.id, self.owner, self.call, self._release, self.check_bytes = uuid.uuid4().hex, owner, call, release, check_bytes
         self.state, self.done_runs, self.error = "queued", 0, None
+        self._callbacks: list[Callable[[], None]] = []
         self.result: Any = None
         self.created = self.seen = time.monotonic()
         self.finished: Optional[float] = None
@@ -79,6 +88,26 @@ class Job:
         self.state, self.result, self.error, self.finished = state, result, error, time.monotonic()
         self._release()
         self.ended.set()
+        for callback in self._callbacks:
+            callback()
+
+    def when_ended(self, callback: Callable[[], None]) -> None:
+        """Call callback() (from the thread that ends the job) once it ends; now if it has."""
+        self.seen = time.monotonic()
+        if self.ended.is_set():
+            callback()
+            return
+        self._callbacks.append(callback)
+        if self.ended.is_set() and callback in self._callbacks:  # it ended as we added it
+            self.forget(callback)
+            callback()
+
+    def forget(self, callback: Callable[[], None]) -> None:
+        """Not call a callback given to when_ended after all."""
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            pass
 
     def wait(self, timeout: float) -> bool:
         """Until the job ends (True) or `timeout` seconds pass (False)."""
@@ -172,20 +201,32 @@ class ModelHost:
         self.queue = FairQueue()
         self.jobs: dict[str, Job] = {}
         self.sessions: dict[str, Session] = {}
+        self.closing: list[Any] = []  # sessions to free on the stages, by the job thread (the only one that calls the Tracer)
         self.lock = threading.Condition()
         self.counts = collections.Counter()  # jobs by final state, runs, shared pipeline runs
         self.running = True
         self.thread = threading.Thread(target=self._loop, name=f"shardlens-serve-{name}", daemon=True)
         self.thread.start()
 
+    @property
+    def splits_batches(self) -> bool:
+        """Whether the Tracer splits a run's batch into microbatches (see batching.share_key)."""
+        coordinator = self.tracer.coordinator
+        return coordinator.replicas > 1 or coordinator.microbatch_size is not None
+
     # ------------------------------------------------------------------ clients' side
 
-    def submit(self, owner: str, call: Call, release: Callable[[], None]) -> Job:
-        """Queue a checked call; `release` frees its admission when it ends."""
+    def check_room(self) -> None:
+        """Refuse a job now when the queue is full (ServiceError 429)."""
+        if len(self.queue) >= self.max_queue:
+            raise ServiceError(429, f"model {self.name!r} has {len(self.queue)} requests waiting, its limit (max_queue); try again later", kind="limit")
+
+    def submit(self, owner: str, call: Call, release: Callable[[], None], check_bytes: Callable[[int], None] = lambda n: None) -> Job:
+        """Queue a checked call; `release` frees its admission when it ends, `check_bytes`
+        refuses its result by size."""
         with self.lock:
-            if len(self.queue) >= self.max_queue:
-                raise ServiceError(429, f"model {self.name!r} has {len(self.queue)} requests waiting, its limit (max_queue); try again later", kind="limit")
-            job = Job(owner, call, release)
+            self.check_room()
+            job = Job(owner, call, release, check_bytes)
             self.jobs[job.id] = job
             self.last_submit[owner] = time.monotonic()
             self.queue.push(job)
@@ -241,10 +282,11 @@ class ModelHost:
         return handle.session
 
     def end_session(self, owner: str, session_id: str) -> None:
-        handle = self.session(owner, session_id)
+        """Forget the owner's session; the job thread frees it on the stages before its next job."""
+        self.session(owner, session_id)
         with self.lock:
-            self.sessions.pop(session_id, None)
-        handle.close()
+            self.closing.append(self.sessions.pop(session_id).handle)
+            self.lock.notify_all()
 
     def _check_sessions(self, owner: str) -> None:
         with self.lock:  # re-entrant: a Condition's lock is an RLock
@@ -262,29 +304,37 @@ class ModelHost:
             self.running = False
             self.lock.notify_all()
         self.thread.join(timeout=30)
-        for session in list(self.sessions.values()):
-            session.handle.close()
+        self.closing += [session.handle for session in self.sessions.values()]
         self.sessions.clear()
+        self._close_sessions()
 
     # ------------------------------------------------------------------ the thread
 
     def _loop(self) -> None:
         while True:
+            self._close_sessions()
             with self.lock:
                 self._tidy()
-                while self.running and not self.queue:
+                while self.running and not self.queue and not self.closing:
                     self.lock.wait(timeout=5.0)
                     self._tidy()
                 if not self.running:
                     return
-                job = self.queue.pop()
+                if not self.queue:
+                    continue
+                (job,) = self._running([self.queue.pop()])
                 shared = self._sharing(job)
-                for j in [job] + shared:
-                    j.state = "running"
             if shared:
                 self._run_shared([job] + shared)
             else:
                 self._run(job)
+
+    def _close_sessions(self) -> None:
+        """Free on the stages the sessions that ended (outside the lock: these are worker calls)."""
+        with self.lock:
+            closing, self.closing = self.closing, []
+        for handle in closing:
+            handle.close()
 
     def _sharing(self, job: Job) -> list[Job]:
         """More queued jobs whose run can share `job`'s pipeline run (see serve.batching).
@@ -294,12 +344,19 @@ class ModelHost:
         if key is None or self.max_batch < 2:
             return []
         accept = lambda other: _share_key(other) == key  # noqa: E731
-        shared = self.queue.take(accept, self.max_batch - 1)
+        shared = self._running(self.queue.take(accept, self.max_batch - 1))
         deadline = time.monotonic() + self.batch_wait_s
         while len(shared) < self.max_batch - 1 and self._others_sending(job.owner) and time.monotonic() < deadline:
             self.lock.wait(deadline - time.monotonic())
-            shared += self.queue.take(accept, self.max_batch - 1 - len(shared))
-        return shared
+            shared += self._running(self.queue.take(accept, self.max_batch - 1 - len(shared)))
+        return [other for other in shared if other.state == "running"]  # less those cancelled while it waited
+
+    @staticmethod
+    def _running(jobs: list[Job]) -> list[Job]:
+        """Jobs taken off the queue to run: from now a cancel drops their results."""
+        for job in jobs:
+            job.state = "running"
+        return jobs
 
     def _others_sending(self, owner: str) -> bool:
         """Whether an owner other than `owner` submitted a job in the last second."""
@@ -317,8 +374,7 @@ class ModelHost:
                 self.jobs.pop(job.id, None)
         for session_id, session in list(self.sessions.items()):
             if now - session.used > SESSION_TTL_S:
-                del self.sessions[session_id]
-                session.handle.close()
+                self.closing.append(self.sessions.pop(session_id).handle)
 
     def _run_shared(self, jobs: list[Job]) -> None:
         """The jobs' runs as one pipeline run; when it fails, each job runs alone, so that one
@@ -380,6 +436,14 @@ class ModelHost:
         return {"session": base.session, "logits": base.logits, "tokens": base.tokens, "attention_mask": base.attention_mask}
 
     def _done(self, job: Job, result: Any) -> None:
+        """A job's result, kept for its client; refused (413) when it is larger than the
+        client may get, and dropped when the job was cancelled."""
+        try:
+            job.check_bytes(result_bytes(result))
+        except ServiceError as error:
+            self._drop(result)
+            self._failed(job, error)
+            return
         with self.lock:
             if job.state == "cancelled":
                 self._drop(result)
@@ -389,11 +453,12 @@ class ModelHost:
             self.counts["runs"] += job.total_runs
 
     def _drop(self, result: Any) -> None:
-        """Free what a cancelled job made (a base run)."""
+        """Free what a job that will not be collected made (a base run)."""
         if isinstance(result, dict) and "session" in result:
-            session = self.sessions.pop(result["session"], None)
-            if session is not None:
-                session.handle.close()
+            with self.lock:
+                session = self.sessions.pop(result["session"], None)
+                if session is not None:
+                    self.closing.append(session.handle)
 
     def _failed(self, job: Job, error: Exception) -> None:
         with self.lock:
@@ -401,6 +466,22 @@ class ModelHost:
                 return
             job.finish("failed", error=as_service_error(error))
             self.counts["failed"] += 1
+
+
+def result_bytes(result: Any) -> int:
+    """The bytes of the tensors in a job's result (RunResults' outputs and caches, or the
+    tensors of a generate or base run)."""
+    if isinstance(result, Tensor):
+        if result.is_sparse:
+            return result_bytes(result.coalesce().indices()) + result_bytes(result.coalesce().values())
+        return result.numel() * result.element_size()
+    if isinstance(result, RunResult):
+        return result_bytes(result.output) + result_bytes(list(result.cache.values()))
+    if isinstance(result, dict):
+        return result_bytes(list(result.values()))
+    if isinstance(result, (list, tuple)):
+        return sum(result_bytes(item) for item in result)
+    return 0
 
 
 def _share_key(job: Job) -> Optional[tuple]:

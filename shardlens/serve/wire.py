@@ -29,6 +29,7 @@ from shardlens.tables.dtypes import normalize_dtype
 CHUNK_BYTES = 8 << 20  # one record batch holds at most this much of a tensor's bytes
 SEND_BYTES = 1 << 20  # the stream is handed on in pieces of at least this much (each piece costs a hop)
 META_KEY = b"shardlens.meta"
+JOB_HEADER = "X-Shardlens-Job"  # the HTTP header naming the job whose result a stream is
 SCHEMA = pa.schema([("entry", pa.string()), ("dtype", pa.string()), ("shape", pa.list_(pa.int64())), ("data", pa.large_binary())])
 
 

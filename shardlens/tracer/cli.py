@@ -255,7 +255,7 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
         "(it is not stored anywhere), and `config: - {name: \"NAME\", sha256: <hash>}`, whose part after `config: ` goes "
         "in the service config's tokens list (the config keeps only the token's SHA-256).",
     )
-    token.add_argument("name", help="who the token is for (shown in the service's logs and metrics)")
+    token.add_argument("name", help="who the token is for (named in the service's error messages; never the token)")
     token.set_defaults(run=_token)
 
 

@@ -76,7 +76,7 @@ def test_a_model_the_token_may_not_use_is_403(access):
 
 def test_too_many_token_ids_is_413(access):
     error = refused(access.admit, ALICE, model="induction", n_tokens=101)
-    assert (error.status, error.kind, error.message) == (413, "limit", "the request holds 101 token ids; the limit of token 'alice' is 100 per request")
+    assert (error.status, error.kind, error.message) == (413, "limit", "the request holds 101 token ids; the limit of token 'alice' is 100 per request (tokens_per_request)")
     assert access.admit(ALICE, model="induction", n_tokens=100)
 
 
@@ -85,7 +85,7 @@ def test_more_concurrent_requests_than_the_limit_is_429_until_one_is_released(ac
     assert access.in_flight(ALICE) == 2 and access.in_flight(BOB) == 0
     error = refused(access.admit, ALICE, model="induction", n_tokens=1)
     assert (error.status, error.kind, error.message) == (
-        429, "limit", "token 'alice' has 2 requests queued or running, its limit; send more when one has finished")
+        429, "limit", "token 'alice' has 2 requests queued or running, its limit (concurrent); send more when one has finished")
     first.release()
     assert access.in_flight(ALICE) == 1 and access.admit(ALICE, model="induction", n_tokens=1)
     assert access.in_flight(ALICE) == 2 and not second.released
@@ -97,7 +97,7 @@ def test_more_requests_per_minute_than_the_limit_is_429(access, clock):
         access.admit(ALICE, model="induction", n_tokens=1).release()
     clock.now = 35.5
     error = refused(access.admit, ALICE, model="induction", n_tokens=1)
-    assert (error.status, error.kind, error.message) == (429, "limit", "token 'alice' started 3 requests in the last 60 s, its limit; retry in 24.5 s")
+    assert (error.status, error.kind, error.message) == (429, "limit", "token 'alice' started 3 requests in the last 60 s, its limit (per_minute); retry in 24.5 s")
     clock.now = 60.0  # the one at 0 s has left the window
     assert access.admit(ALICE, model="induction", n_tokens=1)
 
@@ -132,7 +132,7 @@ def test_more_cached_bytes_than_the_limit_is_413(access):
     access.check_cached_bytes(ALICE, 1000)
     error = refused(access.check_cached_bytes, ALICE, 1001)
     assert (error.status, error.kind, error.message) == (
-        413, "limit", "the results hold 1001 bytes; the limit of token 'alice' is 1000 bytes per request (ask for fewer hook points, positions or examples)")
+        413, "limit", "the results hold 1001 bytes; the limit of token 'alice' is 1000 bytes per request (cached_bytes) (ask for fewer hook points, positions or examples)")
 
 
 def test_admit_from_many_threads_lets_in_exactly_the_limit(access):

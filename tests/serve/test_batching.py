@@ -10,6 +10,7 @@ import torch
 import shardlens as sl
 from shardlens.hooks.run import BaseRun, Destination, Resume
 from shardlens.serve import batching
+from tests.serve.service import assert_same_result
 
 FAMILY = "llama_gqa"
 ATOL = 1e-5
@@ -214,17 +215,6 @@ def shared(runner, requests):
     return batching.split(runner.run(request), rows, masks)
 
 
-def assert_same_result(got, expected):
-    torch.testing.assert_close(got.output, expected.output, atol=ATOL, rtol=0)
-    assert sorted(got.cache) == sorted(expected.cache)
-    for name in expected.cache:
-        torch.testing.assert_close(got.cache[name], expected.cache[name], atol=ATOL, rtol=0)
-    if expected.attention_mask is None:
-        assert got.attention_mask is None
-    else:
-        assert torch.equal(got.attention_mask.cpu(), expected.attention_mask.cpu())
-
-
 def test_sharing_requests_share_a_key(names):
     requests = sharing_requests()
 
@@ -307,3 +297,20 @@ def test_shared_run_of_runs_reading_where_they_write_gives_each_what_it_gives_al
 
     for part, request in zip(parts, requests):
         assert_same_result(part, runner.run(request))
+
+
+def test_a_runner_that_splits_batches_shares_writing_runs_only_when_they_ask_for_their_whole_batch(names, tiny_checkpoints):
+    tokens = tokens_of(2, 40)
+    ablate = spec("blocks.1.hook_mlp_out", sl.ops.Ablate("mean"))  # its mean is over the batch it sees
+    writing, whole = sl.RunRequest(tokens, specs=(ablate,)), sl.RunRequest(tokens, specs=(ablate,), whole_batch=True)
+    reading = sl.RunRequest(tokens, specs=(READ,))
+
+    keys = {name: batching.share_key(r, tokens, names, splits=True) for name, r in (("writing", writing), ("whole", whole), ("reading", reading))}
+
+    assert keys["writing"] is None and keys["whole"] is not None and keys["reading"] is not None
+    assert batching.share_key(writing, tokens, names, splits=False) is not None
+    with sl.Tracer.from_pretrained(tiny_checkpoints[FAMILY], stages=2, backend="local", microbatch_size=1) as split:
+        alone, whole_alone = split.run(writing), split.run(whole)
+        (together,) = shared(split, [whole])
+    assert not torch.allclose(alone.output, whole_alone.output, atol=1e-3)  # why: per microbatch, the mean is another
+    assert_same_result(together, whole_alone)

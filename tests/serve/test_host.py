@@ -21,6 +21,7 @@ from shardlens.hooks.codec import encode
 from shardlens.serve import calls
 from shardlens.serve import host as host_module
 from shardlens.serve.host import Call, FairQueue, Job, ModelHost, as_service_error
+from tests.serve.service import assert_same_result
 
 FAMILY = "llama_gqa"
 ATOL = 1e-5
@@ -224,17 +225,6 @@ def ended(job):
 def result_of(host, owner, job):
     (result,) = host.collect(ended(host.job(owner, job.id)))
     return result
-
-
-def assert_same_result(got, expected):
-    torch.testing.assert_close(got.output, expected.output, atol=ATOL, rtol=0)
-    assert sorted(got.cache) == sorted(expected.cache)
-    for name in expected.cache:
-        torch.testing.assert_close(got.cache[name], expected.cache[name], atol=ATOL, rtol=0)
-    if expected.attention_mask is None:
-        assert got.attention_mask is None
-    else:
-        assert torch.equal(got.attention_mask, expected.attention_mask)
 
 
 def assert_no_specs_installed(tracer):
@@ -582,3 +572,130 @@ def test_decode_call_refuses_another_owners_kv_cache_404(host):
 
     assert error.status == 404
     assert calls.decode_call(data, host, "bob").runs[0].kv_cache.session == session
+
+
+# ---------------------------------------------------------------------- what a request may not do to others
+
+
+def test_a_permanent_spec_acts_for_its_own_run_only(host, tracer):
+    request = sl.RunRequest(tokens_of(1, 30))
+    data = call_json(request)
+    data["installed"] = [encode(sl.HookSpec("blocks.0.hook_resid_post", sl.ops.Scale(0.0), permanent=True))]
+    zeroed = host.submit("mallory", calls.decode_call(data, host, "mallory"), lambda: None)
+    plain = submit(host, "bob", request)
+
+    assert not torch.allclose(result_of(host, "mallory", zeroed).output, tracer.run(request).output)
+    assert_same_result(result_of(host, "bob", plain), tracer.run(request))
+    assert_no_specs_installed(tracer)
+
+
+def test_a_spec_naming_a_file_on_the_server_is_refused_before_it_is_read(host, tiny_checkpoints, monkeypatch):
+    from shardlens.hooks.dictionaries import WeightsRef
+
+    from shardlens.hooks.dictionaries import _weights
+
+    monkeypatch.setattr(_weights, "_open", lambda uri: pytest.fail("the server opened a file a client named"))
+    monkeypatch.setattr(WeightsRef, "tensors", lambda self: pytest.fail("the server read a file a client named"))
+    ref = {"__type__": "WeightsRef", "uri": str(tiny_checkpoints[FAMILY] / "model.safetensors"), "sha256": None}
+    splice = {"__type__": "HookSpec", "points": "blocks.0.hook_resid_post", "dir": None, "level": None, "permanent": False, "prepend": False,
+              "op": {"__type__": "Splice", "dictionary": {"__type__": "Dictionary", "weights": ref}}}
+    data = call_json(sl.RunRequest(tokens_of(1, 31)))
+    data["installed"] = [splice]
+
+    error = refused(host, data)
+
+    assert (error.status, "WeightsRef" in error.message, "inline" in error.message) == (400, True, True)
+
+
+def test_the_points_a_generate_jobs_splice_makes_are_gone_after_it(host, tracer):
+    from tests.tracer.test_dictionaries import _weights
+
+    weights = {k: v for k, v in _weights(0, skip=False).items()}
+    splice = sl.HookSpec("blocks.0.hook_resid_post", sl.ops.Splice(sl.dictionaries.Dictionary(weights)))
+    names = tracer.hook_names()
+    data = call_json(sl.RunRequest(tokens_of(1, 32)), installed=[splice], kind="generate")
+    data["options"] = {"max_new_tokens": 2, "stop_at_eos": False}
+    made = host.submit("mallory", calls.decode_call(data, host, "mallory"), lambda: None)
+
+    assert ended(made).state == "done"
+    assert tracer.hook_names() == names
+    assert_no_specs_installed(tracer)
+
+
+@pytest.mark.parametrize("installed, message", [
+    ([sl.HookSpec("blocks.0.hook_resid_pots", sl.ops.Scale(1.0))], "blocks.0.hook_resid_post"),
+])
+def test_a_generate_jobs_installed_specs_are_checked_before_it_is_queued(host, installed, message):
+    data = call_json(sl.RunRequest(tokens_of(1, 33)), installed=installed, kind="generate")
+    data["options"] = {"max_new_tokens": 2}
+
+    error = refused(host, data)
+
+    assert error.status == 400 and message in error.message and host.stats()["queued"] == 0
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"max_new_tokens": 0}, "options.max_new_tokens got 0"),
+    ({"max_new_tokens": "8"}, "options.max_new_tokens got '8'"),
+    ({"max_new_tokens": 2, "top_p": 1.5}, "options.top_p got 1.5"),
+    ({"max_new_tokens": 2, "stop_at_eos": "no"}, "options.stop_at_eos got 'no'"),
+])
+def test_bad_generate_options_are_refused(host, options, message):
+    data = call_json(sl.RunRequest(tokens_of(1, 34)), kind="generate")
+    data["options"] = options
+
+    error = refused(host, data)
+
+    assert (error.status, message in error.message) == (400, True), error.message
+
+
+def test_a_generate_counts_its_new_tokens(host):
+    data = call_json(sl.RunRequest(tokens_of(2, 35)), kind="generate")
+    data["options"] = {"max_new_tokens": 10}
+
+    assert calls.decode_call(data, host, "alice").n_tokens == 2 * (7 + 10)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("resume", "x", "resume must be"),
+    ("kv_cache", ["x"], "kv_cache must be"),
+    ("sources", [1, 2], "sources must map names to caches"),
+    ("grads", "false", "grads must be true or false"),
+    ("whole_batch", 1, "whole_batch must be true or false"),
+])
+def test_malformed_run_fields_are_400(host, field, value, message):
+    data = call_json(sl.RunRequest(tokens_of(1, 36)))
+    data["runs"][0][field] = value
+
+    error = refused(host, data)
+
+    assert (error.status, message in error.message) == (400, True), error.message
+
+
+def test_a_result_over_the_tokens_byte_limit_is_413_and_dropped(host):
+    def check_bytes(n):
+        if n > 100:
+            raise ServiceError(413, f"the results hold {n} bytes", kind="limit")
+
+    released = []
+    call = calls.decode_call(call_json(sl.RunRequest(tokens_of(1, 37))), host, "alice")
+    made = host.submit("alice", call, lambda: released.append(1), check_bytes)
+
+    assert (ended(made).state, made.error.status, made.result, released) == ("failed", 413, None, [1])
+    assert host.counts["done"] == 0
+
+
+def test_a_job_cancelled_while_waiting_to_share_never_runs(host, gate, tracer, monkeypatch):
+    requests = sharing_requests()
+    gate.hold(host)
+    host.batch_wait_s = 0.5
+    first = submit(host, "alice", requests["alice"])
+    second = submit(host, "bob", requests["bob"])
+    gate.open()
+    deadline = time.monotonic() + WAIT_S
+    while second.state == "queued" and time.monotonic() < deadline:  # taken to share, while the thread waits for more
+        time.sleep(0.001)
+    host.cancel(second)
+
+    assert ended(second).state == "cancelled" and ended(first).state == "done"
+    assert host.counts["done"] == 2 and [r.input.shape[0] for r in gate.runs] == [1, 2]  # the held job; the first, alone

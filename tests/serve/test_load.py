@@ -67,7 +67,7 @@ def one_client(url, index, tokens, expected, half_done, outcomes):
             half_done.wait(timeout=120)
         try:
             if kind == "valid":
-                client = sl.connect(url, model="tiny", token=f"user-token-{index % 4}")
+                client = sl.connect(url, model="tiny", token=f"user-token-{index // 4}")  # the valid clients 0, 4, 8, 12: four tokens
                 spec = sl.HookSpec("blocks.1.hook_resid_post", sl.ops.Scale(factor_of(index)))
                 if n % 2:
                     (result,) = client.run_variants([sl.RunRequest(tokens, specs=(spec,))])
