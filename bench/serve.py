@@ -2,7 +2,10 @@
 
   (a) run one at a time on an in-process Tracer (the baseline),
   (b) sent by concurrent clients to the service, each run alone (max_batch=1),
-  (c) the same, with runs of different clients sharing pipeline runs (max_batch=8).
+  (c) the same, with runs of different clients sharing pipeline runs (max_batch=8),
+
+each client sending its next request when its last result is back (--in-flight 1), or
+keeping that many requests queued or running (a sweep's way of using the service).
 
 A random Llama (4 layers, d_model 256, 8 heads / 2 key-value heads, vocab 4096) saved to a
 temporary folder; every Tracer has 2 stages on a local Ray instance. Each client has its
@@ -11,12 +14,13 @@ blocks.1.hook_resid_post, caching blocks.*.hook_resid_post. Every result (logits
 is checked against the baseline's. Prints requests/s, p50 / p99 latency, and the ratios c/b
 and c/a.
 
-    .venv/bin/python bench/serve.py [--clients 4] [--requests 40] [--tokens 32]
+    .venv/bin/python bench/serve.py [--clients 4] [--requests 40] [--tokens 32] [--in-flight 1 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import socket
@@ -70,8 +74,9 @@ def in_process(folder: str, work: list) -> tuple[list[float], float, dict]:
         return latencies, time.perf_counter() - start, results
 
 
-def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[list[float], float]:
-    """(b) and (c): each client in its own thread, all at once, against a fresh service."""
+def served(folder: str, work: list, max_batch: int, reference: dict, in_flight: int) -> tuple[list[float], float]:
+    """(b) and (c): each client in its own thread, all at once, against a fresh service; each
+    keeps `in_flight` requests queued or running (1: run_with_cache, one after another)."""
     tokens = tuple(TokenEntry(f"client{c}", hash_token(f"token-{c}")) for c in range(len(work)))
     config = ServiceConfig(models=(ModelEntry("bench", folder, stages=2, backend="ray", max_batch=max_batch),), tokens=tokens)
     url = app.start(config, port=free_port())
@@ -81,15 +86,27 @@ def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[li
         latencies: list[float] = []
         wrong: list = []
 
+        def check(c: int, i: int, logits: torch.Tensor, cache: dict) -> None:
+            expected_logits, expected_cache = reference[c, i]
+            same = torch.allclose(logits, expected_logits, atol=1e-4) and sorted(cache) == sorted(expected_cache)
+            if not (same and all(torch.allclose(cache[n], expected_cache[n], atol=1e-4) for n in cache)):
+                wrong.append((c, i))
+
         def run(c: int) -> None:
+            pending: collections.deque = collections.deque()
             for i, (tokens, factor) in enumerate(work[c]):
                 began = time.perf_counter()
-                logits, cache = one(clients[c], tokens, factor)
-                latencies.append(time.perf_counter() - began)
-                expected_logits, expected_cache = reference[c, i]
-                same = torch.allclose(logits, expected_logits, atol=1e-4) and sorted(cache) == sorted(expected_cache)
-                if not (same and all(torch.allclose(cache[n], expected_cache[n], atol=1e-4) for n in cache)):
-                    wrong.append((c, i))
+                if in_flight == 1:
+                    check(c, i, *one(clients[c], tokens, factor))
+                    latencies.append(time.perf_counter() - began)
+                    continue
+                with clients[c].hooks(fwd_hooks=[sl.HookSpec(POINT, sl.ops.Scale(factor))]):
+                    pending.append((i, began, clients[c].submit("run", [sl.RunRequest(tokens, specs=(sl.HookSpec(NAMES, sl.ops.Cache()),))])))
+                while len(pending) >= in_flight or (pending and i == len(work[c]) - 1):
+                    j, started, job = pending.popleft()
+                    (result,) = job.result()
+                    latencies.append(time.perf_counter() - started)
+                    check(c, j, result.output, result.cache)
 
         threads = [threading.Thread(target=run, args=(c,)) for c in range(len(work))]
         start = time.perf_counter()
@@ -98,7 +115,7 @@ def served(folder: str, work: list, max_batch: int, reference: dict) -> tuple[li
         for thread in threads:
             thread.join()
         elapsed = time.perf_counter() - start
-        if wrong:
+        if wrong or len(latencies) != sum(map(len, work)):
             raise AssertionError(f"the service returned other logits or caches than the in-process Tracer for (client, request) {wrong[:5]}")
         with urllib.request.urlopen(url + "/healthz") as response:
             stats = json.loads(response.read())["models"]["bench"]
@@ -127,6 +144,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--requests", type=int, default=40, help="requests per client")
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request")
+    parser.add_argument("--in-flight", type=int, nargs="+", default=[1, 2], help="requests each client keeps queued or running (1: one after another)")
     args = parser.parse_args()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     transformers.utils.logging.set_verbosity_error()
@@ -137,10 +155,13 @@ def main() -> None:
         print(f"{args.clients} clients x {args.requests} requests of 1 x {args.tokens} tokens, Tracer of 2 stages on Ray")
         latencies, elapsed, reference = in_process(folder, work)
         alone_in_process = describe("(a) in-process Tracer, one at a time", latencies, elapsed)
-        alone = describe(f"(b) service, {args.clients} clients, max_batch=1", *served(folder, work, 1, reference))
-        shared = describe(f"(c) service, {args.clients} clients, max_batch=8", *served(folder, work, 8, reference))
+        for in_flight in args.in_flight:
+            each = f"{args.clients} clients x {in_flight} in flight"
+            alone = describe(f"(b) service, {each}, max_batch=1", *served(folder, work, 1, reference, in_flight))
+            shared = describe(f"(c) service, {each}, max_batch=8", *served(folder, work, 8, reference, in_flight))
+            print(f"{each}: shared runs give {shared / alone:.2f}x the throughput of runs alone (c/b), "
+                  f"{shared / alone_in_process:.2f}x the in-process Tracer's (c/a)")
     ray.shutdown()
-    print(f"shared runs: {shared / alone:.2f}x the throughput of runs alone (c/b), {shared / alone_in_process:.2f}x the in-process Tracer's (c/a)")
 
 
 if __name__ == "__main__":

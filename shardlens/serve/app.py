@@ -27,16 +27,18 @@ on KubeRay with a RayService whose application's import_path is ``shardlens.serv
 
 import asyncio
 import base64
+import itertools
 import os
 import signal
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
 from shardlens.errors import ServiceError
@@ -75,6 +77,17 @@ async def _ended(job: Any, timeout: float) -> bool:
     except asyncio.TimeoutError:
         job.forget(wake)
         return job.ended.is_set()
+
+
+def _arrow_response(pieces: Iterator[bytes], job_id: str) -> Response:
+    """An Arrow IPC stream as the answer: one body when it is one piece (a small result: one
+    hop through Serve's proxy), else streamed piece by piece."""
+    headers, media_type = {JOB_HEADER: job_id}, "application/vnd.apache.arrow.stream"
+    first = next(pieces)
+    second = next(pieces, None)
+    if second is None:
+        return Response(first, media_type=media_type, headers=headers)
+    return StreamingResponse(itertools.chain([first, second], pieces), media_type=media_type, headers=headers)
 
 
 async def _body(request: Request) -> bytes:
@@ -336,7 +349,7 @@ class TracingService:
         except Exception as error:
             return self._refused(error)
         self._count(200)
-        return StreamingResponse(encode_tensors(entries, meta), media_type="application/vnd.apache.arrow.stream", headers={JOB_HEADER: job.id})
+        return _arrow_response(encode_tensors(entries, meta), job.id)
 
     # ------------------------------------------------------------------ sessions
 

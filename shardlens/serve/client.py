@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import json
 import os
 import tempfile
+import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Sequence
 from typing import Any, Optional, Union
 
@@ -41,6 +41,7 @@ from shardlens.serve import calls
 from shardlens.serve.wire import JOB_HEADER, decode_tensors
 
 WAIT_S = 30.0  # a run's request waits this long for its result before the client polls for it
+IDLE_CONNECTION_S = 30.0  # a connection idle this long is opened anew (servers close idle ones)
 
 
 def connect(url: str, *, model: str, token: str, timeout: float = 600.0) -> "Client":
@@ -65,6 +66,11 @@ class Client(HookAPI):
         if not isinstance(token, str) or not token:
             raise ValueError("token must be the bearer token the service gave you (a non-empty string)")
         self.url, self.model, self.timeout = url.rstrip("/"), model, timeout
+        self._address = urllib.parse.urlsplit(self.url)
+        if self._address.scheme not in ("http", "https") or not self._address.hostname:
+            raise ValueError(f"url must be the service's http:// or https:// address; got {url!r}")
+        self._root = self._address.path.rstrip("/")  # a service behind a proxy may live under a path
+        self._local = threading.local()  # each thread's kept-alive connection
         self._headers = {"Authorization": f"Bearer {token}"}
         info = self._json("GET", f"/v1/models/{urllib.parse.quote(model)}")
         self.config, self.tokenizer = _model_files(info["files"])
@@ -80,15 +86,39 @@ class Client(HookAPI):
     # ------------------------------------------------------------------ HTTP
 
     def _call(self, method: str, path: str, body: Optional[dict] = None, *, timeout: Optional[float] = None) -> Any:
+        """The response to one request, on this thread's kept-alive connection (read it whole
+        before the next call); an error answer raises its ServiceError."""
         data = None if body is None else json.dumps(body).encode()
         headers = {**self._headers, **({"Content-Type": "application/json"} if data is not None else {})}
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        connection = self._connection(timeout or 60.0)
         try:
-            return urllib.request.urlopen(request, timeout=timeout or 60.0)
-        except urllib.error.HTTPError as error:
-            raise _service_error(error) from None
-        except urllib.error.URLError as error:
-            raise ServiceError(503, f"cannot reach the service at {self.url}: {error.reason}", kind="unreachable") from None
+            connection.request(method, self._root + path, body=data, headers=headers)
+            response = connection.getresponse()
+        except (OSError, http.client.HTTPException) as error:
+            connection.close()
+            self._local.connection = None
+            raise ServiceError(503, f"cannot reach the service at {self.url}: {error}", kind="unreachable") from None
+        self._local.used = time.monotonic()
+        if response.status >= 400:
+            with response:
+                raise _service_error(response.status, response.reason, response.read())
+        return response
+
+    def _connection(self, timeout: float) -> http.client.HTTPConnection:
+        """This thread's connection to the service: kept alive between calls, opened anew
+        when it has been idle long enough for the server to have closed it."""
+        connection = getattr(self._local, "connection", None)
+        if connection is not None and time.monotonic() - self._local.used > IDLE_CONNECTION_S:
+            connection.close()
+            connection = None
+        if connection is None:
+            kind = http.client.HTTPSConnection if self._address.scheme == "https" else http.client.HTTPConnection
+            connection = self._local.connection = kind(self._address.hostname, self._address.port, timeout=timeout)
+            self._local.used = time.monotonic()
+        connection.timeout = timeout
+        if connection.sock is not None:
+            connection.sock.settimeout(timeout)
+        return connection
 
     def _json(self, method: str, path: str, body: Optional[dict] = None, **options: Any) -> Any:
         with self._call(method, path, body, **options) as response:
@@ -111,6 +141,7 @@ class Client(HookAPI):
         with response:
             if response.status == 200:
                 entries, meta = decode_tensors(response)
+                response.read()  # the rest of the body, so that the connection can be used again
                 return RemoteJob(self, response.headers[JOB_HEADER], kind, done=(calls.dense_entries(entries, meta), meta))
             return RemoteJob(self, json.loads(response.read())["job"], kind)
 
@@ -213,7 +244,7 @@ class Client(HookAPI):
     def end_session(self, session: str) -> None:
         """Free a key/value cache or base run on the service (nothing if it is gone)."""
         try:
-            self._call("DELETE", self._model_path("sessions", session)).close()
+            self._json("DELETE", self._model_path("sessions", session))
         except ServiceError as error:
             if error.status != 404:
                 raise
@@ -268,7 +299,9 @@ class RemoteJob:
                 with response:
                     if response.status == 200:
                         entries, meta = decode_tensors(response)
+                        response.read()  # the rest of the body, so that the connection can be used again
                         return calls.dense_entries(entries, meta), meta
+                    response.read()
                 if time.monotonic() > deadline:
                     raise ServiceError(504, f"job {self.id} did not end within {timeout:.0f} s; it was cancelled", kind="timeout")
         except BaseException:
@@ -336,16 +369,16 @@ def _model_files(files: dict) -> tuple[Any, Any]:
     return config, tokenizer
 
 
-def _service_error(error: urllib.error.HTTPError) -> ServiceError:
+def _service_error(status: int, reason: str, body: bytes) -> ServiceError:
     """The ServiceError of an HTTP error answer. A request the service refused as a
     ValueError, TypeError, KeyError or IndexError (a bad spec, a resume it cannot take, a
     hook that raised on its inputs) is also an instance of that type, as the same mistake is
     on a Tracer."""
     try:
-        detail = json.loads(error.read())["error"]
+        detail = json.loads(body)["error"]
         status, message, kind = int(detail["status"]), str(detail["message"]), str(detail["kind"])
     except (ValueError, KeyError, TypeError):
-        return ServiceError(error.code, f"{error.reason}", kind="http")
+        return ServiceError(status, f"{reason}: {body[:200]!r}", kind="http")
     return _TYPED.get(kind, ServiceError)(status, message, kind=kind)
 
 
