@@ -285,8 +285,10 @@ class ModelHost:
         """Forget the owner's session; the job thread frees it on the stages before its next job."""
         self.session(owner, session_id)
         with self.lock:
-            self.closing.append(self.sessions.pop(session_id).handle)
-            self.lock.notify_all()
+            session = self.sessions.pop(session_id, None)  # None: another request ended it just now
+            if session is not None:
+                self.closing.append(session.handle)
+                self.lock.notify_all()
 
     def _check_sessions(self, owner: str) -> None:
         with self.lock:  # re-entrant: a Condition's lock is an RLock
