@@ -19,6 +19,7 @@ when they are ready).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from shardlens.errors import ServiceError
 from shardlens.hooks.codec import decode, encode
+from shardlens.hooks.dictionaries import WeightsRef
 from shardlens.hooks.run import Resume, RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
 from shardlens.serve import batching
@@ -62,7 +64,7 @@ def run_json(request: RunRequest) -> dict:
         raise ValueError("a connected client writes datasets itself and takes no forward keyword arguments")
     data = {
         "input": encode(request.input), "attention_mask": encode(request.attention_mask), "return_type": request.return_type,
-        "metric": encode(request.metric), "specs": [encode(s) for s in request.specs], "grads": request.grads,
+        "metric": encode(request.metric), "specs": [encode(inline(s)) for s in request.specs], "grads": request.grads,
         "weight_grads": request.weight_grads, "sources": encode(dict(request.sources)), "whole_batch": request.whole_batch,
     }
     if request.kv_cache is not None:
@@ -76,7 +78,24 @@ def run_json(request: RunRequest) -> dict:
 
 def installed_json(specs: Sequence[HookSpec]) -> list:
     """Installed specs as one run carries them: in order, with no level of their own."""
-    return [encode(dataclasses.replace(s, level=None, permanent=False)) for s in specs]
+    return [encode(dataclasses.replace(inline(s), level=None, permanent=False)) for s in specs]
+
+
+def inline(spec: HookSpec) -> HookSpec:
+    """The spec with its dictionary's weights read here and carried inline: the service
+    reads no file a client names (a dictionary loaded from a path holds a WeightsRef)."""
+    dictionary = getattr(spec.op, "dictionary", None)
+    if not isinstance(getattr(dictionary, "weights", None), WeightsRef):
+        return spec
+    weights = _tensors_of(dictionary.weights)
+    return dataclasses.replace(spec, op=dataclasses.replace(spec.op, dictionary=dataclasses.replace(dictionary, weights=weights)))
+
+
+@functools.lru_cache(maxsize=4)
+def _tensors_of(ref: WeightsRef) -> dict:
+    """A dictionary file's tensors (checked against its sha256, if it has one), read once for
+    every run that carries them."""
+    return ref.tensors()
 
 
 # ---------------------------------------------------------------------- server side
@@ -190,7 +209,7 @@ def _refuse_types(data: Any) -> None:
     elif isinstance(data, dict):
         if data.get("__type__") in REFUSED_TYPES:
             raise ServiceError(400, f"a spec holds a {data['__type__']}, which would make the service read a file or URI of its own: "
-                                    "send a dictionary with its weights inline (sl.dictionaries.read(path) on your machine)", kind="bad_request")
+                                    "send a dictionary with its weights inline (a connected client does: sl.dictionaries.load(path) on your machine)", kind="bad_request")
         for value in data.values():
             _refuse_types(value)
 

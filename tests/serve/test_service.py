@@ -260,3 +260,18 @@ def test_a_client_that_goes_away_while_it_waits_cancels_its_job(service, tokens)
         time.sleep(0.1)
     assert queued.status()["state"] == "cancelled"
     assert slow.fetch()[0]["tokens"].shape == (2, 67)
+
+
+def test_a_dictionary_loaded_from_a_file_travels_inline(service, tiny_checkpoints, tmp_path, tokens):
+    from safetensors.torch import save_file
+
+    from tests.tracer.test_dictionaries import SAE_POINT, _weights
+
+    save_file(_weights(0, skip=False), tmp_path / "sae.safetensors")
+    spec = sl.dictionaries.load(tmp_path / "sae.safetensors", point=SAE_POINT)
+    names = [f"{SAE_POINT}.sae.hook_latents", "blocks.2.hook_resid_post"]
+    model = sl.HookedModel.from_pretrained(tiny_checkpoints[FAMILY])
+    expected_logits, expected = model.run_with_cache(tokens, names_filter=names, fwd_hooks=[spec])
+    logits, cache = client(service).run_with_cache(tokens, names_filter=names, fwd_hooks=[spec])
+    assert torch.allclose(logits, expected_logits, atol=ATOL)
+    assert all(torch.allclose(cache[name], expected[name], atol=ATOL) for name in names)
