@@ -28,6 +28,7 @@ on KubeRay with a RayService whose application's import_path is ``shardlens.serv
 import asyncio
 import base64
 import itertools
+import json
 import os
 import signal
 import tempfile
@@ -37,6 +38,7 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
@@ -61,6 +63,7 @@ def _error(error: BaseException) -> JSONResponse:
 
 
 # Serve pickles the deployment class where it is defined: what it calls is defined above it.
+
 
 async def _ended(job: Any, timeout: float) -> bool:
     """Whether the job ends within `timeout` seconds (waiting on the event loop, no thread)."""
@@ -104,8 +107,6 @@ async def _body(request: Request) -> bytes:
 
 
 def _json(body: bytes) -> Any:
-    import json
-
     try:
         return json.loads(body or b"{}")
     except ValueError as error:
@@ -113,8 +114,6 @@ def _json(body: bytes) -> Any:
 
 
 def _dtype(name: Optional[str]) -> Any:
-    import torch
-
     return None if name is None else getattr(torch, name)
 
 
@@ -166,7 +165,6 @@ def _ray_serve_metrics() -> str:
             continue
         lines += [line for line in text.splitlines() if "ray_serve_" in line]
     return "\n".join(lines) + ("\n" if lines else "")
-
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024, health_check_period_s=10)
