@@ -30,7 +30,7 @@ from shardlens.hooks.hook_point import Direction, DirectionOrBoth, check_dir, re
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Cache, CacheGrad, Code, Op
 from shardlens.hooks.run import BaseRun, Destination, RunRequest, RunResult
-from shardlens.hooks.shapes import canonical_shape
+from shardlens.hooks.shapes import cache_fields, canonical_shape
 from shardlens.hooks.slice import Slice, SliceInput
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables import ActivationCache
@@ -174,8 +174,15 @@ class HookAPI:
         return tokens, mask
 
     def _cache_fields(self) -> dict:
-        """ActivationCache's keyword arguments besides the tensors and the attention mask."""
-        return {}
+        """ActivationCache's keyword arguments besides the tensors and the attention mask:
+        what the model's architecture tells a cache (none for module points only)."""
+        return cache_fields(getattr(self, "architecture", None))
+
+    def check_ops(self, spec: HookSpec, names: Sequence[str]) -> None:
+        """Refuse, before anything is installed, a hook point among `names` (those `spec`
+        selects) that its op cannot act on (see Op.check)."""
+        for name in names:
+            spec.op.check(name, self)
 
     def _dataset_metadata(self) -> dict:
         """What every dataset part this runner writes records about the model."""

@@ -149,8 +149,7 @@ class HookedRootModule(HookAPI, nn.Module):
         names = spec.resolve(list(self.hook_dict))
         for name in spec.created_names(names):
             self.add_hook_point(name)
-        for name in names:
-            spec.op.check(name, self)
+        self.check_ops(spec, names)
         hook = SpecHook(spec, self, scope.store, scope.sources)
         for name in names:
             self.check_and_add_hook(

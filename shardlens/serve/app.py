@@ -38,7 +38,6 @@ from collections.abc import Iterator
 from typing import Any, Optional
 
 import ray
-import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
@@ -113,10 +112,6 @@ def _json(body: bytes) -> Any:
         raise ServiceError(400, f"the request body is not JSON: {error}", kind="bad_request") from None
 
 
-def _dtype(name: Optional[str]) -> Any:
-    return None if name is None else getattr(torch, name)
-
-
 def _model_info(host: ModelHost) -> dict:
     """What a client needs to check specs and tokenize text as the server does."""
     tracer = host.tracer
@@ -180,7 +175,7 @@ class TracingService:
         self.answers: dict[int, int] = {}  # HTTP statuses answered to /v1 requests, for /metrics
         for entry in config.models:
             tracer = Tracer.from_pretrained(
-                entry.source, stages=entry.stages, replicas=entry.replicas, backend=entry.backend, dtype=_dtype(entry.dtype),
+                entry.source, stages=entry.stages, replicas=entry.replicas, backend=entry.backend, dtype=entry.dtype,
                 microbatch_size=entry.microbatch_size, device=entry.device,
             )
             self.hosts[entry.name] = ModelHost(entry.name, tracer, max_batch=entry.max_batch, max_queue=entry.max_queue)

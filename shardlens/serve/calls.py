@@ -280,10 +280,6 @@ def _sparse(entries: list[tuple[str, Tensor]], meta: dict) -> tuple[list[tuple[s
     return dense, {**meta, "sparse": sparse}
 
 
-def nbytes(entries: Sequence[tuple[str, Tensor]]) -> int:
-    return sum(t.numel() * t.element_size() for _, t in entries)
-
-
 def runs_from(entries: Mapping[str, Tensor], meta: Mapping[str, Any]) -> list[RunResult]:
     """A run or variants job's results, from what `result_entries` sent."""
     entries = dense_entries(entries, meta)

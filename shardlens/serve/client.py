@@ -34,7 +34,6 @@ from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks.hook_api import HookAPI, HookList, Scope
 from shardlens.hooks.ops import Op
 from shardlens.hooks.run import BaseRun, RunRequest, RunResult
-from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import PointOptions
 from shardlens.serve import calls
@@ -161,12 +160,8 @@ class Client(HookAPI):
     def install(self, level: Optional[int], specs: Sequence[HookSpec], scope: Scope = Scope()) -> None:
         """Check specs against the model's hook points (and each op's own check) and keep them
         here; every run sends them along."""
-        per_stage, known = self.stack.split(specs, check=self._check)
+        per_stage, known = self.stack.split(specs, check=self.check_ops)
         self.stack.push(level, specs, per_stage, known)
-
-    def _check(self, spec: HookSpec, names: Sequence[str]) -> None:
-        for name in names:
-            spec.op.check(name, self)
 
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
         self.stack.remove(level, including_permanent=including_permanent, direction=direction)
@@ -217,9 +212,6 @@ class Client(HookAPI):
     def shares(self, path: Union[str, os.PathLike]) -> bool:
         """Always: a client writes the datasets of its runs itself."""
         return True
-
-    def _cache_fields(self) -> dict:
-        return cache_fields(self.architecture)
 
     def _lens_config_args(self) -> tuple[Any, dict]:
         options = dict(device="cpu", dtype=getattr(torch, self.dtype), n_devices=1, options=self.point_options)

@@ -475,7 +475,8 @@ def result_bytes(result: Any) -> int:
     tensors of a generate or base run)."""
     if isinstance(result, Tensor):
         if result.is_sparse:
-            return result_bytes(result.coalesce().indices()) + result_bytes(result.coalesce().values())
+            coalesced = result.coalesce()
+            return result_bytes(coalesced.indices()) + result_bytes(coalesced.values())
         return result.numel() * result.element_size()
     if isinstance(result, RunResult):
         return result_bytes(result.output) + result_bytes(list(result.cache.values()))

@@ -20,7 +20,6 @@ from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Code, Op
 from shardlens.hooks.run import Resume, RunRequest, RunResult
 from shardlens.hooks.specs import HookSpec
-from shardlens.hooks.shapes import cache_fields
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.tables.parquet import is_uri
@@ -58,7 +57,7 @@ class Tracer(HookAPI):
         replicas: int = 1,
         backend: str = "ray",
         address: Optional[str] = None,
-        dtype: Optional[torch.dtype] = None,
+        dtype: Union[torch.dtype, str, None] = None,
         max_memory: Optional[dict] = None,
         microbatch_size: Union[int, str, None] = None,
         seq_len: Optional[int] = None,
@@ -73,8 +72,8 @@ class Tracer(HookAPI):
         Args:
             backend: "ray" (actors; connects to `address`, or starts a local Ray instance) or
                 "local" (the same workers in this process).
-            dtype: the stages' parameter dtype; None: as transformers' dtype="auto" (see
-                ShardPlan.for_model).
+            dtype: the stages' parameter dtype (a torch dtype or its name); None: as
+                transformers' dtype="auto" (see ShardPlan.for_model).
             max_memory: each stage's device budgets (see ShardPlan.for_model); GPUs named
                 there are requested from Ray per worker.
             microbatch_size: examples per microbatch (default: the batch split evenly over
@@ -181,16 +180,12 @@ class Tracer(HookAPI):
         """Validate specs against every stage's hook points (and each op's own check, here)
         and send each stage its share. The scope stays with HookAPI, which adds its sources to
         every run and routes what the specs read to its store."""
-        self.coordinator.push(level, specs, check=self._check)
-
-    def _check(self, spec: HookSpec, names: Sequence[str]) -> None:
-        for name in names:
-            spec.op.check(name, self)
+        self.coordinator.push(level, specs, check=self.check_ops)
 
     def check_specs(self, specs: Sequence[HookSpec]) -> None:
         """Refuse, as install() would, specs that name unknown hook points or that an op
         refuses at its points; nothing is installed or sent anywhere."""
-        self.coordinator.stack.split(specs, check=self._check)
+        self.coordinator.stack.split(specs, check=self.check_ops)
 
     def remove(self, level: Optional[int], *, including_permanent: bool = False, direction: str = "both", clear_contexts: bool = False) -> None:
         self.coordinator.remove(level, including_permanent=including_permanent, direction=direction, clear_contexts=clear_contexts)
@@ -245,9 +240,6 @@ class Tracer(HookAPI):
         if mask is not None and bool(mask.all()):
             mask = None
         return tokens.cpu(), None if mask is None else mask.cpu()
-
-    def _cache_fields(self) -> dict:
-        return cache_fields(self.architecture)
 
     def _lens_config_args(self) -> tuple[Any, dict]:
         if self.architecture is None:
