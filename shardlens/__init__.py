@@ -3,7 +3,8 @@
 The public names of the package are the ones listed here.
 """
 
-from shardlens.errors import DatasetError, HookNameError, ParquetWriteError, RemoteHookError, ServiceError, ShardPlanError, WorkerError
+from shardlens import progress
+from shardlens.errors import DatasetError, HookNameError, ModelSourceError, ParquetWriteError, RemoteHookError, ServiceError, ShardPlanError, WorkerError
 from shardlens.hooks import dictionaries, metrics
 from shardlens.hooks.generation import KeyValueCache
 from shardlens.hooks import (
@@ -43,6 +44,7 @@ __all__ = [
     "HookSpec",
     "KeyValueCache",
     "LensHandle",
+    "ModelSourceError",
     "ParquetSink",
     "ParquetWriteError",
     "PointOptions",
@@ -64,6 +66,7 @@ __all__ = [
     "dictionaries",
     "metrics",
     "patching",
+    "progress",
     "read_cache",
     "verify_dataset",
     "ops",

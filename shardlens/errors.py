@@ -32,6 +32,11 @@ class HookNameError(KeyError):
         return self.message
 
 
+class ModelSourceError(ValueError):
+    """A model source that is neither a checkpoint folder nor a Hugging Face hub id that loads:
+    what the source is, and what was expected."""
+
+
 class ShardPlanError(ValueError):
     """A shard plan that cannot be made or used: the rule broken and the values that broke it."""
 

@@ -3,8 +3,8 @@
 - tables < hooks < sharding < cluster < tracer < serve: a module imports only from its own
   subsystem and the ones below it. The one exception is the command line (shardlens.tracer.cli),
   which fronts every subsystem: its `shardlens serve` and `shardlens token` commands call the
-  service's. `shardlens.errors` and `shardlens.version` are leaves (they import nothing of
-  shardlens) that every subsystem may import. Only the package root imports everything; no
+  service's. `shardlens.errors`, `shardlens.progress` and `shardlens.version` are leaves (they
+  import nothing of shardlens) that every subsystem may import. Only the package root imports everything; no
   subsystem imports the root, since that is upward.
 - Below cluster (tables, hooks, sharding and the leaves) nothing imports Ray.
 - A private name (`_x`) is not used across subsystems: not imported from another subsystem's
@@ -25,7 +25,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "shardlens"
 LAYERS = ("tables", "hooks", "sharding", "cluster", "tracer", "serve")  # each may import the ones before it
-LEAVES = ("errors", "version")
+LEAVES = ("errors", "progress", "version")
 COMMAND_LINE = "shardlens.tracer.cli"
 BELOW_RAY = ("tables", "hooks", "sharding", *LEAVES)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from typing import Any, Optional
 
 from shardlens.cluster.worker import StageWorker
@@ -33,10 +34,15 @@ class LocalBackend:
     def __init__(self) -> None:
         self.count = 0
 
-    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
-        """One StageWorker per entry of `arguments` (its constructor keywords); `needs` (cluster
-        resources) do not apply here."""
-        workers = [StageWorker(**kwargs) for kwargs in arguments]
+    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None, *,
+                     on_built: Optional[Callable[[], None]] = None) -> list[Any]:
+        """One StageWorker per entry of `arguments` (its constructor keywords), built one after
+        another; on_built() after each. `needs` (cluster resources) do not apply here."""
+        workers = []
+        for kwargs in arguments:
+            workers.append(StageWorker(**kwargs))
+            if on_built is not None:
+                on_built()
         self.count += len(workers)
         return workers
 
@@ -121,9 +127,12 @@ class RayBackend:
                     raise WorkerError(f"could not connect to the Ray cluster at {address} ({attempt} attempt{'s' * (attempt > 1)}): {error}") from error
                 time.sleep(2.0)
 
-    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None) -> list[Any]:
+    def make_workers(self, arguments: list[dict], needs: Optional[list[dict]] = None, *,
+                     on_built: Optional[Callable[[], None]] = None) -> list[Any]:
         """One actor per entry of `arguments` (StageWorker keywords). needs[i]: the worker's
-        custom resources, and "memory", the bytes of host memory its weights take."""
+        custom resources, and "memory", the bytes of host memory its weights take. With
+        `on_built`, waits until every actor has built its stage (or failed to: its error comes
+        with its first call), calling on_built() as each one does."""
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -152,7 +161,21 @@ class RayBackend:
                 options["memory"] = bundles[i]["memory"]
             options["resources"] = dict(self.needs[i])
             self.actors.append(actor_class.options(**options).remote(**kwargs))
+        if on_built is not None:
+            self._wait_built(self.actors[-len(arguments):], on_built)
         return list(self.actors)
+
+    def _wait_built(self, actors: list[Any], on_built: Callable[[], None]) -> None:
+        """on_built() as each actor's constructor returns (a call is answered only after it);
+        at the first actor that failed to build, stop: its error comes with its first call."""
+        pending = [actor.ping.remote() for actor in actors]
+        while pending:
+            ready, pending = self.ray.wait(pending, num_returns=1)
+            try:
+                self.ray.get(ready)
+            except Exception:  # noqa: BLE001  raised again, as the coordinator words it, by the worker's first call
+                return
+            on_built()
 
     def _check_offered(self) -> None:
         """Refuse custom resources that no node of the cluster offers (else the placement waits forever)."""

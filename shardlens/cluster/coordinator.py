@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from torch import Tensor
 
+import shardlens.progress
 from shardlens.cluster.pipeline import PipelineRun, Route
 from shardlens.cluster.sessions import KVSession
 from shardlens.cluster.stack import SpecStack
@@ -43,6 +44,8 @@ class Coordinator:
         microbatch_size: examples per microbatch (None: the batch split over the replicas).
         device, worker_threads, allow_code, point_options: passed to each StageWorker.
         retries: how many times a run whose worker was lost is run again.
+
+    Starting reports a "load" task (shardlens.progress): a step per worker, as each has built its stage.
     """
 
     def __init__(
@@ -73,9 +76,12 @@ class Coordinator:
             for r in range(replicas) for s in range(n)
         ]
         needs = [{**plan.stages[s].resources, "memory": plan.stages[s].host_bytes} for r in range(replicas) for s in range(n)]
-        flat = backend.make_workers(arguments, needs)
-        self.workers = [flat[r * n:(r + 1) * n] for r in range(replicas)]
-        self.stack = SpecStack(self._get([backend.call(w, "hook_names") for w in self.workers[0]]), allow_code=allow_code)
+        loading = f"loading {n} stage{'s' * (n > 1)}" + (f" x {replicas} replicas" if replicas > 1 else "")
+        with shardlens.progress.task("load", loading, total=len(arguments), unit="stage") as task:  # a step as each worker has built its stage
+            flat = backend.make_workers(arguments, needs, on_built=task.advance)
+            self.workers = [flat[r * n:(r + 1) * n] for r in range(replicas)]
+            # a worker that failed to build raises here, ending the task with ok false
+            self.stack = SpecStack(self._get([backend.call(w, "hook_names") for w in self.workers[0]]), allow_code=allow_code)
         self.incarnations = self._get([backend.call(w, "ping") for row in self.workers for w in row])
         self._runs = itertools.count()
         self.recoveries = 0  # runs retried after a worker was lost

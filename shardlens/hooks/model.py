@@ -18,6 +18,7 @@ from shardlens.hooks.layers import default_positions, next_token_loss, positions
 from shardlens.hooks.run import BaseRun, Resume, RunRequest, RunResult, output_of
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions, module_taps
 from shardlens.hooks.shapes import cache_fields
+from shardlens.hooks.sources import model_config
 from shardlens.hooks.tapped_model import TappedModel, no_architecture_for_options
 
 
@@ -85,10 +86,18 @@ class HookedModel(WeightViews, TappedModel):
                 the one the checkpoint's config names, else that of its weights.
             device_map: as transformers / accelerate take it ("auto", a dict, ...).
             **hf_kwargs: passed to AutoModelForCausalLM.from_pretrained.
+
+        Raises:
+            ModelSourceError: `path_or_name` is no checkpoint folder, nor a hub id that loads;
+                the message says which, and what was expected.
         """
         from transformers import AutoModelForCausalLM
 
-        hf_model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, device_map=device_map, **hf_kwargs)
+        try:
+            hf_model = AutoModelForCausalLM.from_pretrained(path_or_name, dtype=dtype, device_map=device_map, **hf_kwargs)
+        except (OSError, ValueError):
+            model_config(path_or_name)  # a source that is no checkpoint says so; any other error stays transformers'
+            raise
         # in eval mode, as transformers' from_pretrained returns a model (no dropout)
         return cls(hf_model, load_tokenizer(path_or_name), point_options=point_options).eval()
 

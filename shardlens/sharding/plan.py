@@ -20,6 +20,7 @@ from torch import nn
 
 from shardlens.errors import ShardPlanError
 from shardlens.hooks.architectures import ARCHITECTURES, Architecture, architecture_for, architecture_path
+from shardlens.hooks.sources import model_config
 from shardlens.sharding.checkpoint import Checkpoint
 
 Device = Union[int, str]
@@ -113,6 +114,7 @@ class ShardPlan:
                 then spreads the stages over its nodes, see the Ray backend).
 
         Raises:
+            ModelSourceError: a path that is no checkpoint folder (nor a hub id that loads).
             ShardPlanError: unknown architecture; more stages than layers; a stage that
                 does not fit max_memory; stage_resources of the wrong length or form.
         """
@@ -209,12 +211,7 @@ def _stage_resources(stage_resources: Optional[Sequence[dict]], stages: int) -> 
 
 def _config(config_or_path: Any) -> Any:
     if isinstance(config_or_path, (str, os.PathLike)):
-        from transformers import AutoConfig
-
-        path = os.fspath(config_or_path)
-        if (os.sep in path or path.startswith(".")) and not os.path.isdir(path):
-            raise ShardPlanError(f"no checkpoint folder at {path}")
-        return AutoConfig.from_pretrained(path)
+        return model_config(config_or_path)
     if not hasattr(config_or_path, "model_type"):
         raise ShardPlanError(f"expected a transformers config or a checkpoint path; got {type(config_or_path).__name__}")
     return config_or_path

@@ -22,6 +22,7 @@ from shardlens.hooks.metrics import Metric
 from shardlens.hooks.layers import default_positions, next_token_loss, positions_from_mask, run_layers
 from shardlens.hooks.taps import LogitTransform, ModelParts, PointOptions
 from shardlens.hooks.tapped_model import TappedModel
+from shardlens.hooks.sources import model_config
 from shardlens.sharding.checkpoint import Checkpoint
 from shardlens.sharding.plan import ShardPlan, StagePlan, hf_path, meta_model, stage_modules
 
@@ -189,11 +190,9 @@ def build_stage(
     map, or all on `device` when given. Other stages' weights are never read. `point_options`
     switches on TransformerLens' optional hook points, as on a HookedModel.
     """
-    from transformers import AutoConfig
-
     if not 0 <= index < len(plan.stages):
         raise ShardPlanError(f"stage {index} does not exist: the plan has {len(plan.stages)} stages")
-    config = AutoConfig.from_pretrained(source)
+    config = model_config(source)
     if config.model_type != plan.model_type:
         raise ShardPlanError(f"the plan is for {plan.model_type!r}, but {source} holds a {config.model_type!r} model")
     architecture = _architecture(plan, config)

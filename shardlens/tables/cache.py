@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 import torch
 from torch import Tensor
 
 from shardlens.errors import HookNameError
 from shardlens.tables.axes import layer_index
+
+if TYPE_CHECKING:
+    from shardlens.tables.views import View
 
 
 class ActivationCache(Mapping[str, Tensor]):
@@ -167,6 +170,45 @@ class ActivationCache(Mapping[str, Tensor]):
             raise ValueError("logit_lens needs the model's final norm and unembedding; this cache was not given them")
         return self.readout(self.accumulated_resid(layer, incl_mid=incl_mid))
 
+    # ------------------------------------------------------------------ views
+
+    def view(self, tokens: Optional[Sequence[str]] = None, *, batch: int = 0, layers: Optional[Sequence[int]] = None) -> "View":
+        """The attention patterns this cache holds (blocks.{L}.attn.hook_pattern) of one example,
+        per layer and head, as an HTML view (shardlens.tables.views.attention_view); padding
+        positions (attention mask 0) are left out.
+
+        Args:
+            tokens: a label per position of the example (its real tokens, or all of them); default "0", "1", ...
+            batch: the row of the batch to show.
+            layers: the layers to show (default: every layer whose pattern is cached).
+
+        Example:
+            >>> _, cache = model.run_with_cache(tokens, names_filter="blocks.*.attn.hook_pattern")
+            >>> cache.view(["The", " cat", " sat"])   # inline in a notebook; .save("attention.html")
+        """
+        from shardlens.tables.views import attention_view
+
+        cached = {layer_index(n): n for n in self._tensors if n.endswith(".attn.hook_pattern") and layer_index(n) is not None}
+        if not cached:
+            raise ValueError("cache.view() shows attention patterns and this cache has none; cache them with "
+                             "run_with_cache(..., names_filter='blocks.*.attn.hook_pattern')")
+        if layers is not None and not layers:
+            raise ValueError(f"cache.view(layers=[]): name at least one layer; cached: {sorted(cached)}")
+        missing = sorted(set(layers or ()) - set(cached))
+        if missing:
+            raise ValueError(f"cache.view(layers={list(layers)}): no pattern cached for layers {missing}; cached: {sorted(cached)}")
+        if not 0 <= batch < self.batch_size:
+            raise ValueError(f"cache.view(batch={batch}): the cache has {self.batch_size} examples")
+        chosen = sorted(cached) if layers is None else list(layers)
+        patterns = {layer: _dense(self._tensors[cached[layer]][batch]) for layer in chosen}  # each [head, q_pos, k_pos]
+        n_pos = next(iter(patterns.values())).shape[-1]
+        if self.attention_mask is not None:
+            real = self.attention_mask[batch].bool().cpu()
+            patterns = {layer: p[:, real][:, :, real] for layer, p in patterns.items()}
+            if tokens is not None and len(tokens) == n_pos:
+                tokens = [t for t, keep in zip(tokens, real.tolist()) if keep]
+        return attention_view(patterns, tokens, title=f"attention patterns (example {batch})")
+
     # ------------------------------------------------------------------ Arrow and Parquet
 
     def to_arrow(self, layout: str = "example") -> dict:
@@ -182,3 +224,7 @@ class ActivationCache(Mapping[str, Tensor]):
 
         with ParquetSink(path, metadata=metadata, layout=layout) as sink:
             sink.write(self)
+
+
+def _dense(tensor: Tensor) -> Tensor:
+    return (tensor.to_dense() if tensor.is_sparse else tensor).detach().float().cpu()

@@ -270,8 +270,63 @@ def _delete_quietly(fs: pafs.FileSystem, path: str) -> None:
         pass
 
 
+DATASET = ("a folder of Parquet parts, hook=<hook point>/<part>.parquet (as cache.to_parquet, sl.ParquetSink and a "
+           "campaign's extract experiments write)")
+
+
+def check_dataset(path: Union[str, os.PathLike]) -> None:
+    """Refuse a local `path` that is not a shardlens Parquet dataset (see DATASET), saying what
+    it is instead: nothing, a file, a folder of other things, an activations dataset of Arrow
+    files, or one with datasets in its subfolders (a campaign's output folder). An empty
+    folder passes (an empty dataset). Names that start with "." or "_" are skipped, as dataset
+    discovery skips them. URIs are not checked."""
+    path = os.fspath(path)
+    if is_uri(path):
+        return
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: a file, not a shardlens dataset: expected {DATASET}")
+    stray = []  # what is not a part, as "name", "folder/" or "hook=x/name"
+    for entry in _visible(path):
+        if not (entry.is_dir() and entry.name.startswith(f"{PARTITION}=")):
+            stray.append(entry.name + "/" * entry.is_dir())
+            continue
+        stray += [f"{entry.name}/{e.name}" for e in _visible(entry.path) if e.is_dir() or not e.name.endswith(".parquet")]
+    if stray:
+        raise ValueError(f"{path}: not a shardlens dataset: expected {DATASET}; found {_found(path, stray)}")
+
+
+def _visible(folder: str) -> list[os.DirEntry]:
+    """The entries of `folder` that dataset discovery reads, by name."""
+    with os.scandir(folder) as entries:
+        return sorted((e for e in entries if not e.name.startswith((".", "_"))), key=lambda e: e.name)
+
+
+def _has_partitions(folder: str) -> bool:
+    """Whether `folder` holds hook=<name>/ folders (is a dataset, say); False where it cannot be read."""
+    try:
+        return any(e.is_dir() and e.name.startswith(f"{PARTITION}=") for e in _visible(folder))
+    except OSError:
+        return False
+
+
+def _found(root: str, stray: list[str]) -> str:
+    """What a folder that is not a dataset holds (`stray`: what in it is no part), for
+    check_dataset's message."""
+    if os.path.exists(os.path.join(root, "manifest.json")) and any(f.endswith(".arrow") for f in stray):
+        return "an activations dataset (manifest.json and Arrow files): read it with datasets.load_from_disk"
+    folders = [f for f in stray if f.endswith("/") and not f.startswith(f"{PARTITION}=")]
+    inside = [f for f in folders if _has_partitions(os.path.join(root, f))]
+    if inside:
+        return f"datasets in its subfolders {', '.join(inside)}: inspect one of those"
+    return ", ".join(stray[:3]) + (f" and {len(stray) - 3} more" if len(stray) > 3 else "")
+
+
 def dataset(path: Union[str, os.PathLike]) -> ds.Dataset:
-    """The pyarrow dataset of a shardlens Parquet dataset (hook as the hive partition)."""
+    """The pyarrow dataset of a shardlens Parquet dataset (hook as the hive partition); a local
+    path that is none is refused (see check_dataset)."""
+    check_dataset(path)
     fs, root = filesystem_and_root(path)
     partitioning = ds.partitioning(pa.schema([(PARTITION, pa.string())]), flavor="hive")
     return ds.dataset(root, filesystem=fs, format="parquet", partitioning=partitioning)

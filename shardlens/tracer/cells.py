@@ -17,6 +17,7 @@ from shardlens.hooks.ops import Cache
 from shardlens.hooks.run import RunRequest
 from shardlens.hooks.specs import HookSpec
 from shardlens.tables.axes import PATTERN_SUFFIXES, head_axis, layer_index
+from shardlens.tables.views import Heatmap, View, grid_view
 
 # What activation cells are over; expert sweeps are over ("layer", "expert"). "feature": the
 # last axis of a [batch, pos, d] point, such as a dictionary's latents or an MLP's neurons.
@@ -34,12 +35,15 @@ class CellGrid:
         grid: [point, pos], [point, head], [point, feature] or [point, expert]; NaN for
             cells not computed (a feature sweep's features outside its top N).
         baseline: the metric of the corrupted run (sweeps and attribution), when known.
+        patched_metric: the grid holds each patched run's metric (sweeps), not a change of
+            the metric (attribution); `view` draws the patching effect, grid - baseline.
     """
 
     points: tuple
     over: tuple
     grid: Tensor
     baseline: Optional[float] = None
+    patched_metric: bool = False
 
     @property
     def table(self) -> pa.Table:
@@ -56,6 +60,46 @@ class CellGrid:
         columns["value"] = pa.array(self.grid.flatten().double().numpy(), pa.float64())
         table = pa.table(columns)
         return table.filter(pa.compute.invert(pa.compute.is_nan(table["value"]))) if self.grid.isnan().any() else table
+
+    def view(self, tokens: Optional[Sequence[str]] = None, *, title: Optional[str] = None) -> View:
+        """The grid as an HTML heatmap (shardlens.tables.views): a row per hook point, a column
+        per position, head, feature or expert, on a scale centred on 0; hover a cell for its
+        value. A sweep's grid shows its patching effect (patched metric - corrupted metric), an
+        expert sweep's its ablation effect (ablated metric - unablated metric). Cells not
+        computed show grey.
+
+        Args:
+            tokens: over ("layer", "pos"), a label per position (the prompt's tokens).
+
+        Example:
+            >>> sl.patching.sweep(model, clean, corrupt, points="resid_pre", metric=metric).view(["The", " cat"]).save("grid.html")
+        """
+        kind = self.over[1]
+        if tokens is not None and kind != "pos":
+            raise ValueError(f"CellGrid.view(tokens=...) labels positions; this grid is over {self.over}")
+        columns = column_labels(kind, self.grid.shape[1], tokens)
+        effect, run = ("ablation effect", "unablated run") if kind == "expert" else ("patching effect", "corrupted run")
+        baseline = "" if self.baseline is None else f" ({run}: {self.baseline:.4g})"
+        values, shown = (self.grid - self.baseline, effect) if self.patched_metric else (self.grid, "cells")
+        return grid_view(Heatmap(values, list(self.points), columns, title=title or f"{shown} over {self.over}{baseline}",
+                                 row_title="hook point", col_title=kind))
+
+    def _repr_html_(self) -> str:
+        return self.view()._repr_html_()
+
+
+_PREFIX = {"head": "H", "expert": "E"}  # column labels: H0, H1, ... ; positions and features by number
+
+
+def column_labels(kind: str, n: int, tokens: Optional[Sequence[str]] = None) -> list[str]:
+    """The labels of a grid's n columns over `kind` ("pos", "head", "feature", "expert"): H0,
+    H1, ... for heads, E0, ... for experts, numbers otherwise; positions with their tokens
+    ("0 The", "1  cat") when given."""
+    if tokens is None:
+        return [f"{_PREFIX.get(kind, '')}{i}" for i in range(n)]
+    if len(tokens) != n:
+        raise ValueError(f"CellGrid.view needs a token per position: {n}; got {len(tokens)} tokens")
+    return [f"{i} {t}" for i, t in enumerate(tokens)]
 
 
 def resolve_points(model: Runner, points: Any, over: Sequence[str]) -> list[str]:

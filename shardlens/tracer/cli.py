@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -23,12 +24,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _hooks(args: argparse.Namespace) -> int:
-    from transformers import AutoConfig
-
     from shardlens.hooks.model import HookedModel
+    from shardlens.hooks.sources import model_config
     from shardlens.sharding.plan import meta_model
 
-    config = AutoConfig.from_pretrained(args.model)
+    config = model_config(args.model)  # a missing folder or bad hub id: says which, and what a source looks like
     model = HookedModel(meta_model(config, torch_dtype("float32")))  # the structure only: no weights are read
     for name in model.hook_names():
         print(name)
@@ -84,12 +84,12 @@ def _inspect(args: argparse.Namespace) -> int:
 
     from shardlens.tables.dtypes import field_dtype
     from shardlens.tables.sparse import SPARSE_SHAPE_KEY
-    from shardlens.tables.parquet import dataset
+    from shardlens.tables.parquet import DATASET, dataset
 
-    data = dataset(args.dataset)
+    data = dataset(args.dataset)  # refuses what is no dataset, saying what it expected and found
     files = list(data.files)
     if not files:
-        raise ValueError(f"{args.dataset} holds no Parquet parts")
+        raise ValueError(f"{args.dataset}: not a shardlens dataset: expected {DATASET}; found no Parquet parts in it")
     by_hook: dict = {}
     for fragment in data.get_fragments():
         import pyarrow.dataset as ds
@@ -113,6 +113,18 @@ def _inspect(args: argparse.Namespace) -> int:
             shape = f"sparse, shape {json.loads(schema.field('indices').metadata[SPARSE_SHAPE_KEY])}"
             dtype = field_dtype(values) or str(values.type.value_type)
         print(f"  {hook:<40} {rows:>8} rows  {shape}  {dtype}  layout {layout}")
+    return 0
+
+
+def _view(args: argparse.Namespace) -> int:
+    from shardlens.tracer.campaign.report import dataset_view
+
+    dataset = Path(args.dataset).resolve()  # "." has no name to put the page beside
+    out = Path(args.out).resolve() if args.out else dataset.parent / f"{dataset.name}.view.html"
+    if out.is_relative_to(dataset):
+        raise ValueError(f"--out {args.out}: the page would land inside the dataset, where readers take it for a part; write it elsewhere")
+    view = dataset_view(dataset, tokenizer=args.tokenizer, example=args.example)
+    print(view.save(out))
     return 0
 
 
@@ -141,7 +153,7 @@ def parse_max_memory(text: str | None) -> dict | None:
 def _run(args: argparse.Namespace) -> int:
     from shardlens.tracer.campaign import run_campaign
 
-    summary = run_campaign(args.campaign, progress=not args.quiet)
+    summary = run_campaign(args.campaign, progress=args.progress != "quiet")  # --quiet after run or before it
     print(f"{summary['name']}: {summary['units']} units ({summary['units_run_now']} run now) in {summary['seconds']} s")
     for name, info in summary["experiments"].items():
         print(f"  {name}: {info['kind']}" + (f", top {info['top']}" if "top" in info else f", {len(info['hooks'])} hook points"))
@@ -261,7 +273,7 @@ def _add_service_commands(commands: argparse._SubParsersAction) -> None:
 
 def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     """The commands that look at a model or a dataset without running a campaign: hooks,
-    families, plan, inspect."""
+    families, plan, inspect, view."""
     hooks = commands.add_parser("hooks", help="list a model's hook points", description="List the hook points of a checkpoint's model (from its config; no weights are read).")
     hooks.add_argument("model", help="checkpoint folder or hub id")
     hooks.set_defaults(run=_hooks)
@@ -292,6 +304,23 @@ def _add_model_commands(commands: argparse._SubParsersAction) -> None:
     inspect = commands.add_parser("inspect", help="describe a Parquet dataset of activations", description="List a dataset's hook points with rows, value shapes, dtypes and layout, and its metadata.")
     inspect.add_argument("dataset", help="dataset folder or URI")
     inspect.set_defaults(run=_inspect)
+
+    view = commands.add_parser(
+        "view", help="write an HTML view of a dataset (grid, top contexts or attention) and print its path",
+        description="Write a self-contained HTML page (no network needed to open it) of what a dataset folder holds, and "
+        "print its path: a sweep / atp / ig experiment's grid as a heatmap (a sweep as its patching effect, the mean over "
+        "batches), a top_contexts experiment's contexts per feature with each activating token's value, or the attention "
+        "patterns per layer and head of one example of a cache dataset (cache.to_parquet with hook_pattern entries). "
+        "Hover a cell for its value. The page goes next to the dataset, DATASET.view.html, unless --out says where "
+        "(never inside it: dataset readers would take it for a part).",
+    )
+    view.add_argument("dataset", help="a campaign experiment's folder (output.path/<experiment>) or a cache dataset folder")
+    view.add_argument("--out", default=None, help="the HTML file to write (default: DATASET.view.html beside the folder)")
+    view.add_argument("--tokenizer", default=None,
+                      help="top contexts: a checkpoint whose tokenizer shows the tokens (default: the campaign's model when it "
+                      "is a local folder, else token ids)")
+    view.add_argument("--example", type=int, default=0, help="cache datasets: the example to show (default: 0)")
+    view.set_defaults(run=_view)
 
 
 def _add_campaign_checks(commands: argparse._SubParsersAction) -> None:
@@ -324,9 +353,17 @@ def _add_campaign_checks(commands: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardlens",
-        description="Trace transformer models across processes, GPUs and nodes with TransformerLens' hook API.",
+        description="Trace transformer models across processes, GPUs and nodes with TransformerLens' hook API. "
+        "Progress (campaign units, loading a model's stages, writing datasets) shows as bars on stderr; --quiet "
+        "hides it, --json writes it as JSON lines on stderr for schedulers and log collectors.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", dest="progress", action="store_const", const="quiet", default=None,
+                       help="no progress bars (campaign units, loading stages, writing datasets)")
+    shown.add_argument("--json", dest="progress", action="store_const", const="json",
+                       help="progress as JSON lines on stderr instead of bars, one per event (start, progress, end; "
+                       "an error as {\"event\": \"error\"}); stdout keeps the command's own output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
@@ -343,9 +380,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_model_commands(commands)
 
-    run = commands.add_parser("run", help="run (or resume) a campaign file", description="Run a campaign file's experiments as work units with a progress bar; finished units are skipped, so a rerun resumes. Writes the dataset, summary.json, summary.md and plots.")
+    run = commands.add_parser("run", help="run (or resume) a campaign file", description="Run a campaign file's experiments as work units with a progress bar; finished units are skipped, so a rerun resumes. Writes the dataset, summary.json, summary.md, summary.html (a report to open in a browser) and plots.")
     run.add_argument("campaign", help="the campaign YAML file")
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
+    run.add_argument("--quiet", dest="progress", action="store_const", const="quiet", default=argparse.SUPPRESS,
+                     help="no progress bars, and no verify table (as shardlens --quiet run)")
     run.set_defaults(run=_run)
     _add_campaign_checks(commands)
 
@@ -370,14 +408,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    mode = args.progress  # "quiet" / "json" from --quiet / --json (`run --quiet` too); None: as configured (bars)
     try:
-        return args.run(args)
+        with _progress(mode):
+            return args.run(args)
     except Exception as error:
         if args.debug:
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"shardlens {args.command}: error: {message}", file=sys.stderr)
+        if mode == "json":  # stderr stays one JSON object per line
+            import json
+
+            print(json.dumps({"event": "error", "command": args.command, "message": message}), file=sys.stderr)
+        else:
+            print(f"shardlens {args.command}: error: {message}", file=sys.stderr)
         return 1
+
+
+@contextlib.contextmanager
+def _progress(mode: str | None) -> Iterator[None]:
+    """Report progress in `mode` for one command, with transformers' and the hub's own bars
+    (loading, downloads) off unless it is "bar"; afterwards, everything as it was (a notebook or
+    a test session that called main() keeps its settings)."""
+    import shardlens.progress
+    from huggingface_hub import utils as hub
+
+    if mode is None:
+        yield
+        return
+    from transformers.utils import logging
+
+    hub_bars, transformers_bars = not hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
+    if mode != "bar":
+        hub.disable_progress_bars()
+        logging.disable_progress_bar()
+    try:
+        with shardlens.progress.using(mode):
+            yield
+    finally:
+        if hub_bars:
+            hub.enable_progress_bars()
+        if transformers_bars:
+            logging.enable_progress_bar()
 
 
 if __name__ == "__main__":

@@ -189,7 +189,7 @@ def sweep(
         return [patch_spec(cell, over, clean_cache[cell.name], rows(j), positions=positions, start=group.position) for j, cell in enumerate(group.cells)]
 
     grid, baseline = _run_groups(model, groups, cells, corrupt, attention_mask, metric=metric, specs=specs, reuse=reuse)
-    return CellGrid(tuple(names), tuple(over), grid.reshape(len(names), -1), baseline)
+    return CellGrid(tuple(names), tuple(over), grid.reshape(len(names), -1), baseline, patched_metric=True)
 
 
 def _run_groups(
@@ -264,7 +264,7 @@ def expert_sweep(
         ]
 
     grid, baseline = _run_groups(model, groups, cells, tokens, attention_mask, metric=metric, specs=specs, reuse=reuse)
-    return CellGrid(tuple(names), ("layer", "expert"), grid.reshape(len(names), n_experts), baseline)
+    return CellGrid(tuple(names), ("layer", "expert"), grid.reshape(len(names), n_experts), baseline, patched_metric=True)
 
 
 def feature_sweep(
@@ -320,4 +320,4 @@ def feature_sweep(
     grid = torch.full((len(names), max(clean_cache[n].shape[-1] for n in names)), float("nan"))
     for cell, value in zip(cells, values):
         grid[names.index(cell.name), cell.index] = value
-    return CellGrid(tuple(names), over, grid, baseline)
+    return CellGrid(tuple(names), over, grid, baseline, patched_metric=True)

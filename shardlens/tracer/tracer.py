@@ -19,6 +19,7 @@ from shardlens.hooks.model import load_tokenizer
 from shardlens.hooks.names import NamesFilter, names_predicate
 from shardlens.hooks.ops import Code, Op
 from shardlens.hooks.run import Resume, RunRequest, RunResult
+from shardlens.hooks.sources import model_config
 from shardlens.hooks.specs import HookSpec
 from shardlens.hooks.taps import PointOptions
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
@@ -89,11 +90,12 @@ class Tracer(HookAPI):
                 stage 1 to one with node_b). None: Ray spreads the stages over the nodes.
             point_options: TransformerLens' optional hook points every stage adds (sl.PointOptions;
                 a HookedModel switches them with set_use_*, a Tracer when it starts).
-        """
-        from transformers import AutoConfig
 
+        Loading reports a step per stage (per replica) as each worker has built it, in the mode
+        of sl.progress (a bar on stderr by default; sl.progress.configure("quiet") for none).
+        """
         plan = ShardPlan.for_model(path, stages=stages, max_memory=max_memory, dtype=dtype, stage_resources=stage_resources)
-        config = AutoConfig.from_pretrained(path)
+        config = model_config(path)
         microbatch_size = _microbatch_size(microbatch_size, plan, config, seq_len)
         gpus = sum(1 for d in (max_memory or {}) if isinstance(d, int)) or (1.0 if device and device.startswith("cuda") else 0.0)
         workers = make_backend(backend, address, gpus_per_worker=gpus)

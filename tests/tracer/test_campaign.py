@@ -167,3 +167,40 @@ def test_a_campaign_runs_on_a_hooked_model_as_on_a_tracer(tmp_path, monkeypatch)
             assert torch.allclose(torch.tensor(table["value"].to_numpy()), torch.tensor(model_data[part]["value"].to_numpy()), atol=1e-4), part
     cache, again = sl.read_cache(tmp_path / "tracer" / "out" / "resid"), sl.read_cache(tmp_path / "model" / "out" / "resid")
     assert all(torch.allclose(cache[name], again[name], atol=1e-5) for name in cache)
+
+
+def test_summary_html_shows_each_grid_and_the_run(tmp_path):
+    import json
+
+    from tests.browser import CHROMIUM, not_blank, render
+
+    path = write_campaign(tmp_path, GOOD.replace("limit: 24", "limit: 8"))
+    run_campaign(path, progress=False)
+    out = tmp_path / "out"
+    summary = json.loads((out / "summary.json").read_text())
+    page = (out / "summary.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    if not CHROMIUM.exists():
+        pytest.skip("no /usr/bin/chromium (Debian's chromium package; .ci/run installs it)")
+    rendered = render(out / "summary.html")
+    assert rendered.console == []
+    tables = [e for e in rendered.elements("div") if e.attrs.get("class") == "sl-heatmap"]
+    assert len(tables) == 3  # heads, atp, ig; extract is a line
+    cells = rendered.cells()
+    by_grid: list = []
+    for cell in cells:  # in page order: a grid's cells, then the next grid's
+        if cell.attrs["data-row"] == cell.attrs["data-col"] == "0":
+            by_grid.append({})
+        by_grid[-1][int(cell.attrs["data-row"]), int(cell.attrs["data-col"])] = float(cell.attrs["data-value"])
+    for name, shown in zip(["heads", "atp", "ig"], by_grid):
+        grid = torch.tensor(summary["experiments"][name]["grid"], dtype=torch.float64)
+        read = torch.tensor([[shown[r, c] for c in range(grid.shape[1])] for r in range(grid.shape[0])], dtype=torch.float64)
+        assert torch.allclose(read, grid, rtol=1e-5, atol=1e-12), name
+    rows = [e.text for e in rendered.elements("th", data_row=None)]
+    assert rows == summary["experiments"]["heads"]["points"] * 2 + summary["experiments"]["ig"]["points"]
+    links = {e.attrs["href"] for e in rendered.elements("a")}
+    assert {"heads/", "atp/", "ig/", "resid/", "summary.md", "summary.json"} <= links
+    text = rendered.elements("body")[0].text
+    assert f"shardlens {sl.__version__}, torch {torch.__version__}" in text and "backend local, 2 stages" in text
+    assert "4 run now of 4" in text and "2 hook points: blocks.0.hook_resid_post, blocks.1.hook_resid_post" in text
+    assert not_blank(rendered.screenshot)

@@ -6,8 +6,9 @@ import sys
 
 import pytest
 
-from shardlens import ShardPlanError
+from shardlens import ModelSourceError, ShardPlanError
 from shardlens.tracer.cli import main
+from tests.browser import needs_chromium, render
 
 
 def test_demo_finds_induction_heads_in_layer_1(tmp_path, capsys):
@@ -103,7 +104,7 @@ def test_plan_of_a_campaign_prints_its_cost_and_the_forwards_it_runs(tmp_path, c
 
 
 @pytest.mark.parametrize("argv, error, message", [
-    (["plan", "/no/such/model"], ShardPlanError, "no checkpoint folder at /no/such/model"),
+    (["plan", "/no/such/model"], ModelSourceError, "/no/such/model: no such folder, and not a Hugging Face hub id either"),
     (["plan", "PLACEHOLDER", "--stages", "9"], ShardPlanError, "stages=9 but the model has 2 layers"),
     (["plan", "PLACEHOLDER", "--max-memory", "0:40GiB"], ValueError, "--max-memory takes DEVICE=SIZE pairs"),
     (["inspect", "/no/such/dataset"], FileNotFoundError, "/no/such/dataset"),
@@ -141,7 +142,7 @@ def test_verify_prints_the_differences_and_fails_on_a_wrong_stage(tmp_path, caps
         return tracer
 
     monkeypatch.setattr(importlib.import_module("shardlens.tracer.campaign.verify"), "start_tracer", wrong_cluster)
-    assert main(["verify", str(path), "--examples", "3"]) == 1
+    assert main(["--quiet", "verify", str(path), "--examples", "3"]) == 1  # no loading bar before the error on stderr
     captured = capsys.readouterr()
     assert captured.out.startswith("3 examples, float32, tolerance 0.0001")
     assert "blocks.1.attn.hook_z" in captured.out and "DIFFERS" in captured.out
@@ -226,3 +227,224 @@ def test_help_of_the_service_commands(command, words, capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert exit_info.value.code == 0 and out.startswith(f"usage: shardlens {command}")
     assert all(word in out for word in words), out
+
+
+@needs_chromium
+def test_view_of_a_sweep_experiment_writes_its_grid_beside_the_folder(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from shardlens.tracer.campaign import run_campaign
+    from tests.tracer.test_campaign import GOOD, write_campaign
+
+    sweep_only = "\n".join(line for line in GOOD.replace("limit: 24", "limit: 8").splitlines() if "kind:" not in line or "kind: sweep" in line) + "\n"
+    run_campaign(write_campaign(tmp_path, sweep_only), progress=False)
+    capsys.readouterr()
+    assert main(["view", str(tmp_path / "out" / "heads")]) == 0
+    page = tmp_path / "out" / "heads.view.html"
+    assert capsys.readouterr().out.strip() == str(page)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["experiments"]["heads"]
+    rendered = render(page)
+    assert rendered.console == []
+    values = torch.tensor([float(c.attrs["data-value"]) for c in rendered.cells()], dtype=torch.float64)
+    assert torch.allclose(values, torch.tensor(summary["grid"], dtype=torch.float64).flatten(), rtol=1e-5)
+    assert "patching effect" in rendered.elements("title")[0].text  # the effect, as summary.json has it: the kind was read from campaign.json
+    page.unlink()
+    monkeypatch.chdir(tmp_path / "out" / "heads")
+    assert main(["view", "."]) == 0 and page.is_file()  # beside the folder, never inside it
+    capsys.readouterr()
+    assert main(["view", ".", "--out", "grid.html"]) == 1
+    assert "the page would land inside the dataset" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "out" / "heads").iterdir() if not p.name.startswith("part-")) == []
+
+
+@needs_chromium
+def test_view_of_top_contexts_shows_the_tokens_and_activations(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    import pyarrow.parquet as pq
+    from transformers import AutoTokenizer
+
+    import shardlens as sl
+    from shardlens.tracer.campaign import run_campaign
+    from shardlens.tracer.demo import MODEL
+    from tests.tracer.test_campaign_top_contexts import NEURONS, write_campaign
+
+    shutil.copytree(MODEL, tmp_path / "checkpoint")  # the campaign names it relative to its own folder
+    campaign = write_campaign(tmp_path, NEURONS)
+    campaign.write_text(campaign.read_text().replace(str(MODEL), "checkpoint"))
+    run_campaign(campaign, progress=False, runner=sl.HookedModel.from_pretrained(MODEL))
+    monkeypatch.chdir(tmp_path / "out")  # where "checkpoint" is no folder
+    capsys.readouterr()
+    assert main(["view", str(tmp_path / "out" / "neurons"), "--out", str(tmp_path / "neurons.html")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "neurons.html")
+    table = pq.read_table(tmp_path / "out" / "neurons" / "top_contexts.parquet").to_pylist()
+    first = [row for row in table if (row["hook"], row["feature"]) == (table[0]["hook"], table[0]["feature"])]
+    rendered = render(tmp_path / "neurons.html")
+    assert rendered.console == []
+    tokenizer = AutoTokenizer.from_pretrained(MODEL)  # the model the parts record: a local folder
+    spans = rendered.elements("span", data_value=None)
+    assert [s.text for s in spans] == [tokenizer.decode([i]) for row in first for i in row["tokens"]]
+    shown = [s for s in spans if s.attrs["data-value"] != "NaN"]  # the activating tokens: tokens[pos - start]
+    assert [(int(s.attrs["data-row"]), int(s.attrs["data-col"])) for s in shown] == [(i, r["pos"] - r["start"]) for i, r in enumerate(first)]
+    assert [float(s.attrs["data-value"]) for s in shown] == pytest.approx([row["activation"] for row in first], rel=1e-5)
+    options = [e.text for e in rendered.elements("option")]
+    assert options[0] == f"{first[0]['hook']} feature {first[0]['feature']}" and len(options) == len({(r["hook"], r["feature"]) for r in table})
+
+
+@needs_chromium
+def test_view_of_a_cache_dataset_shows_one_examples_patterns(tmp_path, capsys):
+    import torch
+
+    import shardlens as sl
+
+    pattern = torch.rand(3, 2, 4, 4, generator=torch.Generator().manual_seed(0))  # [batch, head, q, k]
+    sl.ActivationCache({"blocks.0.attn.hook_pattern": pattern, "blocks.0.hook_resid_post": torch.zeros(3, 4, 8)}).to_parquet(tmp_path / "cache")
+    assert main(["view", str(tmp_path / "cache"), "--example", "2"]) == 0
+    page = tmp_path / "cache.view.html"
+    assert capsys.readouterr().out.strip() == str(page)
+    rendered = render(page)
+    assert rendered.console == []
+    values = torch.tensor([float(c.attrs["data-value"]) for c in rendered.cells()]).reshape(2, 4, 4)
+    assert torch.allclose(values, pattern[2], rtol=1e-5)
+    assert main(["view", str(tmp_path / "cache"), "--example", "7"]) == 1
+    assert "holds no example 7" in capsys.readouterr().err
+
+
+def test_view_refuses_a_folder_it_cannot_view(tmp_path, capsys):
+    import torch
+
+    import shardlens as sl
+
+    sl.ActivationCache({"blocks.0.hook_resid_post": torch.zeros(1, 2, 3)}).to_parquet(tmp_path / "resid")
+    assert main(["view", str(tmp_path / "resid")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"shardlens view: error: {tmp_path / 'resid'} is not a dataset shardlens can view: expected")
+    assert "hook=blocks.<L>.attn.hook_pattern/" in err and not (tmp_path / "resid.view.html").exists()
+
+
+def test_help_of_view(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["view", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert exit_info.value.code == 0 and out.startswith("usage: shardlens view")
+    assert all(word in out for word in ("--out", "--tokenizer", "--example", "DATASET.view.html", "top_contexts", "attention"))
+
+
+PROGRESS = """name: small
+model: {source: MODEL}
+cluster: {backend: local, stages: 2}
+data: {path: prompts.jsonl, batch_size: 8, limit: 16}
+experiments:
+  - {name: atp, kind: atp, points: z, over: [layer, head], positions: [22]}
+  - {name: resid, kind: extract, points: "blocks.*.hook_resid_post"}
+  - {name: sae, kind: activations, points: blocks.0.hook_resid_post, shard_rows: 64}
+output: {path: out, plots: false}
+"""
+
+
+def test_json_progress_is_one_object_per_line_on_stderr_and_quiet_is_silent(tmp_path, capsys):
+    from shardlens.tables.datasets import read_manifest
+    from tests.tracer.test_campaign import write_campaign
+
+    path = write_campaign(tmp_path, PROGRESS)
+    assert main(["--json", "run", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("small: 6 units (6 run now) in ")  # stdout: the command's own output, no bar, no event
+    events = [json.loads(line) for line in err.splitlines()]  # every line of stderr is one JSON object
+    tasks = {}
+    for event in events:
+        tasks.setdefault((event["task"], event["desc"]), []).append(event)
+    rows = read_manifest(tmp_path / "out" / "sae").spec.rows
+    assert list(tasks) == [("load", "loading 2 stages"), ("campaign", "small"), ("write", "resid: activations"), ("write", "sae: dataset")]
+    for (task, _), unit, total in zip(tasks, ["stage", "unit", "example", "row"], [2, 6, 16, rows]):
+        seen = tasks[task, _]
+        assert seen[0]["event"] == "start" and seen[-1]["event"] == "end" and seen[-1]["ok"] is True
+        assert {e["unit"] for e in seen} == {unit} and {e["total"] for e in seen} == {total}
+        assert seen[0]["done"] == 0 and seen[-2] == {**seen[-2], "event": "progress", "done": total} and seen[-1]["done"] == total
+        assert all(a["done"] <= b["done"] for a, b in zip(seen, seen[1:]))
+    ends = [(e["task"], e["desc"]) for e in events if e["event"] == "end"]
+    assert ends == [("load", "loading 2 stages"), ("write", "resid: activations"), ("write", "sae: dataset"), ("campaign", "small")]
+
+    assert main(["--json", "run", str(path)]) == 0  # resumed: every unit done before this run
+    campaign = [json.loads(line) for line in capsys.readouterr().err.splitlines() if '"campaign"' in line]
+    assert [(e["event"], e["done"], e["total"], e["rate"]) for e in campaign] == [("start", 6, 6, None), ("end", 6, 6, None)]
+    for argv in (["--quiet", "run", str(path)], ["run", "--quiet", str(path)]):
+        assert main(argv) == 0
+        assert capsys.readouterr().err == ""
+    assert main(["run", str(path)]) == 0  # by default: bars
+    err = capsys.readouterr().err
+    assert "loading 2 stages: 100%" in err and "stage/s]" in err and "small: 100%" in err and "6/6" in err
+
+
+HUB_ID = "no-such-org/no-such-model"
+EXPECTED = "a folder of Parquet parts, hook=<hook point>/<part>.parquet (as cache.to_parquet, sl.ParquetSink and a campaign's extract experiments write)"
+
+
+def _not_a_dataset(tmp_path):
+    """Folders and files that are not shardlens datasets, by name."""
+    import torch
+
+    import shardlens as sl
+
+    (tmp_path / "notes").mkdir()
+    for name in ("a.txt", "b.txt", "c.txt", "d.txt"):
+        (tmp_path / "notes" / name).write_text("x")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "summary.json").write_text("{}")
+    sl.ActivationCache({"blocks.0.hook_resid_post": torch.zeros(1, 2, 3)}).to_parquet(tmp_path / "out" / "resid")
+    (tmp_path / "sae").mkdir()
+    (tmp_path / "sae" / "manifest.json").write_text("{}")
+    (tmp_path / "sae" / "data-00000-of-00001.arrow").write_bytes(b"x")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_done").mkdir()
+    (tmp_path / "file.parquet").write_bytes(b"x")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["hooks", "/no/such/dir"], "/no/such/dir: no such folder, and not a Hugging Face hub id either (a hub id looks like 'org/name')"),
+    (["hooks", HUB_ID], f"{HUB_ID}: no such folder here, and the Hugging Face hub id '{HUB_ID}' is not in the local cache and cannot be "
+                        "downloaded: downloads are off (HF_HUB_OFFLINE is set)"),
+    (["hooks", "TMP/notes"], "TMP/notes: a folder without config.json: expected a checkpoint folder (config.json and safetensors "
+                             "weights, as save_pretrained writes them)"),
+    (["inspect", "/no/such/dataset"], "/no/such/dataset: no such file or folder"),
+    (["inspect", "TMP/file.parquet"], f"TMP/file.parquet: a file, not a shardlens dataset: expected {EXPECTED}"),
+    (["inspect", "TMP/notes"], f"TMP/notes: not a shardlens dataset: expected {EXPECTED}; found a.txt, b.txt, c.txt and 1 more"),
+    (["inspect", "TMP/out"], f"TMP/out: not a shardlens dataset: expected {EXPECTED}; found datasets in its subfolders resid/: inspect one of those"),
+    (["inspect", "TMP/sae"], f"TMP/sae: not a shardlens dataset: expected {EXPECTED}; found an activations dataset (manifest.json and "
+                             "Arrow files): read it with datasets.load_from_disk"),
+    (["inspect", "TMP/empty"], f"TMP/empty: not a shardlens dataset: expected {EXPECTED}; found no Parquet parts in it"),
+])
+def test_first_errors_say_what_was_expected(argv, message, tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine without the network
+    _not_a_dataset(tmp_path)
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    message = message.replace("TMP", str(tmp_path))
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"shardlens {argv[0]}: error: {message}\n"
+    assert main(["--json", *argv]) == 1
+    assert json.loads(capsys.readouterr().err) == {"event": "error", "command": argv[0], "message": message}
+
+
+def test_quiet_and_json_last_one_command_and_no_flag_keeps_the_callers_setting(monkeypatch):
+    from huggingface_hub import utils as hub
+    from transformers.utils import logging
+
+    import shardlens.progress
+    import shardlens.tracer.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_families", lambda args: seen.append((shardlens.progress.mode(), hub.are_progress_bars_disabled())) or 0)
+    hub_before, transformers_before = hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
+    hub.enable_progress_bars()
+    logging.enable_progress_bar()
+    try:
+        assert main(["--quiet", "families"]) == 0 and main(["--json", "families"]) == 0
+        assert not hub.are_progress_bars_disabled() and logging.is_progress_bar_enabled()  # as before the commands
+        with shardlens.progress.using("json"):
+            assert main(["families"]) == 0
+    finally:
+        (hub.disable_progress_bars if hub_before else hub.enable_progress_bars)()
+        (logging.enable_progress_bar if transformers_before else logging.disable_progress_bar)()
+    assert seen == [("quiet", True), ("json", True), ("json", False)]  # no flag: the caller's mode, the hub's bars untouched

@@ -495,3 +495,32 @@ def test_an_architecture_registered_here_reaches_the_ray_workers(ray_session, ti
     with Tracer.from_pretrained(tiny_checkpoints["llama_gqa"], stages=2, backend="ray") as tracer:
         assert tracer.plan.architecture == "tests.sharding.architectures:doubled_logits_architecture"
         assert torch.allclose(tracer(tokens), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend, replicas", [("local", 1), ("local", 2), ("ray", 1)])
+def test_loading_reports_a_step_as_each_stage_is_built(request, tiny_checkpoints, backend, replicas, monkeypatch):
+    import io
+
+    if backend == "ray":
+        request.getfixturevalue("ray_session")
+    stream = io.StringIO()
+    steps_before = []  # local backend: the progress events written when each worker starts building
+    real_init = StageWorker.__init__
+
+    def counting_init(self, *args, **kwargs):
+        steps_before.append(stream.getvalue().count('"event": "progress"'))
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(StageWorker, "__init__", counting_init)
+    with sl.progress.using("json", stream=stream, interval=0):
+        with Tracer.from_pretrained(tiny_checkpoints["gpt2"], stages=2, replicas=replicas, backend=backend):
+            pass
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    desc = "loading 2 stages" + (f" x {replicas} replicas" if replicas > 1 else "")
+    assert [(e["event"], e["task"], e["desc"], e["done"], e["total"], e["unit"]) for e in events] == [
+        ("start", "load", desc, 0, 2 * replicas, "stage"),
+        *[("progress", "load", desc, i, 2 * replicas, "stage") for i in range(1, 2 * replicas + 1)],
+        ("end", "load", desc, 2 * replicas, 2 * replicas, "stage"),
+    ]
+    if backend == "local":  # a step as each worker is built, not all at the end
+        assert steps_before == list(range(2 * replicas))

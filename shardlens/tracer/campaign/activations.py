@@ -44,6 +44,7 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
+import shardlens.progress
 from shardlens.errors import DatasetError
 from shardlens.tables.axes import PATTERN_SUFFIXES
 from shardlens.tables.datasets import DTYPES, MANIFEST, DatasetSpec, DatasetWriter, read_manifest
@@ -145,12 +146,14 @@ class ActivationDatasets:
         self._writers: dict[str, DatasetWriter] = {}
         self._marked = dict.fromkeys(self.experiments, 0)  # leading batches with markers
         self._points = {name: self._hook_points(e, runner) for name, e in self.experiments.items()}
+        self._tasks: dict[str, shardlens.progress.Task] = {}  # each dataset's "write" task, from its first batch run now
         for name in self.experiments:
             self._reconcile(name)
 
     def run(self, experiment: Mapping, batch: int, runner: Any) -> None:
         """Run one data batch's clean prompts and hand their token rows to the experiment's writer."""
         name = experiment["name"]
+        task = self._task(name, batch)
         tokens = token_batch(self.campaign, self._batches[batch], self._tokenizer, first_example=batch * self._batch_size)
         with torch.no_grad():
             _, cache = runner.run_with_cache(tokens.ids, attention_mask=tokens.mask, names_filter=self._points[name], return_type=None)
@@ -159,6 +162,7 @@ class ActivationDatasets:
         writer = self._writer(name, values)
         prompt, position = real.nonzero(as_tuple=True)  # the rows' order: prompt by prompt, position by position
         writer.write(values, token_ids=tokens.ids[real], examples=tokens.examples[prompt], positions=position, row=self._starts[batch])
+        task.advance(tokens.rows)
         self._mark(name, writer.finished_rows)
 
     def close(self) -> None:
@@ -170,6 +174,8 @@ class ActivationDatasets:
             self._writers[name] = writer  # until it is closed: abort() marks what it holds
             self._mark(name, writer.close().finished_rows)
             del self._writers[name]
+            if name in self._tasks:  # ended once its last files are written
+                self._tasks.pop(name).close()
 
     def abort(self) -> None:
         """Stop the writers, keeping every finished file (and marking the batches they hold)."""
@@ -177,6 +183,9 @@ class ActivationDatasets:
             writer.abort()
             self._mark(name, writer.finished_rows)
         self._writers.clear()
+        for task in self._tasks.values():
+            task.close(ok=False)
+        self._tasks.clear()
 
     # -------------------------------------------------------------- internals
 
@@ -193,6 +202,14 @@ class ActivationDatasets:
             ids = token_ids(self.campaign, rows, self._tokenizer, first_example=batch * self._batch_size)
             starts.append(starts[-1] + sum(map(len, ids)))
         return starts
+
+    def _task(self, name: str, batch: int) -> shardlens.progress.Task:
+        """The experiment's "write" task (shardlens.progress): its dataset's rows handed to the
+        writer, from the first batch run now (the rows before it were written before)."""
+        if name not in self._tasks:
+            self._tasks[name] = shardlens.progress.task("write", f"{name}: dataset", total=self._starts[-1], unit="row",
+                                                        initial=self._starts[batch])
+        return self._tasks[name]
 
     def _hook_points(self, experiment: Mapping, runner: Any) -> list[str]:
         points = hook_points(experiment, runner.hook_names())

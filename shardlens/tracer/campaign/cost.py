@@ -23,6 +23,7 @@ from typing import Any, Optional
 from shardlens.hooks.architectures import architecture_for
 from shardlens.hooks.run import Resume
 from shardlens.hooks.shapes import canonical_shape
+from shardlens.hooks.sources import model_config
 from shardlens.sharding import Estimate, ShardPlan, estimate, fit_microbatch
 from shardlens.sharding.estimate import format_bytes, model_hook_names, stage_table
 from shardlens.sharding.plan import text_table
@@ -229,10 +230,8 @@ def campaign_microbatch(campaign: Campaign, *, model: Optional[_Model] = None, b
 
 
 def _model(campaign: Campaign) -> _Model:
-    from transformers import AutoConfig
-
     source, cluster = campaign.model_source, campaign.cluster
-    config = AutoConfig.from_pretrained(source)
+    config = model_config(source)
     plan = ShardPlan.for_model(
         source, stages=cluster.get("stages", 1), max_memory=cluster.get("max_memory"), dtype=campaign.model.get("dtype"),
         stage_resources=cluster.get("stage_resources"),

@@ -1,22 +1,28 @@
-"""After a campaign's last unit: summary.json, summary.md and (with output.plots) plots/<experiment>.png,
-from the dataset as it is on disk."""
+"""After a campaign's last unit: summary.json, summary.md, summary.html (the run's metadata and
+each grid as an interactive heatmap, shardlens.tables.views) and (with output.plots)
+plots/<experiment>.png, from the dataset as it is on disk."""
 
 from __future__ import annotations
 
 import json
+from html import escape
 from pathlib import Path
+from urllib.parse import quote
 
 import pyarrow as pa
 import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
 import torch
 
+from shardlens.tables.views import Heatmap, View, grid_view, page, top_contexts_view
 from shardlens.tracer.campaign import activations, top_contexts
 from shardlens.tracer.campaign.schema import Campaign
+from shardlens.tracer.cells import column_labels
+from shardlens.version import __version__
 
 
 def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: float) -> dict:
-    """Write summary.json, summary.md and plots from the dataset as it is on disk."""
+    """Write summary.json, summary.md, summary.html and plots from the dataset as it is on disk."""
     experiments = {}
     for experiment in campaign.experiments:
         directory = out / experiment["name"]
@@ -30,11 +36,7 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
         if experiment["kind"] == "activations":
             experiments[experiment["name"]] = activations.summary(experiment, directory)
             continue
-        table = pq.read_table(sorted(directory.glob("part-*.parquet")))
-        if experiment["kind"] == "sweep":  # the patching effect: patched metric - corrupted metric
-            effect = pa.compute.subtract(table.column("value"), table.column("baseline"))
-            table = table.set_column(table.column_names.index("value"), "value", effect)
-        grid, points, columns = _mean_grid(table)
+        grid, points, columns = experiment_grid(experiment["kind"], directory)
         flat = int(grid.abs().argmax())
         top_point, top_column = points[flat // grid.shape[1]], flat % grid.shape[1]
         experiments[experiment["name"]] = {
@@ -58,7 +60,77 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
             lines.append(f"- **{name}** ({info['kind']}): largest |value| {top['value']:.4g} at {top['point']}, "
                          f"{next(c for c in ('feature', 'head', 'pos') if c in top)} {top.get('feature', top.get('head', top.get('pos')))}")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
+    html_report(campaign, out, summary).save(out / "summary.html")
     return summary
+
+
+def experiment_grid(kind: str, directory: Path) -> tuple[torch.Tensor, list[str], str]:
+    """A sweep, atp or ig experiment's grid from its parts: (the mean over batches of each
+    cell [point, column], the points, what the columns are: "pos", "head" or "feature"); for
+    a sweep the patching effect, patched metric - corrupted metric."""
+    parts = sorted(directory.glob("part-*.parquet"))
+    if not parts:
+        raise ValueError(f"{directory} holds no part-*.parquet of a {kind} experiment")
+    table = pq.read_table(parts)
+    if kind == "sweep":
+        effect = pa.compute.subtract(table.column("value"), table.column("baseline"))
+        table = table.set_column(table.column_names.index("value"), "value", effect)
+    return _mean_grid(table)
+
+
+def grid_heatmap(name: str, kind: str, grid: torch.Tensor, points: list[str], columns: str) -> Heatmap:
+    """An experiment's grid as the views draw it: a row per point, a column per position, head or feature."""
+    what = "patching effect (patched - corrupted metric)" if kind == "sweep" else "attribution"
+    return Heatmap(grid, points, column_labels(columns, grid.shape[1]), title=f"{name}: {what}, mean over batches", row_title="hook point", col_title=columns)
+
+
+def html_report(campaign: Campaign, out: Path, summary: dict) -> View:
+    """summary.html: the run's metadata, each sweep / attribution grid as a heatmap, a line for
+    the other kinds, and relative links to each experiment's dataset and the summaries."""
+    parts: list = [_metadata(campaign, out, summary),
+                   '<p>Summaries: <a href="summary.md">summary.md</a> · <a href="summary.json">summary.json</a></p>']
+    for experiment in campaign.experiments:
+        name, info = experiment["name"], summary["experiments"][experiment["name"]]
+        link = f'<a href="{escape(quote(name))}/">{escape(name)}/</a>'
+        parts.append(f"<h2>{escape(name)} <small>({escape(info['kind'])}, dataset {link})</small></h2>")
+        if "grid" in info:
+            columns = next(c for c in ("feature", "head", "pos") if c in info["top"])
+            parts.append(grid_heatmap(name, info["kind"], torch.tensor(info["grid"], dtype=torch.float64), info["points"], columns))
+        else:
+            parts.append(f"<p>{escape(_line(info))}</p>")
+    return page(f"campaign {campaign.name}", parts)
+
+
+def _line(info: dict) -> str:
+    if info["kind"] == "extract":
+        return f"{len(info['hooks'])} hook points: {', '.join(info['hooks'])}"
+    if info["kind"] == "activations":
+        return f"{info['rows']} token rows of {len(info['hooks'])} hook points in {info['shards']} shards ({info['dtype']})"
+    return f"{info['contexts']} contexts of {info['features']} features at {len(info['hooks'])} hook points"
+
+
+def _metadata(campaign: Campaign, out: Path, summary: dict) -> str:
+    """The run's metadata as an HTML table: model, plan, versions, time, units (per experiment with its seconds per unit)."""
+    import transformers
+
+    from shardlens.tracer.campaign.status import status
+
+    cluster = campaign.cluster
+    plan = (f"backend {cluster.get('backend', 'ray')}, {cluster.get('stages', 1)} stages, {cluster.get('replicas', 1)} replicas"
+            + (f", max_memory {cluster['max_memory']}" if cluster.get("max_memory") else ""))
+    rows = [("model", f"{campaign.model_source}" + (f" ({campaign.model['dtype']})" if "dtype" in campaign.model else "")),
+            ("plan", plan),
+            ("dictionaries", ", ".join(d.get("point", d["path"]) for d in campaign.dictionaries) or "none"),
+            ("data", f"{campaign.data.get('path')} (batch size {campaign.data.get('batch_size', 16)})"),
+            ("metric", campaign.metric.get("kind", "logit_diff")),
+            ("versions", f"shardlens {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, pyarrow {pa.__version__}"),
+            ("time", f"{summary['seconds']} s this run"),
+            ("units", f"{summary['units_run_now']} run now of {summary['units']}")]
+    for experiment in status(out).experiments:
+        rate = "" if experiment.seconds_per_unit is None else f", {experiment.seconds_per_unit:.3g} s per unit"
+        rows.append((f"· {experiment.name}", f"{experiment.kind}: {experiment.done} of {experiment.total} units done{rate}"))
+    cells = "".join(f"<tr><td>{escape(k)}</td><td>{escape(str(v))}</td></tr>" for k, v in rows)
+    return f'<table class="sl-meta">{cells}</table>'
 
 
 def _mean_grid(table: pa.Table) -> tuple[torch.Tensor, list[str], str]:
@@ -92,3 +164,73 @@ def _plot(grid: torch.Tensor, points: list[str], columns: str, title: str, path:
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
+
+
+# ---------------------------------------------------------------------- `shardlens view`
+
+
+def dataset_view(path: Path, *, tokenizer: str | None = None, example: int = 0) -> View:
+    """The view of what a dataset folder holds, for `shardlens view`: a top_contexts
+    experiment's contexts (top_contexts.parquet), a sweep / atp / ig experiment's grid
+    (part-*.parquet with point and value columns; a sweep as its patching effect when the
+    campaign's campaign.json names its kind), or the attention patterns of one example of a
+    cache dataset (hook=blocks.<L>.attn.hook_pattern/, as cache.to_parquet writes).
+
+    Args:
+        tokenizer: a checkpoint whose tokenizer labels the contexts' tokens (default: the
+            model the parts record, when it is a local folder; else the token ids).
+        example: the example of a cache dataset to show.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise ValueError(f"{path} is not a folder: shardlens view reads a dataset folder")
+    if (path / top_contexts.RESULT).is_file():
+        decode = _decoder(tokenizer or _recorded_model(path))
+        return top_contexts_view(pq.read_table(path / top_contexts.RESULT), decode=decode, title=f"top contexts: {path.name}")
+    parts = sorted(path.glob("part-*.parquet"))
+    if parts and {"point", "value"} <= set(pq.read_schema(parts[0]).names):
+        kind = _recorded_kind(path)
+        grid, points, columns = experiment_grid(kind or "grid", path)
+        return grid_view(grid_heatmap(path.name, kind or "grid", grid, points, columns))
+    patterns = sorted(p.name.removeprefix("hook=") for p in path.glob("hook=*.attn.hook_pattern"))
+    if patterns:
+        from shardlens.tables.parquet import read_cache
+
+        cache = read_cache(path, hooks=patterns, examples=[example])
+        if not cache.batch_size:
+            raise ValueError(f"{path} holds no example {example} (see `shardlens inspect {path}`)")
+        return cache.view()
+    raise ValueError(f"{path} is not a dataset shardlens can view: expected a top_contexts experiment's folder "
+                     "(top_contexts.parquet), a sweep / atp / ig experiment's folder (part-*.parquet with point and value "
+                     "columns) or a cache dataset with attention patterns (hook=blocks.<L>.attn.hook_pattern/)")
+
+
+def _recorded_kind(directory: Path) -> str | None:
+    """The experiment's kind as its campaign's campaign.json records it (None without one)."""
+    record = directory.parent / "campaign.json"
+    if not record.is_file():
+        return None
+    return json.loads(record.read_text()).get("experiments", {}).get(directory.name, {}).get("kind")
+
+
+def _recorded_model(directory: Path) -> str | None:
+    """The campaign's model, when it is a local folder: as its campaign.json records it
+    (resolved from the campaign file's folder), else as the parts record it when that is a
+    folder from anywhere (an absolute path)."""
+    record = directory.parent / "campaign.json"
+    source = json.loads(record.read_text()).get("model") if record.is_file() else None
+    parts = sorted(directory.glob("part-b*.parquet"))
+    if source is None and parts:
+        settings = json.loads((pq.read_schema(parts[0]).metadata or {}).get(top_contexts.SETTINGS_KEY, b"null")) or {}
+        source = settings.get("model", {}).get("source")
+        source = source if source and Path(source).is_absolute() else None  # relative to a campaign file we do not know
+    return source if source and Path(source).is_dir() else None  # a hub id would mean a download
+
+
+def _decoder(source: str | None):
+    if source is None:
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return lambda ids: [tokenizer.decode([i]) for i in ids]

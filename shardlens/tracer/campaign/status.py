@@ -47,9 +47,10 @@ def append_event(out: Path, event: str, **fields: Any) -> None:
         log.write(line + "\n")
 
 
-def record_start(out: Path, name: str, experiments: dict[str, tuple[str, int]]) -> None:
-    """Write out/campaign.json (experiment name -> (kind, units)) and a "run" event."""
-    record = {"name": name, "experiments": {e: {"kind": kind, "units": units} for e, (kind, units) in experiments.items()}}
+def record_start(out: Path, name: str, experiments: dict[str, tuple[str, int]], *, model: str) -> None:
+    """Write out/campaign.json (the name, the model source as resolved from the campaign file's
+    folder, experiment name -> (kind, units)) and a "run" event."""
+    record = {"name": name, "model": model, "experiments": {e: {"kind": kind, "units": units} for e, (kind, units) in experiments.items()}}
     temporary = out / f".{RECORD}.tmp"
     temporary.write_text(json.dumps(record, indent=1))
     os.replace(temporary, out / RECORD)

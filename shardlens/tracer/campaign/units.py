@@ -19,7 +19,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import ExitStack
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -28,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+import shardlens.progress
 from shardlens.tables import ActivationCache, ParquetSink
 from shardlens.tables.files import write_atomic
 from shardlens.tracer import attribution, patching
@@ -122,15 +125,59 @@ def _run_unit(unit: Unit, tracer: Any, campaign: Campaign, out: Path, hooks: Opt
     write_atomic(directory / unit.part, lambda temporary: pq.write_table(table, temporary, compression="zstd"))
 
 
+class _ExtractWrites:
+    """A "write" task (shardlens.progress) per extract experiment: the examples whose
+    activations its units run now have written, from its first such unit to its last."""
+
+    def __init__(self, units: list[Unit], todo: list[Unit]):
+        self._total: Counter = Counter()
+        self._left: Counter = Counter()
+        for unit in (u for u in units if u.experiment["kind"] == "extract"):
+            self._total[unit.experiment["name"]] += len(unit.rows)
+        for unit in (u for u in todo if u.experiment["kind"] == "extract"):
+            self._left[unit.experiment["name"]] += len(unit.rows)
+        self._tasks: dict[str, shardlens.progress.Task] = {}
+
+    @contextmanager
+    def unit(self, unit: Unit) -> Iterator[None]:
+        """Report the unit run inside the block once it has written its activations."""
+        name = unit.experiment["name"]
+        if unit.experiment["kind"] != "extract":
+            yield
+            return
+        if name not in self._tasks:
+            total = self._total[name]
+            self._tasks[name] = shardlens.progress.task("write", f"{name}: activations", total=total, unit="example",
+                                                        initial=total - self._left[name])
+        yield
+        self._tasks[name].advance(len(unit.rows))
+        self._left[name] -= len(unit.rows)
+        if not self._left[name]:
+            self._tasks.pop(name).close()
+
+    def abort(self) -> None:
+        """End the tasks of experiments with units left (a unit failed)."""
+        for task in self._tasks.values():
+            task.close(ok=False)
+        self._tasks.clear()
+
+
 def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None) -> dict:
     """Run (or resume) a campaign; returns its summary.
 
+    Its work units, the loading of its model's stages and the writing of its datasets are
+    reported as tasks of shardlens.progress, in its mode (a bar each by default).
+
     Args:
+        progress: False: report none of them, and print no verify table.
         runner: run the experiments on this runner (a HookedModel, or a Tracer you started),
             left running, instead of starting the campaign's model and cluster.
     """
-    from tqdm.auto import tqdm
+    with nullcontext() if progress else shardlens.progress.using("quiet"):
+        return _run_campaign(path, progress=progress, runner=runner)
 
+
+def _run_campaign(path: os.PathLike, *, progress: bool, runner: Any) -> dict:
     campaign = load_campaign(path)
     rows = load_rows(campaign)
     check_fields(campaign, rows)
@@ -138,7 +185,8 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
     batches = [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
     out = campaign.output_path
     out.mkdir(parents=True, exist_ok=True)
-    record_start(out, campaign.name, {e["name"]: (e["kind"], len(batches)) for e in campaign.experiments})  # for `shardlens status`
+    record_start(out, campaign.name, {e["name"]: (e["kind"], len(batches)) for e in campaign.experiments},  # for `shardlens status`
+                 model=campaign.model_source)
     with ExitStack() as cleanup:  # on the way out, also after a failure: in reverse order
         tracer = runner if runner is not None else start_tracer(campaign)
         if runner is None:
@@ -156,15 +204,17 @@ def run_campaign(path: os.PathLike, *, progress: bool = True, runner: Any = None
         if campaign.verify is not None and todo:
             verify_before_run(campaign, tracer, out, progress=progress)  # raises VerificationError: no unit runs
         start = time.perf_counter()
-        with tqdm(total=len(units), initial=len(units) - len(todo), unit="unit", disable=not progress, desc=campaign.name) as bar:
+        writes = _ExtractWrites(units, todo)
+        cleanup.callback(writes.abort)
+        with shardlens.progress.task("campaign", campaign.name, total=len(units), unit="unit", initial=len(units) - len(todo)) as task:
             for unit in todo:
-                with unit_event(out, unit.experiment["name"], unit.batch):  # recorded, failures too; errors go on
+                with unit_event(out, unit.experiment["name"], unit.batch), writes.unit(unit):  # recorded, failures too; errors go on
                     if unit.experiment["kind"] == "activations":
                         activations.run(unit.experiment, unit.batch, tracer)
                     else:
                         _run_unit(unit, tracer, campaign, out, extract_hooks.get(unit.experiment["name"]), workers_write)
-                bar.update(1)
-        activations.close()
+                task.advance()
+            activations.close()
         for experiment in (e for e in campaign.experiments if e["kind"] == "top_contexts"):  # from all the parts, every run
             top_contexts.finish(experiment, out / experiment["name"], top_contexts.prompt_tokens(campaign, batches, tracer.tokenizer), write_atomic)
     summary = summarize(campaign, out, len(units), len(todo), time.perf_counter() - start)
