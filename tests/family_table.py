@@ -1,4 +1,4 @@
-"""The README's table of model families, made by checking each family's tiny checkpoint.
+"""The table of model families in docs/models.md, made by checking each family's tiny checkpoint.
 
 Each cell is the outcome of a check against the unwrapped transformers model:
 - names: with every canonical point cached, the logits are transformers' (1e-5) and each
@@ -11,9 +11,9 @@ Each cell is the outcome of a check against the unwrapped transformers model:
 - routing (MoE families): hook_router_logits equals the router's own output.
 
     .venv/bin/python -m tests.family_table           # print the table
-    .venv/bin/python -m tests.family_table --write   # and put it into README.md
+    .venv/bin/python -m tests.family_table --write   # and put it into docs/models.md
 
-tests/test_readme.py checks that README.md holds the table these checks make now.
+tests/test_docs.py checks that docs/models.md holds the table these checks make now.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import shardlens as sl
 from shardlens.sharding import ShardPlan, StageIO, build_stage
 from tests.tiny_models import FAMILY_CONFIGS, load_reference, save_tiny_model
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 START, END = "<!-- families:start -->", "<!-- families:end -->"
 COLUMNS = ("names", "attention", "sharding", "Tracer", "generation", "routing")
 ATOL = 1e-5
@@ -130,8 +130,8 @@ def render(rows: list[tuple[str, str, list]]) -> str:
     return "\n".join(lines)
 
 
-def readme_table(text: str) -> str:
-    """The table between the markers of README.md."""
+def page_table(text: str) -> str:
+    """The table between the markers of docs/models.md."""
     return text.split(START, 1)[1].split(END, 1)[0].strip()
 
 
@@ -144,9 +144,9 @@ def main(argv: list[str]) -> int:
         table = render(family_rows(Path(root)))
     print(table)
     if "--write" in argv:
-        text = README.read_text()
+        text = PAGE.read_text()
         head, rest = text.split(START, 1)
-        README.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
+        PAGE.write_text(f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}")
     return 0
 
 
