@@ -15,7 +15,8 @@ sets it from its --quiet and --json options):
   `rate` is units per second of this run (null before any), `eta_s` the seconds left at that
   rate (null while unknown), `total` null where unknown; "end" also has "ok" (false when the
   task's block raised). Progress events come at most once per `interval` seconds, except
-  the one that reaches the total.
+  the one that reaches the total. With `JsonLines` in place of stderr, any other line
+  written there is an event too: {"event": "log", "message": "...", "time": ...}.
 
 Example:
     >>> with progress.task("load", "loading 2 stages", total=2, unit="stage") as task:
@@ -26,6 +27,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 import threading
@@ -82,6 +84,51 @@ def task(kind: str, desc: str, *, total: Optional[int], unit: str, initial: int 
         initial: units already done before this run (a resumed campaign's finished units).
     """
     return Task(kind, desc, total=total, unit=unit, initial=initial)
+
+
+class JsonLines(io.TextIOBase):
+    """A text stream that keeps another one JSON lines: a line that is a JSON object passes
+    as it is, any other line becomes {"event": "log", "message": line, "time": ...}. The
+    `shardlens --json` command puts one in place of sys.stderr, so that what libraries print
+    there (Ray's and transformers' log handlers, Python's warnings) keeps stderr one JSON
+    object per line; `close()` ends that, and later writes pass through unchanged."""
+
+    def __init__(self, stream: TextIO):
+        super().__init__()
+        self.stream, self.active, self._partial = stream, True, ""
+        self._lock = threading.Lock()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            if not self.active:
+                return self.stream.write(text)
+            *lines, self._partial = (self._partial + text).split("\n")
+            for line in lines:
+                self._line(line)
+            return len(text)
+
+    def _line(self, line: str) -> None:
+        if not line.strip():
+            return
+        try:
+            is_event = isinstance(json.loads(line), dict)
+        except ValueError:
+            is_event = False
+        self.stream.write((line if is_event else json.dumps({"event": "log", "message": line, "time": _now()})) + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def close(self) -> None:
+        """Write what is left of a last unfinished line, and pass writes through from now on."""
+        with self._lock:
+            if self.active and self._partial:
+                self._line(self._partial)
+            self.active, self._partial = False, ""
+        self.stream.flush()
 
 
 def _now() -> str:

@@ -108,3 +108,21 @@ def test_using_restores_the_mode_and_bad_values_are_refused():
         progress.configure("loud")
     with pytest.raises(ValueError, match="total >= 0"):
         progress.task("load", "x", total=-1, unit="stage")
+
+
+def test_json_lines_keep_a_stream_one_json_object_per_line():
+    out = io.StringIO()
+    lines = progress.JsonLines(out)
+    lines.write('{"event": "start", "task": "load"}\nToken authentication is enabled')
+    lines.write(" for this Ray cluster.\n\n  indented warning\n[1, 2]\nunfinished")
+    lines.close()  # the unfinished last line is written too
+    lines.write("after close\n")  # passes through unchanged
+    written = out.getvalue().splitlines()
+    assert written[-1] == "after close"
+    events = [json.loads(line) for line in written[:-1]]
+    assert events[0] == {"event": "start", "task": "load"}
+    assert [(e["event"], e["message"]) for e in events[1:]] == [
+        ("log", "Token authentication is enabled for this Ray cluster."), ("log", "  indented warning"),
+        ("log", "[1, 2]"), ("log", "unfinished"),  # JSON that is no object is a line like any other
+    ]
+    assert all(e["time"].endswith("Z") for e in events[1:])

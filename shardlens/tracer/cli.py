@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="no progress bars (campaign units, loading stages, writing datasets)")
     shown.add_argument("--json", dest="progress", action="store_const", const="json",
                        help="progress as JSON lines on stderr instead of bars, one per event (start, progress, end; "
-                       "an error as {\"event\": \"error\"}); stdout keeps the command's own output")
+                       "an error as {\"event\": \"error\"}, any other line a library prints there as {\"event\": \"log\"}); "
+                       "stdout keeps the command's own output")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     demo = commands.add_parser(
         "demo",
@@ -428,8 +429,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _progress(mode: str | None) -> Iterator[None]:
     """Report progress in `mode` for one command, with transformers' and the hub's own bars
-    (loading, downloads) off unless it is "bar"; afterwards, everything as it was (a notebook or
-    a test session that called main() keeps its settings)."""
+    (loading, downloads) off unless it is "bar", and in "json" any other line written to
+    sys.stderr (a library's log or warning) as a JSON event too; afterwards, everything as it
+    was (a notebook or a test session that called main() keeps its settings)."""
     import shardlens.progress
     from huggingface_hub import utils as hub
 
@@ -442,10 +444,16 @@ def _progress(mode: str | None) -> Iterator[None]:
     if mode != "bar":
         hub.disable_progress_bars()
         logging.disable_progress_bar()
+    stderr = sys.stderr
+    if mode == "json":
+        sys.stderr = shardlens.progress.JsonLines(stderr)
     try:
-        with shardlens.progress.using(mode):
+        with shardlens.progress.using(mode, stream=stderr):
             yield
     finally:
+        if sys.stderr is not stderr:
+            sys.stderr.close()
+            sys.stderr = stderr
         if hub_bars:
             hub.enable_progress_bars()
         if transformers_bars:

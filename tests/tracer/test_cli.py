@@ -448,3 +448,27 @@ def test_quiet_and_json_last_one_command_and_no_flag_keeps_the_callers_setting(m
         (hub.disable_progress_bars if hub_before else hub.enable_progress_bars)()
         (logging.enable_progress_bar if transformers_before else logging.disable_progress_bar)()
     assert seen == [("quiet", True), ("json", True), ("json", False)]  # no flag: the caller's mode, the hub's bars untouched
+
+
+def test_json_mode_turns_what_libraries_print_on_stderr_into_events(monkeypatch, capsys):
+    import logging
+
+    import shardlens.tracer.cli as cli
+
+    def noisy(args):
+        handler = logging.StreamHandler()  # as Ray and transformers make theirs: on sys.stderr at the time
+        logging.getLogger("library").addHandler(handler)
+        try:
+            logging.getLogger("library").warning("Token authentication is enabled for this Ray cluster.")
+        finally:
+            logging.getLogger("library").removeHandler(handler)
+        print("a deprecated argument\n  in a library", file=sys.stderr, end="")  # two lines, the last unfinished
+        return 0
+
+    monkeypatch.setattr(cli, "_families", noisy)
+    assert main(["--json", "families"]) == 0
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert events[0] == {"event": "log", "message": "Token authentication is enabled for this Ray cluster.", "time": events[0]["time"]}
+    assert [(e["event"], e["message"]) for e in events[1:]] == [("log", "a deprecated argument"), ("log", "  in a library")]
+    monkeypatch.setattr(cli, "_families", lambda args: print("plain", file=sys.stderr) or 0)
+    assert main(["families"]) == 0 and capsys.readouterr().err == "plain\n"  # without --json, stderr as it is
