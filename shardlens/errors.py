@@ -80,8 +80,9 @@ class ParquetWriteError(OSError):
 
 
 class DatasetError(ValueError):
-    """An activation dataset (shardlens.tables.datasets) that cannot be written, resumed or
-    verified: names the value or the file at fault and what would be valid."""
+    """A dataset that cannot be written, resumed, verified or read: an activation dataset
+    (shardlens.tables.datasets), or a folder that is no shardlens Parquet dataset; names the
+    value or the file at fault and what would be valid."""
 
 
 class ServiceError(Exception):

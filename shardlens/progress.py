@@ -1,8 +1,9 @@
 """Progress of long tasks (a campaign's work units, loading a model's stages, writing a
 dataset), reported one way for the whole process. This module imports nothing of shardlens.
 
-Modes (process-wide: `configure(mode)`; `using(mode)` for a block; the `shardlens` command
-sets it from its --quiet and --json options):
+Modes (process-wide: `configure(mode)`; `using(mode)` for a block, which other threads'
+tasks follow too while it lasts; the `shardlens` command sets it from its --quiet and --json
+options):
 
 - "bar" (the default, as transformers shows its loading and download bars): a tqdm bar per
   task on stderr with its description, done/total, unit, rate and time left.

@@ -25,7 +25,7 @@ PAGES = sorted(p for p in DOCS.rglob("*.md") if BLOCK.search(p.read_text()))
 SITE_PAGES = [
     "index.html", "getting-started/index.html", "concepts/index.html", "deploy/index.html", "models/index.html",
     "guides/patching-sweep/index.html", "guides/attribution/index.html", "guides/campaigns/index.html",
-    "guides/service/index.html", "migrating/transformerlens/index.html", "migrating/nnsight/index.html",
+    "guides/service/index.html", "guides/views/index.html", "migrating/transformerlens/index.html", "migrating/nnsight/index.html",
     "reference/hooks/index.html", "reference/ops/index.html", "reference/tracer/index.html", "reference/analysis/index.html",
     "reference/tables/index.html", "reference/campaigns/index.html", "reference/service/index.html", "assets/data-flow.svg",
 ]

@@ -82,7 +82,7 @@ class Coordinator:
             self.workers = [flat[r * n:(r + 1) * n] for r in range(replicas)]
             # a worker that failed to build raises here, ending the task with ok false
             self.stack = SpecStack(self._get([backend.call(w, "hook_names") for w in self.workers[0]]), allow_code=allow_code)
-        self.incarnations = self._get([backend.call(w, "ping") for row in self.workers for w in row])
+            self.incarnations = self._get([backend.call(w, "ping") for row in self.workers for w in row])
         self._runs = itertools.count()
         self.recoveries = 0  # runs retried after a worker was lost
 

@@ -172,7 +172,8 @@ class ActivationCache(Mapping[str, Tensor]):
 
     # ------------------------------------------------------------------ views
 
-    def view(self, tokens: Optional[Sequence[str]] = None, *, batch: int = 0, layers: Optional[Sequence[int]] = None) -> "View":
+    def view(self, tokens: Optional[Sequence[str]] = None, *, batch: int = 0, layers: Optional[Sequence[int]] = None,
+             title: Optional[str] = None) -> "View":
         """The attention patterns this cache holds (blocks.{L}.attn.hook_pattern) of one example,
         per layer and head, as an HTML view (shardlens.tables.views.attention_view); padding
         positions (attention mask 0) are left out.
@@ -181,6 +182,7 @@ class ActivationCache(Mapping[str, Tensor]):
             tokens: a label per position of the example (its real tokens, or all of them); default "0", "1", ...
             batch: the row of the batch to show.
             layers: the layers to show (default: every layer whose pattern is cached).
+            title: the page's title (default: "attention patterns (example <batch>)").
 
         Example:
             >>> _, cache = model.run_with_cache(tokens, names_filter="blocks.*.attn.hook_pattern")
@@ -207,7 +209,7 @@ class ActivationCache(Mapping[str, Tensor]):
             patterns = {layer: p[:, real][:, :, real] for layer, p in patterns.items()}
             if tokens is not None and len(tokens) == n_pos:
                 tokens = [t for t, keep in zip(tokens, real.tolist()) if keep]
-        return attention_view(patterns, tokens, title=f"attention patterns (example {batch})")
+        return attention_view(patterns, tokens, title=title or f"attention patterns (example {batch})")
 
     # ------------------------------------------------------------------ Arrow and Parquet
 

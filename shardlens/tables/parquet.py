@@ -25,7 +25,7 @@ import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from shardlens.errors import ParquetWriteError
+from shardlens.errors import DatasetError, ParquetWriteError
 from shardlens.tables.arrow import cache_to_tables, check_layout, schema_metadata, tables_to_cache
 from shardlens.tables.cache import ActivationCache
 from shardlens.tables.files import flush_to_disk
@@ -275,9 +275,10 @@ DATASET = ("a folder of Parquet parts, hook=<hook point>/<part>.parquet (as cach
 
 
 def check_dataset(path: Union[str, os.PathLike]) -> None:
-    """Refuse a local `path` that is not a shardlens Parquet dataset (see DATASET), saying what
-    it is instead: nothing, a file, a folder of other things, an activations dataset of Arrow
-    files, or one with datasets in its subfolders (a campaign's output folder). An empty
+    """Refuse a local `path` that is not a shardlens Parquet dataset (see DATASET) with a
+    DatasetError (FileNotFoundError where nothing is there), saying what it is instead: a
+    file, a folder of other things, an activations dataset of Arrow files, or one with
+    datasets in its subfolders (a campaign's output folder). An empty
     folder passes (an empty dataset). Names that start with "." or "_" are skipped, as dataset
     discovery skips them. URIs are not checked."""
     path = os.fspath(path)
@@ -286,7 +287,7 @@ def check_dataset(path: Union[str, os.PathLike]) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path}: no such file or folder")
     if not os.path.isdir(path):
-        raise ValueError(f"{path}: a file, not a shardlens dataset: expected {DATASET}")
+        raise DatasetError(f"{path}: a file, not a shardlens dataset: expected {DATASET}")
     stray = []  # what is not a part, as "name", "folder/" or "hook=x/name"
     for entry in _visible(path):
         if not (entry.is_dir() and entry.name.startswith(f"{PARTITION}=")):
@@ -294,7 +295,7 @@ def check_dataset(path: Union[str, os.PathLike]) -> None:
             continue
         stray += [f"{entry.name}/{e.name}" for e in _visible(entry.path) if e.is_dir() or not e.name.endswith(".parquet")]
     if stray:
-        raise ValueError(f"{path}: not a shardlens dataset: expected {DATASET}; found {_found(path, stray)}")
+        raise DatasetError(f"{path}: not a shardlens dataset: expected {DATASET}; found {_found(path, stray)}")
 
 
 def _visible(folder: str) -> list[os.DirEntry]:

@@ -82,6 +82,8 @@ class Heatmap:
         if self.values.ndim != 2 or tuple(self.values.shape) != (len(self.rows), len(self.cols)):
             raise ValueError(f"a Heatmap needs values [rows, cols] = [{len(self.rows)}, {len(self.cols)}] (one label each); "
                              f"got values of shape {list(self.values.shape)}")
+        if self.limit is not None and not (isinstance(self.limit, (int, float)) and math.isfinite(self.limit) and self.limit > 0):
+            raise ValueError(f"a Heatmap's limit (the value of full colour) must be a finite number > 0, or None; got {self.limit!r}")
 
     def spec(self) -> dict:
         """What the page's script draws: labels, values (None where NaN), scale."""
@@ -156,6 +158,8 @@ def attention_view(patterns: Mapping[Any, Tensor], tokens: Optional[Sequence[str
     labels = _labels(tokens, n_pos, "attention_view")
     if any(p.shape[-1] != n_pos for p in patterns.values()):
         raise ValueError(f"attention_view needs one sequence length; got {sorted({p.shape[-1] for p in patterns.values()})}")
+    if len({p.shape[0] for p in patterns.values()}) > 1:
+        raise ValueError(f"attention_view needs one number of heads; got {sorted({p.shape[0] for p in patterns.values()})}")
     body = ('<div class="sl-controls"><label>layer <select id="sl-layer"></select></label> '
             '<label>head <select id="sl-head"></select></label></div><div id="sl-maps"></div>')
     return _document(title, body, {"kind": "attention", "tokens": labels, "layers": layers})
@@ -205,7 +209,8 @@ def top_contexts_view(table: Any, *, decode: Optional[Callable[[Sequence[int]], 
     each context has a recorded value.
 
     Args:
-        decode: token ids -> a label per token (a tokenizer's convert_ids_to_tokens); default the ids.
+        decode: token ids -> a label per token (shardlens view decodes each id alone with the
+            campaign's tokenizer); default the ids.
     """
     decode = decode or (lambda ids: [str(i) for i in ids])
     features: dict[str, list[Context]] = {}
@@ -387,11 +392,12 @@ _SCRIPT = r"""
       box.replaceChildren();
       const group = data.features[Number(feature.value)];
       const limit = largest(group.contexts.map((c) => c.values));
+      const signed = group.contexts.some((c) => c.values.some((v) => v !== null && num(v) < 0));  // else white to blue
       group.contexts.forEach((context, i) => {
         const line = el("div", "sl-context"); line.dataset.row = i;
         line.appendChild(el("span", "sl-max", context.max === null ? "-" : "max " + shown(context.max)));
         context.tokens.forEach((token, j) => {
-          const span = cell("span", "sl-tok", i, j, context.values[j], limit, false, JSON.stringify(token));
+          const span = cell("span", "sl-tok", i, j, context.values[j], limit, signed, JSON.stringify(token));
           if (context.values[j] === null) { span.style.background = "transparent"; span.title = JSON.stringify(token); }
           span.textContent = token;
           line.appendChild(span);

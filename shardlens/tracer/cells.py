@@ -45,6 +45,11 @@ class CellGrid:
     baseline: Optional[float] = None
     patched_metric: bool = False
 
+    def __post_init__(self) -> None:
+        if self.patched_metric and self.baseline is None:
+            raise ValueError("a CellGrid of patched metrics (patched_metric=True) needs the baseline they are patched "
+                             "from; got baseline=None")
+
     @property
     def table(self) -> pa.Table:
         """One row per computed cell: point, layer, pos, head (expert or feature, when the grid

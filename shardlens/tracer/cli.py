@@ -428,36 +428,67 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def _progress(mode: str | None) -> Iterator[None]:
-    """Report progress in `mode` for one command, with transformers' and the hub's own bars
-    (loading, downloads) off unless it is "bar", and in "json" any other line written to
-    sys.stderr (a library's log or warning) as a JSON event too; afterwards, everything as it
-    was (a notebook or a test session that called main() keeps its settings)."""
-    import shardlens.progress
-    from huggingface_hub import utils as hub
-
+    """Report progress in `mode` for one command ("quiet", "json"; None: as configured), with
+    transformers' and the hub's own bars off, and in "json" any other line written to stderr
+    (a library's log or warning) as a JSON event too; afterwards, everything as it was (a
+    notebook or a test session that called main() keeps its settings)."""
     if mode is None:
         yield
         return
+    import shardlens.progress
+
+    stderr = sys.stderr
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_hugging_face_bars_off())
+        if mode == "json":
+            stack.enter_context(_stderr_as_json_lines())
+        stack.enter_context(shardlens.progress.using(mode, stream=stderr))
+        yield
+
+
+@contextlib.contextmanager
+def _hugging_face_bars_off() -> Iterator[None]:
+    """transformers' and the hub's own tqdm bars (loading, downloads) off, then as they were."""
+    from huggingface_hub import utils as hub
     from transformers.utils import logging
 
     hub_bars, transformers_bars = not hub.are_progress_bars_disabled(), logging.is_progress_bar_enabled()
-    if mode != "bar":
-        hub.disable_progress_bars()
-        logging.disable_progress_bar()
-    stderr = sys.stderr
-    if mode == "json":
-        sys.stderr = shardlens.progress.JsonLines(stderr)
+    hub.disable_progress_bars()
+    logging.disable_progress_bar()
     try:
-        with shardlens.progress.using(mode, stream=stderr):
-            yield
+        yield
     finally:
-        if sys.stderr is not stderr:
-            sys.stderr.close()
-            sys.stderr = stderr
         if hub_bars:
             hub.enable_progress_bars()
         if transformers_bars:
             logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _stderr_as_json_lines() -> Iterator[None]:
+    """sys.stderr, and the stream of every logging handler that writes to it (transformers'
+    and Ray's keep the stderr of when they were made), as a JsonLines stream; then as they were."""
+    import logging
+
+    import shardlens.progress
+
+    stderr = sys.stderr
+    lines = shardlens.progress.JsonLines(stderr)
+    loggers = [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    handlers = [h for l in loggers for h in l.handlers  # (a handler whose stream is a property already writes to sys.stderr)
+                if isinstance(h, logging.StreamHandler) and not isinstance(getattr(type(h), "stream", None), property) and h.stream is stderr]
+    sys.stderr = lines
+    for handler in handlers:
+        handler.setStream(lines)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            if handler.stream is lines:
+                handler.setStream(stderr)
+        if sys.stderr is lines:
+            sys.stderr = stderr
+        lines.close()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ def test_a_bad_shape_is_refused_naming_it():
         Heatmap(torch.zeros(3, 2), ["a", "b"], ["x", "y", "z"])
     with pytest.raises(ValueError, match=r"a token label per position: 4; got 3"):
         attention_view({0: torch.zeros(2, 4, 4)}, ["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"one number of heads; got \[2, 3\]"):
+        attention_view({0: torch.zeros(2, 4, 4), 1: torch.zeros(3, 4, 4)})
+    for limit in (float("nan"), float("inf"), 0.0, torch.tensor(1.0)):
+        with pytest.raises(ValueError, match=r"limit \(the value of full colour\) must be a finite number > 0, or None"):
+            Heatmap(torch.zeros(1, 1), ["a"], ["x"], limit=limit)
 
 
 @needs_chromium

@@ -199,8 +199,21 @@ def test_summary_html_shows_each_grid_and_the_run(tmp_path):
     rows = [e.text for e in rendered.elements("th", data_row=None)]
     assert rows == summary["experiments"]["heads"]["points"] * 2 + summary["experiments"]["ig"]["points"]
     links = {e.attrs["href"] for e in rendered.elements("a")}
-    assert {"heads/", "atp/", "ig/", "resid/", "summary.md", "summary.json"} <= links
+    assert {"./heads/", "./atp/", "./ig/", "./resid/", "summary.md", "summary.json"} <= links
     text = rendered.elements("body")[0].text
     assert f"shardlens {sl.__version__}, torch {torch.__version__}" in text and "backend local, 2 stages" in text
     assert "4 run now of 4" in text and "2 hook points: blocks.0.hook_resid_post, blocks.1.hook_resid_post" in text
     assert not_blank(rendered.screenshot)
+
+
+def test_a_report_that_fails_leaves_the_finished_campaign_finished(tmp_path, monkeypatch):
+    from shardlens.tracer.campaign import report
+
+    def broken(*args, **kwargs):
+        raise ValueError("a Heatmap's limit must be a finite number > 0")
+
+    monkeypatch.setattr(report, "html_report", broken)
+    path = write_campaign(tmp_path, GOOD.replace("limit: 24", "limit: 8"))
+    with pytest.warns(RuntimeWarning, match=r"summary.html was not written \(ValueError: a Heatmap's limit .*\); summary.md and summary.json were"):
+        summary = run_campaign(path, progress=False)
+    assert summary["units_run_now"] == 4 and (tmp_path / "out" / "summary.md").is_file() and not (tmp_path / "out" / "summary.html").exists()

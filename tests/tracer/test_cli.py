@@ -9,6 +9,7 @@ import pytest
 from shardlens import ModelSourceError, ShardPlanError
 from shardlens.tracer.cli import main
 from tests.browser import needs_chromium, render
+from tests.tracer.test_status import SMALL
 
 
 def test_demo_finds_induction_heads_in_layer_1(tmp_path, capsys):
@@ -272,7 +273,8 @@ def test_view_of_top_contexts_shows_the_tokens_and_activations(tmp_path, capsys,
     shutil.copytree(MODEL, tmp_path / "checkpoint")  # the campaign names it relative to its own folder
     campaign = write_campaign(tmp_path, NEURONS)
     campaign.write_text(campaign.read_text().replace(str(MODEL), "checkpoint"))
-    run_campaign(campaign, progress=False, runner=sl.HookedModel.from_pretrained(MODEL))
+    monkeypatch.chdir(tmp_path)
+    run_campaign("campaign.yaml", progress=False, runner=sl.HookedModel.from_pretrained(MODEL))  # as `shardlens run campaign.yaml` here
     monkeypatch.chdir(tmp_path / "out")  # where "checkpoint" is no folder
     capsys.readouterr()
     assert main(["view", str(tmp_path / "out" / "neurons"), "--out", str(tmp_path / "neurons.html")]) == 0
@@ -306,6 +308,7 @@ def test_view_of_a_cache_dataset_shows_one_examples_patterns(tmp_path, capsys):
     assert rendered.console == []
     values = torch.tensor([float(c.attrs["data-value"]) for c in rendered.cells()]).reshape(2, 4, 4)
     assert torch.allclose(values, pattern[2], rtol=1e-5)
+    assert rendered.elements("title")[0].text == "attention patterns (example 2)"
     assert main(["view", str(tmp_path / "cache"), "--example", "7"]) == 1
     assert "holds no example 7" in capsys.readouterr().err
 
@@ -330,16 +333,8 @@ def test_help_of_view(capsys):
     assert all(word in out for word in ("--out", "--tokenizer", "--example", "DATASET.view.html", "top_contexts", "attention"))
 
 
-PROGRESS = """name: small
-model: {source: MODEL}
-cluster: {backend: local, stages: 2}
-data: {path: prompts.jsonl, batch_size: 8, limit: 16}
-experiments:
-  - {name: atp, kind: atp, points: z, over: [layer, head], positions: [22]}
-  - {name: resid, kind: extract, points: "blocks.*.hook_resid_post"}
-  - {name: sae, kind: activations, points: blocks.0.hook_resid_post, shard_rows: 64}
-output: {path: out, plots: false}
-"""
+# test_status's small campaign, and an activations experiment: every kind of task reports
+PROGRESS = SMALL.replace("output:", "  - {name: sae, kind: activations, points: blocks.0.hook_resid_post, shard_rows: 64}\noutput:")
 
 
 def test_json_progress_is_one_object_per_line_on_stderr_and_quiet_is_silent(tmp_path, capsys):
@@ -455,20 +450,28 @@ def test_json_mode_turns_what_libraries_print_on_stderr_into_events(monkeypatch,
 
     import shardlens.tracer.cli as cli
 
+    library = logging.getLogger("library")
+    before = logging.StreamHandler()  # made before the command, on the stderr of then: as transformers makes its own
+    library.addHandler(before)
+
     def noisy(args):
-        handler = logging.StreamHandler()  # as Ray and transformers make theirs: on sys.stderr at the time
-        logging.getLogger("library").addHandler(handler)
-        try:
-            logging.getLogger("library").warning("Token authentication is enabled for this Ray cluster.")
-        finally:
-            logging.getLogger("library").removeHandler(handler)
+        during = logging.StreamHandler()  # made during the command: as Ray, imported by the command, makes its own
+        library.addHandler(during)
+        library.warning("Token authentication is enabled for this Ray cluster.")
+        library.removeHandler(during)
         print("a deprecated argument\n  in a library", file=sys.stderr, end="")  # two lines, the last unfinished
         return 0
 
     monkeypatch.setattr(cli, "_families", noisy)
-    assert main(["--json", "families"]) == 0
-    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
-    assert events[0] == {"event": "log", "message": "Token authentication is enabled for this Ray cluster.", "time": events[0]["time"]}
-    assert [(e["event"], e["message"]) for e in events[1:]] == [("log", "a deprecated argument"), ("log", "  in a library")]
-    monkeypatch.setattr(cli, "_families", lambda args: print("plain", file=sys.stderr) or 0)
-    assert main(["families"]) == 0 and capsys.readouterr().err == "plain\n"  # without --json, stderr as it is
+    try:
+        assert main(["--json", "families"]) == 0
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+        assert [(e["event"], e["message"]) for e in events] == [
+            ("log", "Token authentication is enabled for this Ray cluster."), ("log", "Token authentication is enabled for this Ray cluster."),
+            ("log", "a deprecated argument"), ("log", "  in a library"),
+        ]
+        assert before.stream is sys.stderr  # given back after the command
+        monkeypatch.setattr(cli, "_families", lambda args: print("plain", file=sys.stderr) or 0)
+        assert main(["families"]) == 0 and capsys.readouterr().err == "plain\n"  # without --json, stderr as it is
+    finally:
+        library.removeHandler(before)

@@ -64,6 +64,11 @@ def test_cells_not_computed_show_as_such(tmp_path):
     assert rendered.cells()[1].attrs["title"] == "blocks.0.sae.hook_latents / 1: not computed"
 
 
+def test_a_grid_of_patched_metrics_needs_its_baseline():
+    with pytest.raises(ValueError, match=r"patched_metric=True\) needs the baseline .*; got baseline=None"):
+        CellGrid(("blocks.0.hook_resid_pre",), ("layer", "pos"), torch.zeros(1, 3), patched_metric=True)
+
+
 def test_tokens_must_fit_the_grid():
     grid = CellGrid(("blocks.0.hook_resid_pre",), ("layer", "pos"), torch.zeros(1, 3))
     with pytest.raises(ValueError, match="a token per position: 3; got 2 tokens"):

@@ -5,6 +5,7 @@ plots/<experiment>.png, from the dataset as it is on disk."""
 from __future__ import annotations
 
 import json
+import warnings
 from html import escape
 from pathlib import Path
 from urllib.parse import quote
@@ -60,7 +61,11 @@ def summarize(campaign: Campaign, out: Path, n_units: int, ran: int, seconds: fl
             lines.append(f"- **{name}** ({info['kind']}): largest |value| {top['value']:.4g} at {top['point']}, "
                          f"{next(c for c in ('feature', 'head', 'pos') if c in top)} {top.get('feature', top.get('head', top.get('pos')))}")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
-    html_report(campaign, out, summary).save(out / "summary.html")
+    try:
+        html_report(campaign, out, summary).save(out / "summary.html")
+    except Exception as error:  # noqa: BLE001  the campaign's results and summaries are written: a page is no reason to fail it
+        warnings.warn(f"{out / 'summary.html'} was not written ({type(error).__name__}: {error}); summary.md and summary.json were",
+                      RuntimeWarning, stacklevel=2)
     return summary
 
 
@@ -80,7 +85,8 @@ def experiment_grid(kind: str, directory: Path) -> tuple[torch.Tensor, list[str]
 
 def grid_heatmap(name: str, kind: str, grid: torch.Tensor, points: list[str], columns: str) -> Heatmap:
     """An experiment's grid as the views draw it: a row per point, a column per position, head or feature."""
-    what = "patching effect (patched - corrupted metric)" if kind == "sweep" else "attribution"
+    what = {"sweep": "patching effect (patched - corrupted metric)", "atp": "attribution", "ig": "attribution"}.get(
+        kind, "values as written (the experiment's kind is unknown: no campaign.json beside it)")
     return Heatmap(grid, points, column_labels(columns, grid.shape[1]), title=f"{name}: {what}, mean over batches", row_title="hook point", col_title=columns)
 
 
@@ -91,7 +97,7 @@ def html_report(campaign: Campaign, out: Path, summary: dict) -> View:
                    '<p>Summaries: <a href="summary.md">summary.md</a> · <a href="summary.json">summary.json</a></p>']
     for experiment in campaign.experiments:
         name, info = experiment["name"], summary["experiments"][experiment["name"]]
-        link = f'<a href="{escape(quote(name))}/">{escape(name)}/</a>'
+        link = f'<a href="./{escape(quote(name))}/">{escape(name)}/</a>'  # "./": a name never reads as another host
         parts.append(f"<h2>{escape(name)} <small>({escape(info['kind'])}, dataset {link})</small></h2>")
         if "grid" in info:
             columns = next(c for c in ("feature", "head", "pos") if c in info["top"])
@@ -199,7 +205,7 @@ def dataset_view(path: Path, *, tokenizer: str | None = None, example: int = 0) 
         cache = read_cache(path, hooks=patterns, examples=[example])
         if not cache.batch_size:
             raise ValueError(f"{path} holds no example {example} (see `shardlens inspect {path}`)")
-        return cache.view()
+        return cache.view(title=f"attention patterns (example {example})")
     raise ValueError(f"{path} is not a dataset shardlens can view: expected a top_contexts experiment's folder "
                      "(top_contexts.parquet), a sweep / atp / ig experiment's folder (part-*.parquet with point and value "
                      "columns) or a cache dataset with attention patterns (hook=blocks.<L>.attn.hook_pattern/)")

@@ -74,11 +74,11 @@ class Campaign:
 
     @property
     def model_source(self) -> str:
-        """The model's checkpoint: a folder relative to this file when one is there, else
+        """The model's checkpoint: a folder relative to this file when one is there (as an absolute path), else
         the source as written (a path or a hub id)."""
         source = self.model["source"]
         local = self.path.parent / source
-        return str(local) if not os.path.isabs(source) and local.exists() else source
+        return os.path.abspath(local) if not os.path.isabs(source) and local.exists() else source
 
     @property
     def output_path(self) -> Path:
