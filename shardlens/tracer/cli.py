@@ -117,7 +117,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _view(args: argparse.Namespace) -> int:
-    from shardlens.tracer.campaign.report import dataset_view
+    from shardlens.tracer.campaign.view import dataset_view
 
     dataset = Path(args.dataset).resolve()  # "." has no name to put the page beside
     out = Path(args.out).resolve() if args.out else dataset.parent / f"{dataset.name}.view.html"
