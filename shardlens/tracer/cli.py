@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the shipped 2-layer induction model as a multi-stage Tracer (a local Ray "
         "instance by default), sweep head-level activation patching and attribution patching on "
         "an induction task, and write the results (Parquet), the residual stream (a Parquet "
-        "dataset) and a heatmap PNG.",
+        "dataset), and a heatmap as a PNG and as an HTML page.",
     )
     demo.add_argument("--out", default="shardlens-demo", help="output folder (default: ./shardlens-demo)")
     demo.add_argument("--backend", choices=["ray", "local"], default="ray", help="where the stages run (default: ray)")

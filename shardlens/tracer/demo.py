@@ -4,8 +4,8 @@ The shipped model (shardlens/data/induction, trained by examples/train_induction
 2-layer attention-only Llama that predicts the second copy of a repeated random sequence.
 The demo runs it as a 2-stage Tracer, patches each head's clean output (hook_z) at the last
 position into a run whose first copy was replaced (so nothing can be copied), and compares
-with attribution patching; it writes the results as Parquet, the residual stream as a Parquet dataset, and a
-heatmap PNG.
+with attribution patching; it writes the results as Parquet, the residual stream as a Parquet dataset, a
+heatmap PNG, and the same two grids as an HTML page (hover a cell for its value).
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def run(out: Path, *, backend: str = "ray", stages: int = 2, model: Optional[Pat
     import pyarrow.parquet as pq
 
     from shardlens.hooks import metrics
+    from shardlens.tables.views import Heatmap, page
     from shardlens.tracer import attribution, patching
+    from shardlens.tracer.cells import column_labels
     from shardlens.tracer.tracer import Tracer
 
     out.mkdir(parents=True, exist_ok=True)
@@ -77,12 +79,18 @@ def run(out: Path, *, backend: str = "ray", stages: int = 2, model: Optional[Pat
     shutil.rmtree(out / "activations", ignore_errors=True)  # the previous demo's, replaced
     cache.to_parquet(out / "activations", layout="token", metadata={"model": "shardlens induction demo"})
     heatmap({"patching effect (logit diff)": effect, "attribution patching": estimate.grid}, out / "heads.png")
+    heads = column_labels("head", effect.shape[1])
+    page("the induction heads of the shipped model", [
+        Heatmap(effect, swept.points, heads, title="patching effect (logit diff)", row_title="hook point", col_title="head"),
+        Heatmap(estimate.grid, estimate.points, heads, title="attribution patching", row_title="hook point", col_title="head"),
+    ]).save(out / "heads.html")
     layer, head = divmod(int(effect.argmax()), effect.shape[1])
     summary = {
         "clean_logit_diff": clean_value, "corrupt_logit_diff": swept.baseline,
         "top_head": {"layer": layer, "head": head, "recovered": float(effect[layer, head] / (clean_value - swept.baseline))},
         "atp_top_head": dict(zip(("layer", "head"), divmod(int(estimate.grid.argmax()), estimate.grid.shape[1]))),
-        "outputs": {"heads": str(out / "heads.parquet"), "activations": str(out / "activations"), "heatmap": str(out / "heads.png")},
+        "outputs": {"heads": str(out / "heads.parquet"), "activations": str(out / "activations"), "heatmap": str(out / "heads.png"),
+                    "page": str(out / "heads.html")},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

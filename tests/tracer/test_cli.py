@@ -13,6 +13,8 @@ from tests.tracer.test_status import SMALL
 
 
 def test_demo_finds_induction_heads_in_layer_1(tmp_path, capsys):
+    import torch
+
     assert main(["demo", "--backend", "local", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "strongest induction head: layer 1" in out
@@ -20,6 +22,12 @@ def test_demo_finds_induction_heads_in_layer_1(tmp_path, capsys):
     assert summary["clean_logit_diff"] > 5 > summary["corrupt_logit_diff"]
     assert summary["top_head"]["layer"] == 1 and summary["atp_top_head"]["layer"] == 1
     assert (tmp_path / "heads.png").stat().st_size > 1000
+    page = (tmp_path / "heads.html").read_text()  # the two grids, as the views embed them
+    data = json.loads(page.split('id="sl-data">')[1].split("</script>")[0])
+    effect, atp = (torch.tensor(h["values"]) for h in data["heatmaps"])
+    layer, head = summary["top_head"]["layer"], summary["top_head"]["head"]
+    assert effect[layer, head] == pytest.approx(summary["top_head"]["recovered"] * (summary["clean_logit_diff"] - summary["corrupt_logit_diff"]), rel=1e-5)
+    assert int(effect.argmax()) == layer * effect.shape[1] + head and data["heatmaps"][0]["cols"] == ["H0", "H1", "H2", "H3"]
     import shardlens as sl
 
     cache = sl.read_cache(tmp_path / "activations")
