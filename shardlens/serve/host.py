@@ -235,10 +235,8 @@ class ModelHost:
 
     def job(self, owner: str, job_id: str) -> Job:
         """The owner's job `job_id` (another owner's is as unknown as a made-up one)."""
-        with self.lock:
-            job = self.jobs.get(job_id)
-        if job is None or job.owner != owner:
-            raise ServiceError(404, f"no job {job_id!r} of this token on model {self.name!r} (finished results are kept {RESULT_TTL_S:.0f} s)", kind="not_found")
+        job = self._owned(self.jobs, owner, job_id, f"no job {job_id!r} of this token on model {self.name!r} "
+                          f"(finished results are kept {RESULT_TTL_S:.0f} s)")
         job.seen = time.monotonic()
         return job
 
@@ -266,12 +264,19 @@ class ModelHost:
 
     def session(self, owner: str, session_id: str) -> Any:
         """The owner's key/value cache or base run `session_id`."""
-        with self.lock:
-            session = self.sessions.get(session_id)
-        if session is None or session.owner != owner:
-            raise ServiceError(404, f"no key/value cache or base run {session_id!r} of this token on model {self.name!r} (unused ones are freed after {SESSION_TTL_S:.0f} s)", kind="not_found")
+        session = self._owned(self.sessions, owner, session_id, f"no key/value cache or base run {session_id!r} of this token on "
+                              f"model {self.name!r} (unused ones are freed after {SESSION_TTL_S:.0f} s)")
         session.used = time.monotonic()
         return session.handle
+
+    def _owned(self, table: dict, owner: str, key: str, unknown: str) -> Any:
+        """table[key] when `owner` owns it; else a 404 saying `unknown` (another owner's entry
+        is as unknown as a made-up one)."""
+        with self.lock:
+            entry = table.get(key)
+        if entry is None or entry.owner != owner:
+            raise ServiceError(404, unknown, kind="not_found")
+        return entry
 
     def open_kv_cache(self, owner: str, batch_size: int) -> str:
         """A new key/value cache on the stages for `owner`; returns its id."""

@@ -24,12 +24,14 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _hooks(args: argparse.Namespace) -> int:
+    import torch
+
     from shardlens.hooks.model import HookedModel
     from shardlens.hooks.sources import model_config
     from shardlens.sharding.plan import meta_model
 
     config = model_config(args.model)  # a missing folder or bad hub id: says which, and what a source looks like
-    model = HookedModel(meta_model(config, torch_dtype("float32")))  # the structure only: no weights are read
+    model = HookedModel(meta_model(config, torch.float32))  # the structure only: no weights are read
     for name in model.hook_names():
         print(name)
     return 0
@@ -126,15 +128,6 @@ def _view(args: argparse.Namespace) -> int:
     view = dataset_view(dataset, tokenizer=args.tokenizer, example=args.example)
     print(view.save(out))
     return 0
-
-
-def torch_dtype(name: str):
-    import torch
-
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {name!r} (float32, bfloat16, float16)")
-    return value
 
 
 def parse_max_memory(text: str | None) -> dict | None:

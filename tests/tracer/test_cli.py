@@ -181,8 +181,11 @@ def test_status_reads_the_output_folder(tmp_path, capsys):
 @pytest.mark.parametrize("command, words", [
     ("verify", ("--examples", "--tolerance", "max(1, max |one process|)", "Exit status 1")),
     ("status", ("--json", "output folder", "units done and left", "failed with their errors")),
+    ("serve", ("Start the tracing service", "--host", "--port", "status 2")),
+    ("token", ("token: <token>", "config: - {name: \"NAME\", sha256: <hash>}", "not stored anywhere")),
+    ("view", ("--out", "--tokenizer", "--example", "DATASET.view.html", "top_contexts", "attention")),
 ])
-def test_help_of_the_campaign_checks(command, words, capsys):
+def test_help_of_each_command_says_what_it_does(command, words, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
     out = " ".join(capsys.readouterr().out.split())
@@ -224,18 +227,6 @@ def test_serve_hands_the_checked_config_to_the_app(monkeypatch):
     assert main(["serve", str(example), "--port", "9001"]) == 0
     assert main(["serve", str(example), "--host", "10.0.0.1"]) == 0
     assert calls == [(load_config(example), "127.0.0.1", 9001), (load_config(example), "10.0.0.1", 8000)]
-
-
-@pytest.mark.parametrize("command, words", [
-    ("serve", ("Start the tracing service", "--host", "--port", "status 2")),
-    ("token", ("token: <token>", "config: - {name: \"NAME\", sha256: <hash>}", "not stored anywhere")),
-])
-def test_help_of_the_service_commands(command, words, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main([command, "--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert exit_info.value.code == 0 and out.startswith(f"usage: shardlens {command}")
-    assert all(word in out for word in words), out
 
 
 @needs_chromium
@@ -331,14 +322,6 @@ def test_view_refuses_a_folder_it_cannot_view(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith(f"shardlens view: error: {tmp_path / 'resid'} is not a dataset shardlens can view: expected")
     assert "hook=blocks.<L>.attn.hook_pattern/" in err and not (tmp_path / "resid.view.html").exists()
-
-
-def test_help_of_view(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["view", "--help"])
-    out = " ".join(capsys.readouterr().out.split())
-    assert exit_info.value.code == 0 and out.startswith("usage: shardlens view")
-    assert all(word in out for word in ("--out", "--tokenizer", "--example", "DATASET.view.html", "top_contexts", "attention"))
 
 
 # test_status's small campaign, and an activations experiment: every kind of task reports
